@@ -1,0 +1,46 @@
+# trolley-etl: `make demo` pulls a demo extraction from a local archive, `make test` runs the tests.
+# Both set everything up on a fresh Debian/Ubuntu machine: Orthanc from apt, Python packages in .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+DEMO_OUT ?= demo-data
+
+.PHONY: setup system-packages test lint format demo clean
+
+system-packages:
+	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
+	    || ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  echo "Installing Orthanc, its DICOMweb plugin and python3-venv with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    orthanc orthanc-dicomweb python3-venv; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: system-packages $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check trolley_etl tests bench
+	$(BIN)/ruff format --check trolley_etl tests bench
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format trolley_etl tests bench
+	$(BIN)/ruff check --fix trolley_etl tests bench
+
+demo: setup
+	$(BIN)/python -m trolley_etl.testing.demo --output $(DEMO_OUT)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

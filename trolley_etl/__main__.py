@@ -1,0 +1,3 @@
+from trolley_etl.cli import main
+
+raise SystemExit(main())

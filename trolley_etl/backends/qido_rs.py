@@ -1,0 +1,123 @@
+"""QIDO-RS search (DICOMweb, PS3.18 10.6), with paging."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydicom import Dataset
+
+from trolley_etl.backends.dicom_json import datasets_from_json
+from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
+from trolley_etl.core.backend import Searcher
+from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.model import QueryLevel, Study, tree_from_rows
+from trolley_etl.core.query import Query
+
+DEFAULT_PAGE_SIZE = 1000
+_RESOURCE = {
+    QueryLevel.STUDY: "studies",
+    QueryLevel.SERIES: "series",
+    QueryLevel.INSTANCE: "instances",
+}
+#: Returned at each level so rows can be assembled into a Study tree.
+_TREE_KEYS = {
+    QueryLevel.STUDY: ("StudyInstanceUID",),
+    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    QueryLevel.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+
+class QidoRS(Searcher):
+    """Search a DICOMweb server.
+
+    Results are fetched in pages of `page_size` with `limit`/`offset`; paging goes on while
+    the server returns full pages or says (Warning 299, PS3.18 8.3.4.4) that more results
+    exist, so servers that cap their answers still give every match. A server that caps
+    silently, without the warning, needs `page_size` at or below its cap.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: Auth = None,
+        verify: bool | str = True,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        self.page_size = page_size
+
+    def search(self, query: Query) -> list[Study]:
+        return tree_from_rows(self.iter_rows(query), query.query_level)
+
+    def iter_rows(self, query: Query) -> Iterator[Dataset]:
+        """Every matching row, page by page, as pydicom Datasets."""
+        path, params = self._request(query)
+        offset, remaining = query.offset, query.limit
+        page_size = self.page_size
+        while remaining is None or remaining > 0:
+            asked = page_size if remaining is None else min(page_size, remaining)
+            page, more_announced = self._page(path, [*params, ("limit", asked), ("offset", offset)])
+            yield from page
+            offset += len(page)
+            if remaining is not None:
+                remaining -= len(page)
+            if not page or (len(page) < asked and not more_announced):
+                return
+            if more_announced:
+                page_size = min(page_size, len(page))  # the server's cap: ask for no more
+
+    def _page(self, path: str, params: list[tuple[str, object]]) -> tuple[list[Dataset], bool]:
+        response = self.http.get(path, params=params, headers={"Accept": "application/dicom+json"})
+        if response.status_code == 204 or not response.content.strip():
+            return [], False
+        try:
+            payload = response.json()
+        except ValueError:
+            raise ResponseFormatError(
+                f"{response.url}: the answer is not JSON", url=response.url
+            ) from None
+        rows = datasets_from_json(payload, url=response.url)
+        for row in rows:
+            self._fill_tree_keys(row, path)
+        warning = response.headers.get("Warning", "")
+        return rows, warning.startswith("299") and "additional results" in warning.lower()
+
+    def _request(self, query: Query) -> tuple[str, list[tuple[str, object]]]:
+        """The resource path and the query parameters for a Query."""
+        level = query.query_level
+        filters = dict(query.filters)
+        study = filters.get("StudyInstanceUID")
+        series = filters.get("SeriesInstanceUID")
+        path = _RESOURCE[level]
+        # Hierarchical paths where one study (and series) is given: every server supports them.
+        if isinstance(study, str) and level is not QueryLevel.STUDY:
+            filters.pop("StudyInstanceUID")
+            path = f"studies/{study}/{_RESOURCE[level]}"
+            if isinstance(series, str) and level is QueryLevel.INSTANCE:
+                filters.pop("SeriesInstanceUID")
+                path = f"studies/{study}/series/{series}/instances"
+        params: list[tuple[str, object]] = []
+        for keyword, value in filters.items():
+            if isinstance(value, tuple):
+                value = ",".join(value)  # several values are comma-separated (PS3.18 8.3.4.1)
+            params.append((keyword, value))
+        include = dict.fromkeys((*_TREE_KEYS[level], *query.include_fields))
+        params.extend(("includefield", keyword) for keyword in include)
+        return path, params
+
+    @staticmethod
+    def _fill_tree_keys(row: Dataset, path: str) -> None:
+        """Rows from hierarchical paths may omit the UIDs the path already gives."""
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[0] == "studies" and "StudyInstanceUID" not in row:
+            row.StudyInstanceUID = parts[1]
+        if len(parts) >= 5 and parts[2] == "series" and "SeriesInstanceUID" not in row:
+            row.SeriesInstanceUID = parts[3]
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,53 @@
+"""WADO-URI retrieval (PS3.18 9): one instance per request.
+
+It can only fetch instances, so a study or series given to it goes through the Trolley's
+instance fallback (the searcher lists the instances first).
+"""
+
+from __future__ import annotations
+
+from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
+from trolley_etl.backends.multipart import stream_single
+from trolley_etl.core.backend import Downloader, InstanceSink
+from trolley_etl.core.errors import MissingReferencesError
+from trolley_etl.core.model import InstanceReference, QueryLevel, Reference
+
+
+class WadoURI(Downloader):
+    """Download single instances with `?requestType=WADO&...&contentType=application/dicom`."""
+
+    retrieval_level = QueryLevel.INSTANCE
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: Auth = None,
+        verify: bool | str = True,
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        transfer_syntax: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        self.transfer_syntax = transfer_syntax
+
+    def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        if not isinstance(reference, InstanceReference):
+            raise MissingReferencesError(
+                QueryLevel.INSTANCE, f"WADO-URI retrieves single instances, not {reference}"
+            )
+        params: dict[str, object] = {
+            "requestType": "WADO",
+            "studyUID": reference.study_uid,
+            "seriesUID": reference.series_uid,
+            "objectUID": reference.instance_uid,
+            "contentType": "application/dicom",
+        }
+        if self.transfer_syntax:
+            params["transferSyntax"] = self.transfer_syntax
+        response = self.http.get("", params=params, stream=True)
+        with response:
+            return stream_single(iter_body(response, response.url), sink)
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,1 @@
+"""The backend-agnostic core: queries, the object model, the Trolley and storage."""
