@@ -31,13 +31,13 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check trolley_etl tests bench
-	$(BIN)/ruff format --check trolley_etl tests bench
+	$(BIN)/ruff check trolley_etl tests
+	$(BIN)/ruff format --check trolley_etl tests
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format trolley_etl tests bench
-	$(BIN)/ruff check --fix trolley_etl tests bench
+	$(BIN)/ruff format trolley_etl tests
+	$(BIN)/ruff check --fix trolley_etl tests
 
 demo: setup
 	$(BIN)/python -m trolley_etl.testing.demo --output $(DEMO_OUT)
