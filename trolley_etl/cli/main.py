@@ -1,0 +1,40 @@
+"""Argument parsing and dispatch; every command returns one of the documented exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trolley_etl import __version__
+from trolley_etl.cli import exit_codes, manifest_commands
+from trolley_etl.core.errors import TrolleyError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trolley-etl",
+        description="Pull DICOM studies out of image archives, driven by YAML manifests.",
+    )
+    parser.add_argument("--version", action="version", version=f"trolley-etl {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    manifest_commands.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exit_.code or 0)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return exit_codes.USAGE
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+    except TrolleyError as exc:
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return exit_codes.USAGE

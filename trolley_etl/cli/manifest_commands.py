@@ -1,0 +1,51 @@
+"""`validate` and `schema`: commands that only read manifests and models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trolley_etl.cli import exit_codes
+from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.manifest.schema import manifest_json_schema_text
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    validate = subparsers.add_parser(
+        "validate", help="check manifests; print FILE:LINE:COL: field: problem for each error"
+    )
+    validate.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    validate.add_argument(
+        "--no-env-check",
+        action="store_true",
+        help="do not require the environment variables the manifest names (e.g. in CI)",
+    )
+    validate.set_defaults(handler=run_validate)
+
+    schema = subparsers.add_parser("schema", help="print the manifest JSON Schema")
+    schema.add_argument("--output", "-o", type=Path, help="write it to this file instead")
+    schema.set_defaults(handler=run_schema)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    status = exit_codes.OK
+    for path in args.manifests:
+        try:
+            manifest = load_manifest(path, check_env=not args.no_env_check)
+        except ManifestError as exc:
+            print(exc, file=sys.stderr)
+            status = exit_codes.USAGE
+            continue
+        sets = len(manifest.queries)
+        print(f"{path}: valid ({manifest.name}, {sets} query set{'s' if sets != 1 else ''})")
+    return status
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    text = manifest_json_schema_text()
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return exit_codes.OK

@@ -1,0 +1,437 @@
+"""Manifest version 1: the pydantic models, strict, with errors users can act on.
+
+Every model rejects unknown keys (with a "did you mean" hint), backends are a discriminated
+union on `backend` so each one's own fields are checked, secrets can only be named (never
+written) in the file, and query filters and layouts are validated with the same code the
+Trolley uses. Paths in the manifest are relative to the manifest's folder, which the loader
+passes in the validation context as `base_dir`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from trolley_etl.core.errors import QueryError
+from trolley_etl.core.query import FilterValue, normalise_filter
+from trolley_etl.core.storage import DEFAULT_LAYOUT, LayoutTemplate
+from trolley_etl.manifest.csv_list import CsvProblem, read_column
+
+MANIFEST_VERSION = 1
+#: Keys that would hold a secret in the file itself; each has an `_env` twin.
+LITERAL_SECRETS = {"password": "password_env", "token": "token_env", "username": "username_env"}
+
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)]
+AETitle = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=16,
+        pattern=r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e])?$",
+    ),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+#: A filter value as YAML gives it: text, a number, a date (YAML reads 2024-01-31 as one),
+#: or a list of those.
+FilterInput = str | int | float | datetime.date | list[str | int | float | datetime.date]
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def error(kind: str, message: str, *at: str | int) -> PydanticCustomError:
+    """A validation error whose position is `at` below the model being validated."""
+    return PydanticCustomError(kind, "{message}", {"message": message, "at": list(at)})
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys, naming the closest known one, and literal secrets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = list(cls.model_fields)
+        for key in data:
+            if key in known:
+                continue
+            key = str(key)
+            if key in LITERAL_SECRETS:
+                twin = LITERAL_SECRETS[key]
+                raise error(
+                    "literal_secret",
+                    f"secrets are never written in a manifest: put the value in an environment "
+                    f"variable and give its name instead, e.g. `{twin}: PACS_{key.upper()}`",
+                    key,
+                )
+            raise error("unknown_key", f"unknown key {key!r}{did_you_mean(key, known)}", key)
+        return data
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+class NoAuth(StrictModel):
+    type: Literal["none"] = "none"
+
+
+class BasicAuth(StrictModel):
+    """HTTP basic auth; both values are read from the environment at run time."""
+
+    type: Literal["basic"]
+    username_env: EnvName
+    password_env: EnvName
+
+
+class BearerAuth(StrictModel):
+    """`Authorization: Bearer` with a token read from the environment."""
+
+    type: Literal["bearer"]
+    token_env: EnvName
+
+
+Auth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+class HttpBackend(StrictModel):
+    url: str = Field(description="Base URL, e.g. https://pacs.example.org/dicom-web")
+    auth: Auth = Field(default_factory=NoAuth)
+    verify_tls: bool | str = Field(
+        default=True, description="false to skip TLS verification, or a CA bundle path"
+    )
+    timeout: Seconds = Field(default=300, description="seconds to wait for the server")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise error("url", f"not an http(s) URL: {url!r}")
+        if parts.username or parts.password:
+            raise PydanticCustomError(
+                "url_credentials",
+                "credentials in the URL are not allowed: use auth with username_env/password_env",
+            )
+        return url.rstrip("/")
+
+
+class DimseBackend(StrictModel):
+    host: str = Field(min_length=1)
+    port: Port
+    called_aet: AETitle
+    calling_aet: AETitle = "TROLLEY"
+    connection_timeout: Seconds = 10
+    acse_timeout: Seconds = 30
+    dimse_timeout: Seconds = 120
+    network_timeout: Seconds = 120
+
+
+class QidoRsSearch(HttpBackend):
+    backend: Literal["qido-rs"]
+    page_size: int = Field(default=1000, ge=1, le=100_000)
+
+
+class MintSearch(HttpBackend):
+    backend: Literal["mint"]
+
+
+class DicomQrSearch(DimseBackend):
+    backend: Literal["dicom-qr"]
+
+
+class LocalSearch(StrictModel):
+    backend: Literal["local"]
+    path: str = Field(min_length=1, description="folder of DICOM files, relative to the manifest")
+
+
+SearchBackend = Annotated[
+    QidoRsSearch | DicomQrSearch | MintSearch | LocalSearch, Field(discriminator="backend")
+]
+
+
+class WadoRsDownload(HttpBackend):
+    backend: Literal["wado-rs"]
+
+
+class WadoUriDownload(HttpBackend):
+    backend: Literal["wado-uri"]
+
+
+class Rad69Download(HttpBackend):
+    backend: Literal["rad69"]
+
+
+class CGetDownload(DimseBackend):
+    backend: Literal["c-get"]
+
+
+class MoveDestination(StrictModel):
+    """The Storage SCP that trolley-etl runs; the archive must know it under this AE title."""
+
+    aet: AETitle
+    port: Port
+
+
+class CMoveDownload(DimseBackend):
+    backend: Literal["c-move"]
+    move_destination: MoveDestination
+    level: Literal["study", "series"] = Field(
+        default="study", description="series: move series by series (some archives need it)"
+    )
+
+
+class LocalDownload(StrictModel):
+    backend: Literal["local"]
+    link: bool = Field(default=False, description="hard-link instead of copying where possible")
+
+
+DownloadBackend = Annotated[
+    WadoRsDownload | WadoUriDownload | CGetDownload | CMoveDownload | Rad69Download | LocalDownload,
+    Field(discriminator="backend"),
+]
+
+
+class Source(StrictModel):
+    search: SearchBackend
+    download: DownloadBackend | None = Field(
+        default=None, description="may be omitted where the search backend implies one"
+    )
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> Source:
+        search, download = self.search.backend, self.download.backend if self.download else None
+        if download is None and search == "mint":
+            raise error(
+                "missing_download",
+                "a mint search implies no downloader: add download (wado-rs or rad69)",
+                "search",
+                "backend",
+            )
+        if (search == "local") != (download in ("local", None)) and download is not None:
+            raise error(
+                "incompatible_backends",
+                f"a {search} search cannot be paired with a {download} download: the local "
+                "backend searches and copies the same folder",
+                "download",
+                "backend",
+            )
+        return self
+
+    @property
+    def effective_download(self) -> WadoRsDownload | CGetDownload | LocalDownload | Any:
+        """The download backend, or the one the search backend implies."""
+        if self.download is not None:
+            return self.download
+        search = self.search
+        if isinstance(search, QidoRsSearch):
+            shared = search.model_dump(exclude={"backend", "page_size"})
+            return WadoRsDownload(backend="wado-rs", **shared)
+        if isinstance(search, DicomQrSearch):
+            return CGetDownload(backend="c-get", **search.model_dump(exclude={"backend"}))
+        return LocalDownload(backend="local")
+
+
+# --- what to pull ------------------------------------------------------------------------------
+
+
+def _validate_filters(filters: dict[str, Any]) -> dict[str, FilterValue]:
+    checked: dict[str, FilterValue] = {}
+    for keyword, value in filters.items():
+        try:
+            checked[str(keyword)] = normalise_filter(str(keyword), value)
+        except QueryError as exc:
+            raise error("filter", str(exc).removeprefix(f"{keyword}: "), keyword) from None
+    return checked
+
+
+class CsvColumn(StrictModel):
+    """One query per row: the column's values, matched on the DICOM keyword of its name."""
+
+    path: str = Field(min_length=1, description="CSV file, relative to the manifest")
+    column: str = Field(description="column header; also the DICOM keyword to match")
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+
+
+class QuerySet(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    filters: dict[str, FilterInput] = Field(default_factory=dict)
+    from_csv: CsvColumn | None = None
+    study_uids: list[str] | None = Field(default=None, min_length=1)
+    limit: int | None = Field(default=None, ge=1)
+
+    _csv_values: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("filters")
+    @classmethod
+    def _check_filters(cls, filters: dict[str, Any]) -> dict[str, Any]:
+        return _validate_filters(filters)
+
+    @field_validator("study_uids")
+    @classmethod
+    def _check_uids(cls, uids: list[str] | None) -> list[str] | None:
+        for index, uid in enumerate(uids or []):
+            try:
+                normalise_filter("StudyInstanceUID", uid)
+            except QueryError as exc:
+                raise error("uid", str(exc).removeprefix("StudyInstanceUID: "), index) from None
+        return uids
+
+    @model_validator(mode="after")
+    def _check_selection(self, info: ValidationInfo) -> QuerySet:
+        if not self.filters and self.from_csv is None and not self.study_uids:
+            raise error(
+                "empty_query",
+                "a query set needs filters, from_csv or study_uids; an empty query would pull "
+                "the whole archive",
+            )
+        if self.from_csv is not None:
+            self._csv_values = self._read_csv(self.from_csv, info)
+        return self
+
+    def _read_csv(self, source: CsvColumn, info: ValidationInfo) -> list[str]:
+        if source.column in self.filters:
+            raise error(
+                "csv_column_in_filters",
+                f"{source.column} comes from the CSV; remove it from filters",
+                "from_csv",
+                "column",
+            )
+        try:
+            normalise_filter(source.column, "")
+        except QueryError as exc:
+            raise error("csv_column", f"column name: {exc}", "from_csv", "column") from None
+        base = Path((info.context or {}).get("base_dir", "."))
+        path = base / source.path
+        values, problems = read_column(path, source.column, source.delimiter)
+        for row, value in values:
+            try:
+                normalise_filter(source.column, value)
+            except QueryError as exc:
+                problems.append(CsvProblem(row, str(exc)))
+        if problems:
+            shown = "; ".join(
+                f"{source.path}:{p.row}: {p.message}" if p.row else p.message for p in problems[:5]
+            )
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise error("csv", shown + more, "from_csv", "path")
+        return [value for _, value in values]
+
+    @property
+    def csv_values(self) -> list[str]:
+        """The values read from `from_csv` when the manifest was validated."""
+        return list(self._csv_values)
+
+
+class Select(StrictModel):
+    """Keep only the series of the matched studies that match these filters."""
+
+    series: dict[str, FilterInput] = Field(default_factory=dict)
+
+    @field_validator("series")
+    @classmethod
+    def _check_filters(cls, filters: dict[str, Any]) -> dict[str, Any]:
+        return _validate_filters(filters)
+
+
+class Storage(StrictModel):
+    root: str = Field(min_length=1, description="output folder, relative to the manifest")
+    layout: str = Field(default=DEFAULT_LAYOUT, description="path template of DICOM keywords")
+
+    @field_validator("layout")
+    @classmethod
+    def _check_layout(cls, layout: str) -> str:
+        try:
+            LayoutTemplate(layout)
+        except QueryError as exc:
+            raise error("layout", str(exc)) from None
+        return layout
+
+
+class RunSettings(StrictModel):
+    workers: int = Field(default=4, ge=1, le=64, description="parallel downloads")
+    retries: int = Field(default=3, ge=0, le=20, description="retries per item after a failure")
+
+
+class Manifest(StrictModel):
+    """A trolley-etl manifest, version 1."""
+
+    SCHEMA_TITLE: ClassVar[str] = "trolley-etl manifest"
+
+    version: Literal[1] = Field(description="manifest format version")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=100,
+        description="identifies the extraction in logs and reports",
+    )
+    description: str | None = None
+    source: Source
+    queries: list[QuerySet] = Field(min_length=1)
+    select: Select | None = None
+    storage: Storage
+    run: RunSettings = Field(default_factory=RunSettings)
+
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, version: Any) -> Any:
+        if version != MANIFEST_VERSION:
+            raise PydanticCustomError(
+                "version",
+                "unsupported manifest version {version}: this trolley-etl reads version 1",
+                {"version": version},
+            )
+        return version
+
+    @field_validator("queries")
+    @classmethod
+    def _unique_names(cls, queries: list[QuerySet]) -> list[QuerySet]:
+        seen: dict[str, int] = {}
+        for index, query_set in enumerate(queries):
+            if query_set.name in seen:
+                raise error(
+                    "duplicate_name",
+                    f"query set name {query_set.name!r} is already used by "
+                    f"queries[{seen[query_set.name]}]",
+                    index,
+                    "name",
+                )
+            seen[query_set.name] = index
+        return queries
+
+    @model_validator(mode="after")
+    def _remember_base_dir(self, info: ValidationInfo) -> Manifest:
+        self._base_dir = Path((info.context or {}).get("base_dir", ".")).absolute()
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def storage_root(self) -> Path:
+        """`storage.root`, resolved against the manifest's folder."""
+        return (self._base_dir / self.storage.root).resolve()
