@@ -40,7 +40,7 @@ format: setup
 	$(BIN)/ruff check --fix trolley_etl tests
 
 demo: setup
-	$(BIN)/python -m trolley_etl.testing.demo --output $(DEMO_OUT)
+	$(BIN)/python -m trolley_etl.testing.demo --manifest manifests/demo.yaml
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,8 @@ the server's own message, never a bare requests traceback.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -150,6 +152,41 @@ class HttpClient:
         raise_for_status(response)
         return response
 
+    def post(
+        self,
+        path: str,
+        *,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        check: bool = True,
+    ) -> requests.Response:
+        """POST `data`; with `check=False` error answers are returned, not raised.
+
+        SOAP services (RAD-69) answer faults with HTTP 500 and a SOAP envelope that says
+        more than the status does, so their callers read the body before deciding.
+        """
+        url = self.url(path)
+        try:
+            response = self.session.post(
+                url, data=data, headers=headers, stream=stream, timeout=self.timeout
+            )
+        except requests.exceptions.SSLError as exc:
+            raise ConnectionFailedError(
+                f"TLS verification failed for {redact_url(url)}: {_reason(exc)}", url=url
+            ) from None
+        except requests.exceptions.Timeout:
+            raise ConnectionFailedError(
+                f"timed out waiting for {redact_url(url)}", url=url
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise ConnectionFailedError(
+                f"cannot reach {redact_url(url)}: {_reason(exc)}", url=url
+            ) from None
+        if check:
+            raise_for_status(response)
+        return response
+
     def close(self) -> None:
         self.session.close()
 
@@ -176,7 +213,24 @@ def raise_for_status(response: requests.Response) -> None:
         )
     if status == 404:
         raise ObjectNotFoundError(text, url=url, status=status)
-    raise BackendError(text, url=url, status=status)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    raise BackendError(text, url=url, status=status, retry_after=retry_after)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def server_message(response: requests.Response, limit: int = 300) -> str:

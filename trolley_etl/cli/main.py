@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from trolley_etl import __version__
-from trolley_etl.cli import exit_codes, manifest_commands
+from trolley_etl.cli import exit_codes, manifest_commands, run_commands
 from trolley_etl.core.errors import TrolleyError
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trolley-etl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     manifest_commands.add_commands(subparsers)
+    run_commands.add_commands(subparsers)
     return parser
 
 

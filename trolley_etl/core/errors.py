@@ -43,10 +43,18 @@ class MissingReferencesError(TrolleyError):
 class BackendError(TrolleyError):
     """A backend answered with an error, or could not be used."""
 
-    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
 
 
 class ConnectionFailedError(BackendError):
@@ -63,6 +71,34 @@ class ObjectNotFoundError(BackendError):
 
 class ResponseFormatError(BackendError):
     """The server's answer does not follow the protocol (bad JSON, bad multipart)."""
+
+
+class AssociationRejectedError(AuthenticationError):
+    """A DICOM archive rejected the association (unknown calling or called AE title, ...)."""
+
+
+class DimseStatusError(BackendError):
+    """A DICOM archive answered a C-FIND/C-GET/C-MOVE with a failure or warning status.
+
+    `status` holds the code; the message gives it in hex with its meaning.
+    """
+
+
+class IncompleteRetrievalError(BackendError):
+    """Fewer objects arrived than the archive reports as sent (C-GET, C-MOVE)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        missing: int = 0,
+        missing_uids: list[str] | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status)
+        self.missing = missing
+        self.missing_uids = list(missing_uids or [])
 
 
 class DownloadError(TrolleyError):

@@ -173,12 +173,12 @@ class StorageDir:
 
     def commit(self, staged: Path, size: int, sha256: str) -> StoredInstance:
         """Move a complete, fsynced temp file into its place in the layout."""
-        dataset = _read_header(staged)
+        dataset = read_header(staged)
         target = self.path_for(dataset)
         self._make_parent(target)
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         if target.exists():
-            existing = _read_header_or_none(target)
+            existing = read_header_or_none(target)
             if existing is not None and str(existing.get("SOPInstanceUID", "")) != sop_uid:
                 raise StorageError(
                     f"layout {self.layout.template!r} maps two instances to {target}: "
@@ -233,7 +233,7 @@ class StagedFile:
         self.path.unlink(missing_ok=True)
 
 
-def _read_header(path: Path) -> Dataset:
+def read_header(path: Path) -> Dataset:
     """The header of a Part 10 file, without pixel data; StorageError if it is not one."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, defer_size="4 KB")
@@ -241,9 +241,9 @@ def _read_header(path: Path) -> Dataset:
         raise StorageError(f"received object is not valid DICOM Part 10: {exc}") from None
 
 
-def _read_header_or_none(path: Path) -> Dataset | None:
+def read_header_or_none(path: Path) -> Dataset | None:
     try:
-        return _read_header(path)
+        return read_header(path)
     except StorageError:
         return None
 

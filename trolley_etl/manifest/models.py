@@ -208,10 +208,10 @@ class LocalDownload(StrictModel):
     link: bool = Field(default=False, description="hard-link instead of copying where possible")
 
 
-DownloadBackend = Annotated[
-    WadoRsDownload | WadoUriDownload | CGetDownload | CMoveDownload | Rad69Download | LocalDownload,
-    Field(discriminator="backend"),
-]
+DownloadConfig = (
+    WadoRsDownload | WadoUriDownload | CGetDownload | CMoveDownload | Rad69Download | LocalDownload
+)
+DownloadBackend = Annotated[DownloadConfig, Field(discriminator="backend")]
 
 
 class Source(StrictModel):
@@ -241,7 +241,7 @@ class Source(StrictModel):
         return self
 
     @property
-    def effective_download(self) -> WadoRsDownload | CGetDownload | LocalDownload | Any:
+    def effective_download(self) -> DownloadConfig:
         """The download backend, or the one the search backend implies."""
         if self.download is not None:
             return self.download

@@ -1,7 +1,7 @@
-"""`make demo`: start a local Orthanc, seed it, and pull an extraction through the Trolley.
+"""`make demo`: start a seeded local Orthanc and run `trolley-etl run manifests/demo.yaml`.
 
-This shows the whole path on real parts: QIDO-RS search, WADO-RS download, atomic storage in
-the UID layout. It runs until the manifest runner takes over the demo.
+The archive listens on 127.0.0.1:18042 (HTTP) and 14242 (DICOM), the addresses the demo
+manifest names, and stops when the run ends. Whatever the run exits with, the demo exits with.
 """
 
 from __future__ import annotations
@@ -9,58 +9,40 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from trolley_etl import Query, StorageDir, Trolley
-from trolley_etl.backends import QidoRS, WadoRS
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.cli import exit_codes
+from trolley_etl.cli.main import main as cli_main
 from trolley_etl.testing.dicomgen import standard_cohort
 from trolley_etl.testing.orthanc import OrthancError, OrthancServer
+
+DEMO_HTTP_PORT = 18042
+DEMO_DICOM_PORT = 14242
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", default="demo-data", help="where to store the extraction")
+    parser.add_argument("--manifest", type=Path, default=Path("manifests/demo.yaml"))
+    parser.add_argument("run_args", nargs="*", help="more arguments for `trolley-etl run`")
     args = parser.parse_args(argv)
-    output = Path(args.output).absolute()
 
     with tempfile.TemporaryDirectory(prefix="trolley-demo-") as workdir:
+        server = OrthancServer(Path(workdir), http_port=DEMO_HTTP_PORT, dicom_port=DEMO_DICOM_PORT)
         try:
-            server = OrthancServer(Path(workdir)).start()
+            server.start()
         except OrthancError as exc:
             print(f"demo: {exc}", file=sys.stderr)
-            return 3
+            return exit_codes.BACKEND_UNAVAILABLE
         with server:
             cohort = standard_cohort()
             server.upload_many(c.data for c in cohort)
-            print(f"archive: Orthanc at {server.url} seeded with {len(cohort)} instances")
-
-            trolley = Trolley(
-                searcher=QidoRS(server.dicomweb_url),
-                downloader=WadoRS(server.dicomweb_url),
-                storage=StorageDir(output),
+            print(
+                f"demo archive: Orthanc at {server.url}, {len(cohort)} instances", file=sys.stderr
             )
-            query = Query(StudyDate="20240101-20241231", ModalitiesInStudy="CT")
-            try:
-                studies = trolley.find_studies(query)
-                print(f"search: {len(studies)} CT studies from 2024")
-                started = time.monotonic()
-                stored = trolley.download(studies)
-            except TrolleyError as exc:
-                print(f"demo: {exc}", file=sys.stderr)
-                return 1
-            seconds = time.monotonic() - started
-            size = sum(s.size for s in stored)
-            print(f"download: {len(stored)} instances, {size / 1024:.0f} KiB in {seconds:.2f} s")
-            for study in studies:
-                mine = [s for s in stored if s.study_uid == study.uid]
-                print(
-                    f"  {study.data.get('AccessionNumber', '')!s:12} {len(mine):3} files  "
-                    f"{study.uid}"
-                )
-            print(f"stored under {output}")
-    return 0
+            code = cli_main(["run", str(args.manifest), *args.run_args])
+            if code == exit_codes.OK:
+                cli_main(["status", str(args.manifest)])
+            return code
 
 
 if __name__ == "__main__":

@@ -100,8 +100,12 @@ class OrthancServer:
         check_called_aet: bool = False,
         modalities: dict[str, list] | None = None,
         extra_config: dict | None = None,
+        http_port: int = 0,
+        dicom_port: int = 0,
     ) -> None:
+        """`http_port`/`dicom_port` 0 means a free port picked at each start."""
         self.workdir = Path(workdir)
+        self._wanted_ports = (http_port, dicom_port)
         self.users = dict(users) if users else None
         self.aet = aet
         self.check_called_aet = check_called_aet
@@ -204,8 +208,8 @@ class OrthancServer:
         return self
 
     def _start_once(self, binary: Path, previous: Exception | None = None) -> None:
-        self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.http_port = self._wanted_ports[0] or free_port()
+        self.dicom_port = self._wanted_ports[1] or free_port()
         for _ in range(10):
             if self.dicom_port != self.http_port:
                 break
@@ -241,6 +245,12 @@ class OrthancServer:
         raise OrthancStartError(
             f"{last_error}; config {self.config_path}; log tail:\n{_tail(self.log_path)}"
         ) from previous
+
+    def restart(self) -> OrthancServer:
+        """Stop and start again on the same ports, with the same stored data."""
+        self.stop()
+        self._wanted_ports = (self.http_port, self.dicom_port)
+        return self.start()
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None

@@ -1,0 +1,381 @@
+"""The runner: a manifest executed step by step (search, expand, download, verify, report).
+
+State lives in the checkpoint, so a run can be stopped at any moment (SIGINT, SIGKILL, a
+power cut) and resumed: resolved items are not searched again, done items are not contacted
+again, and every file on disk was complete before it got its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trolley_etl import __version__
+from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.storage import STATE_DIR, StagedFile, StorageDir, read_header
+from trolley_etl.core.trolley import Trolley
+from trolley_etl.manifest import Manifest
+from trolley_etl.runner import resolve
+from trolley_etl.runner.backends import build_downloader, build_searcher, describe_source
+from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, Item, now
+from trolley_etl.runner.faults import crash_point
+from trolley_etl.runner.logs import RunLog
+from trolley_etl.runner.progress import Progress
+from trolley_etl.runner.retry import backoff_delay, is_retryable
+
+CHECKPOINT_NAME = "checkpoint.sqlite"
+
+
+class ManifestChangedError(TrolleyError):
+    """The checkpoint was resolved from a manifest that would pull something else."""
+
+
+class RunInterrupted(TrolleyError):
+    """SIGINT or SIGTERM: the run stopped between files; the checkpoint is consistent."""
+
+
+class RootBusyError(TrolleyError):
+    """Another run holds the lock on this storage root."""
+
+
+@dataclass
+class RunOptions:
+    root: Path | None = None
+    workers: int | None = None
+    refresh: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # "complete", "failed", "interrupted", "dry-run"
+    counts: dict[str, int]
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    report_path: Path | None = None
+
+
+def state_dir(root: Path) -> Path:
+    return root / STATE_DIR
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+
+
+def manifest_file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """One run per storage root: a second one fails at once instead of interleaving."""
+    path = state_dir(root) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RootBusyError(f"another trolley-etl run is using {root}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Runner:
+    def __init__(self, manifest: Manifest, manifest_path: Path, log: RunLog,
+                 options: RunOptions) -> None:  # fmt: skip
+        self.manifest = manifest
+        self.manifest_path = manifest_path
+        self.options = options
+        self.root = (options.root or manifest.storage_root).absolute()
+        self.workers = options.workers or manifest.run.workers
+        self.attempts_per_run = manifest.run.retries + 1
+        self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.log = log
+        self.stop = threading.Event()
+        self.storage = StorageDir(self.root, manifest.storage.layout)
+        self.source = describe_source(manifest.source.effective_download)
+        self.started_at = now()
+
+    # --- steps -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self, name: str, **fields: Any) -> Iterator[dict[str, Any]]:
+        self.log.bind(step=name)
+        started = time.monotonic()
+        self.log.logger.info("step.start", **fields)
+        outcome: dict[str, Any] = {}
+        yield outcome
+        self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
+
+    def _trolley(self) -> Trolley:
+        return Trolley(
+            searcher=build_searcher(self.manifest),
+            downloader=build_downloader(self.manifest),
+            storage=self.storage,
+            workers=self.workers,
+        )
+
+    def resolve(self, trolley: Trolley) -> tuple[list[resolve.Found], list[Any]]:
+        with self.step("search", query_sets=len(self.manifest.queries)) as outcome:
+
+            def on_query(query_set: str, query: Any, count: int) -> None:
+                self.log.logger.info("search.query", query_set=query_set,
+                                     filters=dict(query.filters), studies=count)  # fmt: skip
+
+            found = resolve.search(trolley, self.manifest, on_query)
+            crash_point("after-search")
+            outcome["studies"] = len(found)
+        with self.step("expand", studies=len(found)) as outcome:
+            kept, references = resolve.expand(trolley, self.manifest, found, self.workers)
+            outcome.update(studies=len(kept), items=len(references),
+                           dropped=len(found) - len(kept))  # fmt: skip
+        return kept, references
+
+    def plan_only(self) -> RunResult:
+        """Search and expand without writing anything (plan, run --dry-run)."""
+        self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        with self._trolley() as trolley:
+            kept, references = self.resolve(trolley)
+        self.found, self.references = kept, references
+        return RunResult(self.run_id, "dry-run", {"studies": len(kept), "items": len(references)})
+
+    def run(self) -> RunResult:
+        self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        with root_lock(self.root):
+            checkpoint = open_checkpoint(self.root)
+            try:
+                return self._run_locked(checkpoint)
+            finally:
+                checkpoint.close()
+
+    def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
+        wanted = resolve.resolution_hash(self.manifest)
+        recorded = checkpoint.get_meta("resolution_hash")
+        if recorded is not None and recorded != wanted and not self.options.refresh:
+            raise ManifestChangedError(
+                f"the manifest changed since the checkpoint in {state_dir(self.root)} was made "
+                "(what it pulls is different); run with --refresh to re-resolve it, or use "
+                "another storage root"
+            )
+        self._remove_stale_temp_files()
+        self.started_at = now()
+        checkpoint.start_run(self.run_id, manifest_file_hash(self.manifest_path))
+        self.log.logger.info("run.start", root=str(self.root), workers=self.workers,
+                             source=self.source, version=__version__)  # fmt: skip
+        trolley = self._trolley()
+        try:
+            if recorded is None or self.options.refresh:
+                kept, references = self.resolve(trolley)
+                saved = checkpoint.save_resolution(
+                    wanted, [resolve.study_row(f) for f in kept], references
+                )
+                crash_point("after-resolution")
+                self.log.logger.info("checkpoint.resolved", items=saved)
+            else:
+                self.log.logger.info("checkpoint.resume", **checkpoint.counts())
+            self._download(trolley, checkpoint)
+            failed_on_disk = self._verify(checkpoint)
+        except KeyboardInterrupt:
+            self.stop.set()
+            return self._finish(checkpoint, "interrupted")
+        except RunInterrupted:
+            return self._finish(checkpoint, "interrupted")
+        finally:
+            trolley.close()
+        status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \
+            else "failed"  # fmt: skip
+        return self._finish(checkpoint, status)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of a killed run: incomplete by definition, and this run holds the lock."""
+        removed = 0
+        for stale in self.storage.tmp_dir.glob("*.part") if self.storage.tmp_dir.exists() else []:
+            stale.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            self.log.logger.info("storage.temp_removed", files=removed)
+
+    # --- download ----------------------------------------------------------------------------
+
+    def _download(self, trolley: Trolley, checkpoint: Checkpoint) -> None:
+        todo = checkpoint.items([PENDING, FAILED])
+        with self.step("download", items=len(todo), workers=self.workers) as outcome:
+            progress = Progress(len(todo), enabled=self.options.progress and not self.options.quiet)
+            pending = iter(todo)
+            running: dict[Future[None], Item] = {}
+            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool:
+                try:
+                    for item in pending:  # bounded: at most 2 x workers submitted at once
+                        running[
+                            pool.submit(self._fetch_item, trolley, checkpoint, item, progress)
+                        ] = item
+                        while len(running) >= 2 * self.workers:
+                            self._collect(running, progress)
+                    while running:
+                        self._collect(running, progress)
+                except KeyboardInterrupt:
+                    self.stop.set()
+                    self.log.logger.warning("run.interrupted", waiting_for=len(running))
+                    wait(running)
+                    progress.close()
+                    raise
+            progress.close()
+            outcome.update(instances=progress.instances, bytes=progress.bytes)
+
+    def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
+        done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+        for future in done:
+            running.pop(future)
+            future.result()
+            progress.item_finished()
+
+    def _fetch_item(self, trolley: Trolley, checkpoint: Checkpoint, item: Item,
+                    progress: Progress) -> None:  # fmt: skip
+        ref = item.reference
+        uids = {"study_uid": ref.study_uid, **_deeper_uids(ref)}
+        for attempt in range(1, self.attempts_per_run + 1):
+            if self.stop.is_set():
+                return
+            started = time.monotonic()
+            sink = _CheckpointSink(self, checkpoint, item.item_id, progress)
+            try:
+                count = trolley.downloader.fetch(ref, sink)
+                if count == 0:
+                    raise TrolleyError(f"the archive sent no instances for {ref}")
+                crash_point("before-item-done")
+                checkpoint.mark_done(item.item_id)
+                self.log.logger.info("item.done", **uids, instances=count, bytes=sink.bytes,
+                                     attempt=attempt,
+                                     duration_s=round(time.monotonic() - started, 3))  # fmt: skip
+                return
+            except _Stopped:
+                return
+            except Exception as error:
+                retry = is_retryable(error) and attempt < self.attempts_per_run
+                self.log.logger.warning(
+                    "item.retry" if retry else "item.failed", **uids, attempt=attempt,
+                    error_type=type(error).__name__, error=str(error),
+                )  # fmt: skip
+                if not retry:
+                    checkpoint.mark_failed(item.item_id, f"{type(error).__name__}: {error}")
+                    return
+                if self.stop.wait(backoff_delay(attempt, error)):
+                    return
+
+    # --- verify and report -----------------------------------------------------------------
+
+    def _verify(self, checkpoint: Checkpoint) -> int:
+        """Every recorded file of a done item is on disk with its size; new ones are readable."""
+        problems = 0
+        with self.step("verify") as outcome:
+            checked = 0
+            for record in checkpoint.files():
+                path = self.root / record["path"]
+                checked += 1
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    size = -1
+                if size != record["size"]:
+                    problems += 1
+                    reason = "missing" if size < 0 else f"size {size} != recorded {record['size']}"
+                    self.log.logger.error("verify.bad_file", path=record["path"], reason=reason,
+                                          sop_instance_uid=record["sop_instance_uid"])  # fmt: skip
+                    checkpoint.forget_files([record["sop_instance_uid"]])
+                    checkpoint.mark_pending(record["item_id"], f"file {reason}: {record['path']}")
+                elif record["stored_at"] >= self.started_at:
+                    read_header(path)  # raises StorageError if it is not DICOM
+            outcome.update(files=checked, problems=problems)
+        return problems
+
+    def _finish(self, checkpoint: Checkpoint, status: str) -> RunResult:
+        counts = checkpoint.counts()
+        failed = [
+            {"study_uid": i.reference.study_uid, **_deeper_uids(i.reference),
+             "attempts": i.attempts, "error": i.last_error}
+            for i in checkpoint.items([FAILED])
+        ]  # fmt: skip
+        self.log.bind(step="report")
+        report = {
+            "run_id": self.run_id,
+            "manifest": self.manifest.name,
+            "manifest_path": str(self.manifest_path),
+            "status": status,
+            "finished_at": now(),
+            "source": self.source,
+            "counts": counts,
+            "failed": failed,
+            "tool_version": __version__,
+        }
+        report_path = state_dir(self.root) / "reports" / f"{self.run_id}.json"
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        checkpoint.finish_run(self.run_id, status, counts)
+        self.log.logger.info("run.end", status=status, **counts, report=str(report_path))
+        return RunResult(self.run_id, status, counts, failed, report_path)
+
+
+def _deeper_uids(ref: Any) -> dict[str, str]:
+    uids = {}
+    if getattr(ref, "series_uid", ""):
+        uids["series_uid"] = ref.series_uid
+    if getattr(ref, "instance_uid", ""):
+        uids["instance_uid"] = ref.instance_uid
+    return uids
+
+
+class _Stopped(Exception):
+    """The run is stopping: abandon the file being received."""
+
+
+class _CheckpointWriter:
+    def __init__(self, sink: _CheckpointSink) -> None:
+        self._sink = sink
+        self._staged: StagedFile = sink.runner.storage.open_instance()
+
+    def write(self, chunk: bytes) -> None:
+        if self._sink.runner.stop.is_set():
+            raise _Stopped()
+        self._staged.write(chunk)
+
+    def commit(self) -> None:
+        self._staged.commit()
+        stored = self._staged.result
+        assert stored is not None
+        crash_point("after-rename")
+        self._sink.checkpoint.record_file(self._sink.item_id, stored, self._sink.runner.source)
+        self._sink.bytes += stored.size
+        self._sink.progress.instance_stored(stored.size)
+
+    def abort(self) -> None:
+        self._staged.abort()
+
+
+class _CheckpointSink:
+    """Stores through the runner's StorageDir and records each file in the checkpoint."""
+
+    def __init__(self, runner: Runner, checkpoint: Checkpoint, item_id: int,
+                 progress: Progress) -> None:  # fmt: skip
+        self.runner = runner
+        self.checkpoint = checkpoint
+        self.item_id = item_id
+        self.progress = progress
+        self.bytes = 0
+
+    def open_instance(self) -> _CheckpointWriter:
+        return _CheckpointWriter(self)

@@ -1,0 +1,102 @@
+"""A small HTTP proxy in front of a real archive, for failure tests.
+
+It forwards GET requests to the upstream server, streaming the answer, and can be told to
+answer some requests itself first (503 with Retry-After, 502 when the upstream is down) or to
+slow every answer down, so that retries, backoff and interruption can be tested against a
+real Orthanc.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+              "proxy-authorization", "proxy-authenticate", "content-length"}  # fmt: skip
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.delay = 0.0  # seconds before each answer
+        self.failures: list[tuple[int, dict[str, str]]] = []  # answered instead of forwarding
+        self.fail_prefix = ""  # only requests whose path starts with this fail
+        self.requests: list[tuple[str, int]] = []  # (path, status) of every answer
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail_next(self, count: int, status: int, headers: dict[str, str] | None = None,
+                  prefix: str = "") -> None:  # fmt: skip
+        with self._lock:
+            self.failures = [(status, dict(headers or {}))] * count
+            self.fail_prefix = prefix
+
+    def _take_failure(self, path: str) -> tuple[int, dict[str, str]] | None:
+        with self._lock:
+            if self.failures and path.startswith(self.fail_prefix):
+                return self.failures.pop(0)
+        return None
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        failure = self._take_failure(handler.path)
+        if failure is not None:
+            self._answer(handler, failure[0], failure[1], b"injected failure\n")
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host",)}
+        try:
+            upstream = requests.get(self.upstream + handler.path, headers=headers, stream=True,
+                                    timeout=60)  # fmt: skip
+        except requests.RequestException:
+            self._answer(handler, 502, {}, b"upstream unreachable\n")
+            return
+        with upstream:
+            body = upstream.raw.read(decode_content=False) if upstream.status_code >= 400 else None
+            handler.send_response(upstream.status_code)
+            for key, value in upstream.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    handler.send_header(key, value)
+            if body is not None:
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+            else:
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for chunk in upstream.raw.stream(1 << 16, decode_content=False):
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                handler.wfile.write(b"0\r\n\r\n")
+        self.requests.append((handler.path, upstream.status_code))
+
+    def _answer(self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str],
+                body: bytes) -> None:  # fmt: skip
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        self.requests.append((handler.path, status))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
