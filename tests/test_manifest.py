@@ -241,7 +241,7 @@ def test_implied_downloads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_examples_validate_and_round_trip(example: Path, monkeypatch, tmp_path: Path) -> None:
-    for name in ("PACS_USER", "PACS_PASSWORD", "PACS_TOKEN"):
+    for name in ("PACS_USER", "PACS_PASSWORD", "PACS_TOKEN", "VNA_TOKEN"):
         monkeypatch.setenv(name, "x")
     manifest = load_manifest(example)
     assert example.read_text().startswith(

@@ -165,11 +165,13 @@ class DicomQrSearch(DimseBackend):
 class LocalSearch(StrictModel):
     backend: Literal["local"]
     path: str = Field(min_length=1, description="folder of DICOM files, relative to the manifest")
+    index_path: str | None = Field(
+        default=None, description="where to keep the index (default: inside the folder)"
+    )
 
 
-SearchBackend = Annotated[
-    QidoRsSearch | DicomQrSearch | MintSearch | LocalSearch, Field(discriminator="backend")
-]
+SearchConfig = QidoRsSearch | DicomQrSearch | MintSearch | LocalSearch
+SearchBackend = Annotated[SearchConfig, Field(discriminator="backend")]
 
 
 class WadoRsDownload(HttpBackend):
@@ -182,6 +184,10 @@ class WadoUriDownload(HttpBackend):
 
 class Rad69Download(HttpBackend):
     backend: Literal["rad69"]
+    repository_id: str = Field(
+        min_length=1, description="the Imaging Document Source's RepositoryUniqueId (an OID)"
+    )
+    batch_size: int = Field(default=500, ge=1, le=10_000, description="instances per request")
 
 
 class CGetDownload(DimseBackend):
@@ -204,8 +210,9 @@ class CMoveDownload(DimseBackend):
 
 
 class LocalDownload(StrictModel):
+    """Copies from the folder the local search indexed."""
+
     backend: Literal["local"]
-    link: bool = Field(default=False, description="hard-link instead of copying where possible")
 
 
 DownloadConfig = (
@@ -373,6 +380,9 @@ class Storage(StrictModel):
 class RunSettings(StrictModel):
     workers: int = Field(default=4, ge=1, le=64, description="parallel downloads")
     retries: int = Field(default=3, ge=0, le=20, description="retries per item after a failure")
+    cache_searches: bool = Field(
+        default=True, description="remember search answers in the checkpoint during a run"
+    )
 
 
 class Manifest(StrictModel):

@@ -13,9 +13,17 @@ from trolley_etl.manifest import Manifest
 from trolley_etl.manifest.models import (
     BasicAuth,
     BearerAuth,
+    CGetDownload,
+    CMoveDownload,
+    DicomQrSearch,
+    DownloadConfig,
     HttpBackend,
+    LocalDownload,
+    MintSearch,
     NoAuth,
     QidoRsSearch,
+    Rad69Download,
+    SearchConfig,
     WadoRsDownload,
     WadoUriDownload,
 )
@@ -48,20 +56,42 @@ def _dimse_options(config: Any) -> dict[str, Any]:
         "port": config.port,
         "called_aet": config.called_aet,
         "calling_aet": config.calling_aet,
+        "connection_timeout": config.connection_timeout,
+        "acse_timeout": config.acse_timeout,
+        "dimse_timeout": config.dimse_timeout,
+        "network_timeout": config.network_timeout,
     }
 
 
-def build_searcher(manifest: Manifest) -> Searcher:
-    config = manifest.source.search
+def build_backends(manifest: Manifest) -> tuple[Searcher, Downloader]:
+    """The searcher and the downloader the manifest names (one object for a local folder)."""
+    search, download = manifest.source.search, manifest.source.effective_download
+    searcher = _searcher(search, manifest)
+    if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
+        return searcher, searcher
+    return searcher, _downloader(download)
+
+
+def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:
     if isinstance(config, QidoRsSearch):
         from trolley_etl.backends.qido_rs import QidoRS
 
         return QidoRS(config.url, page_size=config.page_size, **_http_options(config))
-    raise TrolleyError(f"the {config.backend} search backend is not available in this version")
+    if isinstance(config, MintSearch):
+        from trolley_etl.backends.mint import Mint
+
+        return Mint(config.url, **_http_options(config))
+    if isinstance(config, DicomQrSearch):
+        from trolley_etl.backends.dicom_qr import DicomQR
+
+        return DicomQR(**_dimse_options(config))
+    from trolley_etl.backends.local_folder import LocalFolder
+
+    index = manifest.base_dir / config.index_path if config.index_path else None
+    return LocalFolder(manifest.base_dir / config.path, index_path=index)
 
 
-def build_downloader(manifest: Manifest) -> Downloader:
-    config = manifest.source.effective_download
+def _downloader(config: DownloadConfig) -> Downloader:
     if isinstance(config, WadoRsDownload):
         from trolley_etl.backends.wado_rs import WadoRS
 
@@ -70,7 +100,29 @@ def build_downloader(manifest: Manifest) -> Downloader:
         from trolley_etl.backends.wado_uri import WadoURI
 
         return WadoURI(config.url, **_http_options(config))
-    raise TrolleyError(f"the {config.backend} download backend is not available in this version")
+    if isinstance(config, Rad69Download):
+        from trolley_etl.backends.rad69 import Rad69
+
+        return Rad69(
+            config.url,
+            repository_id=config.repository_id,
+            batch_size=config.batch_size,
+            **_http_options(config),
+        )
+    if isinstance(config, CGetDownload):
+        from trolley_etl.backends.c_get import CGet
+
+        return CGet(**_dimse_options(config))
+    if isinstance(config, CMoveDownload):
+        from trolley_etl.backends.c_move import CMove
+
+        return CMove(
+            **_dimse_options(config),
+            move_destination={"aet": config.move_destination.aet,
+                              "port": config.move_destination.port},
+            retrieval_level=None if config.level == "study" else config.level,
+        )  # fmt: skip
+    raise TrolleyError(f"a {config.backend} download needs a {config.backend} search")
 
 
 def describe_source(config: Any) -> str:

@@ -26,12 +26,13 @@ from trolley_etl.core.storage import STATE_DIR, StagedFile, StorageDir, read_hea
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import resolve
-from trolley_etl.runner.backends import build_downloader, build_searcher, describe_source
+from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, Item, now
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
 from trolley_etl.runner.retry import backoff_delay, is_retryable
+from trolley_etl.runner.search_cache import CachingSearcher
 
 CHECKPOINT_NAME = "checkpoint.sqlite"
 
@@ -122,12 +123,15 @@ class Runner:
         yield outcome
         self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
 
-    def _trolley(self) -> Trolley:
+    def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
+        searcher, downloader = build_backends(self.manifest)
+        if checkpoint is not None and self.manifest.run.cache_searches:
+            cache = CachingSearcher(searcher, checkpoint.path)
+            if self.options.refresh:
+                cache.clear()
+            searcher = cache
         return Trolley(
-            searcher=build_searcher(self.manifest),
-            downloader=build_downloader(self.manifest),
-            storage=self.storage,
-            workers=self.workers,
+            searcher=searcher, downloader=downloader, storage=self.storage, workers=self.workers
         )
 
     def resolve(self, trolley: Trolley) -> tuple[list[resolve.Found], list[Any]]:
@@ -177,7 +181,7 @@ class Runner:
         checkpoint.start_run(self.run_id, manifest_file_hash(self.manifest_path))
         self.log.logger.info("run.start", root=str(self.root), workers=self.workers,
                              source=self.source, version=__version__)  # fmt: skip
-        trolley = self._trolley()
+        trolley = self._trolley(checkpoint)
         try:
             if recorded is None or self.options.refresh:
                 kept, references = self.resolve(trolley)
@@ -254,7 +258,8 @@ class Runner:
             started = time.monotonic()
             sink = _CheckpointSink(self, checkpoint, item.item_id, progress)
             try:
-                count = trolley.downloader.fetch(ref, sink)
+                # plan again: a downloader that batches (RAD-69) gets its instance lists
+                count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
                 if count == 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 crash_point("before-item-done")
