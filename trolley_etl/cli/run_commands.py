@@ -20,6 +20,7 @@ from trolley_etl.runner.run import (
     RootBusyError,
     Runner,
     RunOptions,
+    new_run_id,
     open_checkpoint,
     state_dir,
 )
@@ -157,9 +158,9 @@ def run_run(args: argparse.Namespace) -> int:
     options = _options(args)
     if args.dry_run:
         return run_plan(argparse.Namespace(**{**vars(args), "format": "text"}))
-    runner = Runner(manifest, args.manifest, _log(args, None), options)
-    log = _log(args, root, runner.run_id)
-    runner.log = log
+    options.run_id = new_run_id()
+    log = _log(args, root, options.run_id)
+    runner = Runner(manifest, args.manifest, log, options)
     _interrupt_on_sigterm()
     try:
         result = runner.run()

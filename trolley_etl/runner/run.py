@@ -57,6 +57,7 @@ class RunOptions:
     dry_run: bool = False
     quiet: bool = False
     progress: bool = True
+    run_id: str | None = None
 
 
 @dataclass
@@ -66,6 +67,11 @@ class RunResult:
     counts: dict[str, int]
     failed: list[dict[str, Any]] = field(default_factory=list)
     report_path: Path | None = None
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique enough for one storage root."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def state_dir(root: Path) -> Path:
@@ -105,7 +111,7 @@ class Runner:
         self.root = (options.root or manifest.storage_root).absolute()
         self.workers = options.workers or manifest.run.workers
         self.attempts_per_run = manifest.run.retries + 1
-        self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        self.run_id = options.run_id or new_run_id()
         self.log = log
         self.stop = threading.Event()
         self.storage = StorageDir(self.root, manifest.storage.layout)
