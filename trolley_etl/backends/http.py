@@ -11,6 +11,7 @@ import email.utils
 import json
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -135,20 +136,7 @@ class HttpClient:
         url = self.url(path)
         if params:
             url += ("&" if "?" in url else "?") + encode_query(params)
-        try:
-            response = self.session.get(url, headers=headers, stream=stream, timeout=self.timeout)
-        except requests.exceptions.SSLError as exc:
-            raise ConnectionFailedError(
-                f"TLS verification failed for {redact_url(url)}: {_reason(exc)}", url=url
-            ) from None
-        except requests.exceptions.Timeout:
-            raise ConnectionFailedError(
-                f"timed out waiting for {redact_url(url)}", url=url
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise ConnectionFailedError(
-                f"cannot reach {redact_url(url)}: {_reason(exc)}", url=url
-            ) from None
+        response = self._send("GET", url, headers=headers, stream=stream)
         raise_for_status(response)
         return response
 
@@ -166,11 +154,15 @@ class HttpClient:
         SOAP services (RAD-69) answer faults with HTTP 500 and a SOAP envelope that says
         more than the status does, so their callers read the body before deciding.
         """
-        url = self.url(path)
+        response = self._send("POST", self.url(path), data=data, headers=headers, stream=stream)
+        if check:
+            raise_for_status(response)
+        return response
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One request; failures to get any answer become ConnectionFailedError."""
         try:
-            response = self.session.post(
-                url, data=data, headers=headers, stream=stream, timeout=self.timeout
-            )
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise ConnectionFailedError(
                 f"TLS verification failed for {redact_url(url)}: {_reason(exc)}", url=url
@@ -183,9 +175,6 @@ class HttpClient:
             raise ConnectionFailedError(
                 f"cannot reach {redact_url(url)}: {_reason(exc)}", url=url
             ) from None
-        if check:
-            raise_for_status(response)
-        return response
 
     def close(self) -> None:
         self.session.close()

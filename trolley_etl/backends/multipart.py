@@ -25,70 +25,13 @@ def boundary_from_content_type(content_type: str) -> str | None:
     return None
 
 
-class _PartsToSink:
-    def __init__(self, sink: InstanceSink) -> None:
-        self.sink = sink
-        self.writer: InstanceWriter | None = None
-        self.count = 0
-        self.ended = False
-
-    def on_part_begin(self) -> None:
-        self.writer = self.sink.open_instance()
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.writer is not None and end > start:
-            self.writer.write(bytes(data[start:end]))
-
-    def on_part_end(self) -> None:
-        if self.writer is not None:
-            writer, self.writer = self.writer, None
-            writer.commit()
-            self.count += 1
-
-    def on_end(self) -> None:
-        self.ended = True
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-
-
 def stream_parts(chunks: Iterable[bytes], boundary: str, sink: InstanceSink, *, url: str) -> int:
     """Feed a multipart body into `sink`, one instance per part; return the number of parts.
 
     A body that stops before its closing boundary (a dropped connection) is an error, and the
     part that was being received is aborted, never committed.
     """
-    handler = _PartsToSink(sink)
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": handler.on_part_begin,
-            "on_part_data": handler.on_part_data,
-            "on_part_end": handler.on_part_end,
-            "on_end": handler.on_end,
-        },
-    )
-    try:
-        for chunk in chunks:
-            if chunk:
-                parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as exc:
-        handler.abort()
-        raise ResponseFormatError(f"{url}: malformed multipart response: {exc}", url=url) from None
-    except BaseException:
-        handler.abort()
-        raise
-    if not handler.ended:
-        handler.abort()
-        raise ResponseFormatError(
-            f"{url}: the multipart response ended before its closing boundary "
-            f"after {handler.count} complete part(s)",
-            url=url,
-        )
-    return handler.count
+    return stream_related(chunks, boundary, lambda _headers: sink.open_instance(), url=url)
 
 
 def stream_single(chunks: Iterable[bytes], sink: InstanceSink) -> int:
