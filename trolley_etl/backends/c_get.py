@@ -1,0 +1,99 @@
+"""C-GET retrieval (DICOM Query/Retrieve, Study Root, PS3.4 C.4.3).
+
+The archive sends the objects back over the association we opened, as C-STORE requests in
+which we act as the Storage SCP. That only works for SOP classes and transfer syntaxes we
+proposed with the SCP role, within 128 presentation contexts: see `storage_contexts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pynetdicom import build_role, evt
+
+from trolley_etl.backends.dimse import (
+    STUDY_ROOT_GET,
+    DimseSettings,
+    StoreReceiver,
+    association,
+    check_retrieve_result,
+    parse_retrieval_level,
+    retrieve_identifier,
+    run_retrieve,
+    storage_classes_of,
+    storage_contexts,
+)
+from trolley_etl.core.backend import Downloader, InstanceSink
+from trolley_etl.core.model import QueryLevel, Reference
+
+
+class CGet(Downloader):
+    """Download with C-GET at study, series or instance level, one association per retrieval.
+
+    `storage_sop_classes` narrows the storage classes offered (all that pynetdicom knows,
+    within the context limit, by default); `retrieval_level="series"` makes the Trolley
+    hand over series references for archives that refuse study-level C-GET.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_aet: str,
+        calling_aet: str = "TROLLEY",
+        *,
+        connection_timeout: float | None = 10.0,
+        acse_timeout: float = 30.0,
+        dimse_timeout: float | None = 120.0,
+        network_timeout: float | None = 120.0,
+        max_pdu: int = 0,
+        retrieval_level: QueryLevel | str | None = None,
+        storage_sop_classes: Sequence[str] | None = None,
+    ) -> None:
+        self.settings = DimseSettings(
+            host=host,
+            port=port,
+            called_aet=called_aet,
+            calling_aet=calling_aet,
+            connection_timeout=connection_timeout,
+            acse_timeout=acse_timeout,
+            dimse_timeout=dimse_timeout,
+            network_timeout=network_timeout,
+            max_pdu=max_pdu,
+        )
+        self.retrieval_level = parse_retrieval_level(retrieval_level)
+        self.contexts = storage_contexts(storage_sop_classes)
+        self.roles = [build_role(uid, scp_role=True) for uid in storage_classes_of(self.contexts)]
+
+    def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        ae = self.settings.make_ae()
+        ae.add_requested_context(STUDY_ROOT_GET)
+        for context in self.contexts:
+            ae.add_requested_context(str(context.abstract_syntax), context.transfer_syntax)
+        receiver = StoreReceiver(sink)
+        with association(
+            self.settings,
+            ae,
+            ext_neg=list(self.roles),
+            evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store)],
+            what="C-GET",
+        ) as assoc:
+            responses = assoc.send_c_get(retrieve_identifier(reference), STUDY_ROOT_GET)
+            final, last_pending = run_retrieve(responses, assoc, self.settings, "C-GET")
+        check_retrieve_result(
+            service="C-GET",
+            settings=self.settings,
+            reference=reference,
+            final=final,
+            last_counts=last_pending,
+            received=receiver.count,
+            destination=self.settings.calling_aet,
+            storage_errors=receiver.errors,
+        )
+        return receiver.count
+
+    def __enter__(self) -> CGet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,459 @@
+"""Shared DICOM networking (DIMSE) plumbing for the C-FIND, C-GET and C-MOVE backends.
+
+pynetdicom does the protocol; this module turns its flags and status codes into project errors
+with messages a PACS administrator can act on (host:port, AE titles, status code and meaning),
+and builds the storage presentation contexts a retrieving peer needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import (
+    QR_FIND_SERVICE_CLASS_STATUS,
+    QR_GET_SERVICE_CLASS_STATUS,
+    QR_MOVE_SERVICE_CLASS_STATUS,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
+
+from trolley_etl.core.backend import InstanceSink, write_instance
+from trolley_etl.core.errors import (
+    AssociationRejectedError,
+    BackendError,
+    ConnectionFailedError,
+    DimseStatusError,
+    IncompleteRetrievalError,
+    ObjectNotFoundError,
+    StorageError,
+)
+from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
+
+#: Study Root Query/Retrieve information model SOP classes (PS3.4 C.6.2) and Verification.
+STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+STUDY_ROOT_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
+STUDY_ROOT_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
+VERIFICATION = UID("1.2.840.10008.1.1")
+
+#: pynetdicom and DICOM PS3.8 allow at most 128 presentation contexts in one association.
+MAX_CONTEXTS = 128
+UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+#: Syntaxes offered one presentation context each for the common image classes, so that an
+#: archive sends those objects as it stores them instead of transcoding: an acceptor picks
+#: one syntax per context, and pynetdicom-based archives pick Implicit VR from a shared list
+#: (which loses the VR of private elements).
+SEPARATE_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+)
+COMMON_IMAGE_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray, for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography, for presentation
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+)
+
+_LEVEL_NAMES = {
+    QueryLevel.STUDY: "STUDY",
+    QueryLevel.SERIES: "SERIES",
+    QueryLevel.INSTANCE: "IMAGE",
+}
+_STATUS_TABLES = {
+    "C-FIND": QR_FIND_SERVICE_CLASS_STATUS,
+    "C-GET": QR_GET_SERVICE_CLASS_STATUS,
+    "C-MOVE": QR_MOVE_SERVICE_CLASS_STATUS,
+    "C-STORE": STORAGE_SERVICE_CLASS_STATUS,
+}
+#: C-STORE answers when the sink could not store an object (PS3.4 B.2.3).
+STORE_OUT_OF_RESOURCES = 0xA700
+STORE_CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    """Where the archive is and how long to wait for it (seconds; None waits forever)."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = "TROLLEY"
+    connection_timeout: float | None = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float | None = 120.0
+    network_timeout: float | None = 120.0
+    max_pdu: int = 0  # 0: no limit on what we receive
+
+    def __post_init__(self) -> None:
+        for name in ("called_aet", "calling_aet"):
+            value = getattr(self, name)
+            if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+                raise ValueError(f"{name} {value!r} is not a valid AE title (1-16 characters)")
+        if not 0 < int(self.port) < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """How errors name the archive: `dicom://CALLED@host:port`."""
+        return f"dicom://{self.called_aet}@{self.address}"
+
+    def describe(self) -> str:
+        return f"{self.calling_aet} -> {self.called_aet} at {self.address}"
+
+    def make_ae(self) -> AE:
+        """A requesting AE with these timeouts (contexts are added by the caller)."""
+        ae = AE(ae_title=self.calling_aet)
+        apply_timeouts(ae, self)
+        return ae
+
+
+def apply_timeouts(ae: AE, settings: DimseSettings) -> None:
+    ae.connection_timeout = settings.connection_timeout
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.maximum_pdu_size = settings.max_pdu
+
+
+def level_name(level: QueryLevel) -> str:
+    """The Query/Retrieve Level value (`IMAGE` for instances)."""
+    return _LEVEL_NAMES[level]
+
+
+def status_meaning(code: int, service: str) -> str:
+    """`0xA702 (Failure: Refused: Out of Resources - ...)` for a status code of a service."""
+    table = _STATUS_TABLES.get(service, QR_FIND_SERVICE_CLASS_STATUS)
+    category, text = table.get(code, (code_to_category(code), "unknown status"))
+    return f"0x{code:04X} ({category}: {text})"
+
+
+def open_association(
+    settings: DimseSettings,
+    ae: AE,
+    *,
+    evt_handlers: list[Any] | None = None,
+    ext_neg: list[Any] | None = None,
+    what: str = "association",
+) -> Association:
+    """Associate, or raise a project error saying exactly what went wrong."""
+    connected = threading.Event()
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda _event: connected.set())]
+    handlers.extend(evt_handlers or [])
+    assoc = ae.associate(
+        settings.host,
+        int(settings.port),
+        ae_title=settings.called_aet,
+        evt_handlers=handlers,
+        ext_neg=ext_neg,
+    )
+    if assoc.is_established:
+        return assoc
+    where = f"{what} {settings.describe()}"
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        detail = (
+            f"{rsp.result_str}, source {rsp.source_str}: {rsp.reason_str}"
+            if rsp is not None
+            else "no details"
+        )
+        raise AssociationRejectedError(
+            f"{where}: association rejected ({detail}); check that the archive knows the "
+            f"calling AE title {settings.calling_aet!r} and is called {settings.called_aet!r}",
+            url=settings.url,
+        )
+    if not connected.is_set():
+        raise ConnectionFailedError(
+            f"{where}: cannot connect to {settings.address} (refused, unreachable or no "
+            f"answer within the connection timeout of {settings.connection_timeout} s)",
+            url=settings.url,
+        )
+    raise ConnectionFailedError(
+        f"{where}: the archive accepted the connection but did not complete the association "
+        f"within the ACSE timeout of {settings.acse_timeout} s (or aborted it)",
+        url=settings.url,
+    )
+
+
+@contextmanager
+def association(
+    settings: DimseSettings,
+    ae: AE,
+    *,
+    evt_handlers: list[Any] | None = None,
+    ext_neg: list[Any] | None = None,
+    what: str = "association",
+) -> Iterator[Association]:
+    """An established association, released on success and aborted on error."""
+    assoc = open_association(settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what)
+    try:
+        yield assoc
+    except BaseException:
+        if assoc.is_established:
+            assoc.abort()
+        raise
+    if assoc.is_established:
+        assoc.release()
+
+
+def lost_association_error(
+    assoc: Association, settings: DimseSettings, service: str
+) -> ConnectionFailedError:
+    """The error for a response that never came (pynetdicom yields an empty status)."""
+    if assoc.is_aborted:
+        reason = "the association was aborted"
+    else:
+        reason = f"no response within the DIMSE timeout of {settings.dimse_timeout} s"
+    return ConnectionFailedError(f"{service} {settings.describe()}: {reason}", url=settings.url)
+
+
+def status_of(status: Dataset) -> int | None:
+    return int(status.Status) if "Status" in status else None
+
+
+def describe_reference(reference: Reference) -> str:
+    if isinstance(reference, InstanceReference):
+        return f"instance {reference.instance_uid}"
+    if isinstance(reference, SeriesReference):
+        return f"series {reference.series_uid}"
+    return f"study {reference.study_uid}"
+
+
+def retrieve_identifier(reference: Reference) -> Dataset:
+    """The C-GET/C-MOVE identifier for a reference: the level and its unique keys only."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level_name(reference.level)
+    identifier.StudyInstanceUID = reference.study_uid
+    if isinstance(reference, (SeriesReference, InstanceReference)):
+        identifier.SeriesInstanceUID = reference.series_uid
+    if isinstance(reference, InstanceReference):
+        identifier.SOPInstanceUID = reference.instance_uid
+    return identifier
+
+
+def _count(status: Dataset, keyword: str) -> int | None:
+    value = status.get(keyword)
+    return int(value) if value not in (None, "") else None
+
+
+def failed_uids(status: Dataset) -> list[str]:
+    """The Failed SOP Instance UID List of a final C-GET/C-MOVE response, if any."""
+    value = status.get("FailedSOPInstanceUIDList")
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split("\\") if v]
+    return [str(v) for v in value]
+
+
+def check_retrieve_result(
+    *,
+    service: str,
+    settings: DimseSettings,
+    reference: Reference,
+    final: Dataset,
+    last_counts: Dataset | None,
+    received: int,
+    destination: str,
+    storage_errors: Sequence[BaseException] = (),
+) -> None:
+    """Compare a C-GET/C-MOVE final status and sub-operation counts with what arrived.
+
+    Raises the first storage error (the archive saw it as a failed sub-operation), a
+    DimseStatusError for a failure or warning status, IncompleteRetrievalError when fewer
+    objects arrived than the archive reports as sent, ObjectNotFoundError when nothing matched.
+    """
+    code = status_of(final)
+    what = f"{service} of {describe_reference(reference)} {settings.describe()}"
+    if storage_errors:
+        first = storage_errors[0]
+        raise StorageError(
+            f"{what}: {len(storage_errors)} received object(s) could not be stored: {first}"
+        ) from first
+    counts = final if "NumberOfCompletedSuboperations" in final else (last_counts or final)
+    completed = _count(counts, "NumberOfCompletedSuboperations")
+    failed = _count(counts, "NumberOfFailedSuboperations") or 0
+    warning = _count(counts, "NumberOfWarningSuboperations") or 0
+    uids = failed_uids(final)
+    if code is None:
+        raise BackendError(f"{what}: the final response has no status", url=settings.url)
+    category = code_to_category(code)
+    if category not in ("Success", "Warning"):
+        shown = f"; failed instances: {', '.join(uids[:5])}" if uids else ""
+        done = (
+            f" ({completed} completed, {failed} failed, {warning} warning sub-operations)"
+            if completed is not None
+            else ""
+        )
+        raise DimseStatusError(
+            f"{what}: status {status_meaning(code, service)}{done}{shown}",
+            url=settings.url,
+            status=code,
+        )
+    expected = None if completed is None else completed + warning
+    if expected is not None and received < expected:
+        raise IncompleteRetrievalError(
+            f"{what}: the archive reports {expected} object(s) sent but {received} arrived "
+            f"at {destination}; {expected - received} missing",
+            url=settings.url,
+            status=code,
+            missing=expected - received,
+            missing_uids=uids,
+        )
+    if failed or category == "Warning":
+        shown = f"; failed instances: {', '.join(uids[:5])}" if uids else ""
+        raise DimseStatusError(
+            f"{what}: status {status_meaning(code, service)}, {failed} of "
+            f"{(completed or 0) + failed + warning} sub-operations failed{shown}",
+            url=settings.url,
+            status=code,
+        )
+    if received == 0:
+        raise ObjectNotFoundError(
+            f"{what}: the archive holds nothing for {describe_reference(reference)}",
+            url=settings.url,
+            status=code,
+        )
+
+
+def storage_contexts(
+    sop_classes: Sequence[str] | None = None,
+    *,
+    budget: int = MAX_CONTEXTS - 1,
+) -> list[PresentationContext]:
+    """Storage contexts for a C-GET: compressed variants of common classes, then every class.
+
+    An association carries at most 128 contexts and a context agrees on one transfer syntax,
+    so not every class can be offered in every syntax. The common image classes get one
+    context per syntax in SEPARATE_SYNTAXES (the archive can then send those objects as
+    stored); every other class pynetdicom knows gets one context with the uncompressed
+    syntaxes, in pynetdicom's order, until the budget (128 minus the Query/Retrieve context)
+    is spent.
+    """
+    if sop_classes is not None:
+        classes = list(dict.fromkeys(sop_classes))
+        compressed_for = [c for c in classes if c in COMMON_IMAGE_CLASSES]
+    else:
+        known = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        classes = list(dict.fromkeys([*COMMON_IMAGE_CLASSES, *known]))
+        compressed_for = list(COMMON_IMAGE_CLASSES)
+    contexts: list[PresentationContext] = []
+    for sop_class in compressed_for:
+        contexts.extend(build_context(sop_class, syntax) for syntax in SEPARATE_SYNTAXES)
+    for sop_class in classes:
+        if sop_class not in compressed_for:
+            contexts.append(build_context(sop_class, list(UNCOMPRESSED_SYNTAXES)))
+    if sop_classes is not None and len(contexts) > budget:
+        raise ValueError(
+            f"{len(contexts)} storage presentation contexts asked for; at most {budget} fit"
+        )
+    return contexts[:budget]
+
+
+def storage_classes_of(contexts: Sequence[PresentationContext]) -> list[UID]:
+    return list(dict.fromkeys(UID(str(cx.abstract_syntax)) for cx in contexts))
+
+
+def parse_retrieval_level(value: QueryLevel | str | None) -> QueryLevel | None:
+    """`"series"` -> QueryLevel.SERIES; None means any level."""
+    if value is None or isinstance(value, QueryLevel):
+        return value
+    try:
+        return QueryLevel(value.lower())
+    except ValueError:
+        raise ValueError(
+            f"retrieval_level {value!r} is not one of study, series, instance"
+        ) from None
+
+
+class StoreReceiver:
+    """Writes each received C-STORE dataset to a sink, as the archive sent it.
+
+    The C-STORE response is success only once the sink has committed the object; a storage
+    failure is answered with a failure status (so the archive counts a failed sub-operation)
+    and kept for the retrieval to raise.
+    """
+
+    def __init__(self, sink: InstanceSink) -> None:
+        self.sink = sink
+        self.count = 0
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    def store(self, data: bytes) -> int:
+        """Store one Part 10 object; return the C-STORE status."""
+        try:
+            write_instance(self.sink, data)
+        except Exception as exc:
+            with self._lock:
+                self.errors.append(exc)
+            return (
+                STORE_CANNOT_UNDERSTAND
+                if isinstance(exc, StorageError)
+                else (STORE_OUT_OF_RESOURCES)
+            )
+        with self._lock:
+            self.count += 1
+        return 0x0000
+
+    def handle_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE handler: the encoded dataset with file meta, never re-encoded."""
+        return self.store(event.encoded_dataset())
+
+
+def run_retrieve(
+    responses: Iterator[tuple[Dataset, Dataset | None]],
+    assoc: Association,
+    settings: DimseSettings,
+    service: str,
+) -> tuple[Dataset, Dataset | None]:
+    """Read C-GET/C-MOVE responses to the final one; return (final status, last pending).
+
+    The final status gets the Failed SOP Instance UID List of the final identifier, if any.
+    """
+    last_pending: Dataset | None = None
+    for status, identifier in responses:
+        code = status_of(status)
+        if code is None:
+            raise lost_association_error(assoc, settings, service)
+        if code_to_category(code) == "Pending":
+            last_pending = status
+            continue
+        if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+            status.FailedSOPInstanceUIDList = identifier.FailedSOPInstanceUIDList
+        return status, last_pending
+    raise lost_association_error(assoc, settings, service)
