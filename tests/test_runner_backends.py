@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
+
 from trolley_etl.testing.dicomgen import standard_cohort
+from trolley_etl.testing.orthanc import free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,3 +50,68 @@ def test_local_folder_is_reorganised_into_the_standard_layout(tmp_path: Path) ->
     again = run_cli("run", str(manifest))
     assert again.returncode == 0, again.stderr
     assert '"event": "item.done"' not in again.stderr
+
+
+def _dimse_manifest(folder: Path, orthanc, download: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dimse.yaml"
+    path.write_text(
+        f"""\
+version: 1
+name: dimse-run
+source:
+  search:
+    backend: dicom-qr
+    host: 127.0.0.1
+    port: {orthanc.dicom_port}
+    called_aet: {orthanc.aet}
+    calling_aet: TROLLEYTEST
+{download}
+queries:
+  - name: trl002
+    filters: {{PatientID: TRL002}}
+storage:
+  root: ./data
+run:
+  workers: 2
+"""
+    )
+    return path
+
+
+def _assert_trl002_pulled(root: Path) -> None:
+    expected = {c.sop_uid: c for c in standard_cohort() if c.patient_id == "TRL002"}
+    stored = sorted(p for p in root.rglob("*.dcm") if ".trolley" not in p.parts)
+    assert {p.stem for p in stored} == set(expected)
+    for path in stored:
+        ours = pydicom.dcmread(path)
+        original = pydicom.dcmread(io.BytesIO(expected[path.stem].data))
+        assert ours.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert ours == original  # every element, private tags and pixel data included
+
+
+def test_dicom_qr_with_implied_c_get(orthanc, tmp_path: Path) -> None:
+    manifest = _dimse_manifest(tmp_path, orthanc, "")
+    result = run_cli("run", str(manifest))
+    assert result.returncode == 0, result.stderr
+    _assert_trl002_pulled(tmp_path / "data")
+
+
+def test_dicom_qr_with_c_move_series_by_series(orthanc, tmp_path: Path) -> None:
+    port = free_port()
+    orthanc.add_modality("TROLLEYMOVE", "TROLLEYMOVE", "127.0.0.1", port)
+    download = f"""\
+  download:
+    backend: c-move
+    host: 127.0.0.1
+    port: {orthanc.dicom_port}
+    called_aet: {orthanc.aet}
+    calling_aet: TROLLEYTEST
+    move_destination: {{aet: TROLLEYMOVE, port: {port}}}
+    level: series"""
+    manifest = _dimse_manifest(tmp_path, orthanc, download)
+    result = run_cli("run", str(manifest))
+    assert result.returncode == 0, result.stderr
+    done = [line for line in result.stderr.splitlines() if '"event": "item.done"' in line]
+    assert len(done) == 4 and all('"series_uid"' in line for line in done)  # 2 studies x 2 series
+    _assert_trl002_pulled(tmp_path / "data")
