@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl.runner.report import ROOT_TAG_FILES
 from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
 from trolley_etl.testing.orthanc import OrthancServer, free_port
 from trolley_etl.testing.proxy import FaultProxy
@@ -80,7 +81,13 @@ def events(stderr: str) -> list[dict]:
 
 def assert_complete_and_consistent(root: Path, expected: dict[str, GeneratedInstance]) -> None:
     """Exactly the expected files, whole, no temp files, and a checkpoint that agrees."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and ".trolley" not in p.parts)
+    files = sorted(  # everything but .trolley/ and manifest-sha256.txt beside the data
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and ".trolley" not in p.parts
+        and p.relative_to(root).as_posix() not in ROOT_TAG_FILES
+    )
     assert len(files) == len(expected)
     for path in files:
         source = expected[path.stem]
@@ -347,3 +354,43 @@ storage:
     good = trolley("run", str(manifest), env={**env, "TEST_PASSWORD": "s3cret-pass"})
     assert good.returncode == 0, good.stderr
     assert "s3cret-pass" not in good.stderr
+
+
+def _run_on_a_terminal(manifest: Path, *extra: str) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal, as a user at a shell would."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trolley_etl", "run", *extra, str(manifest)],
+        stdout=subprocess.DEVNULL, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return process.wait(timeout=60), output.decode("utf-8", "replace")
+
+
+def test_terminal_gets_readable_logs_and_a_progress_bar(archive, expected, tmp_path) -> None:
+    manifest = write_manifest(tmp_path, archive.url, workers=1)
+    code, screen = _run_on_a_terminal(manifest)
+    assert code == 0, screen
+    assert "step.start" in screen and '{"timestamp"' not in screen  # console renderer, not JSON
+    assert f"{len(expected)} instances" in screen and "MiB" in screen and "item/s" in screen
+    quiet_code, quiet_screen = _run_on_a_terminal(
+        write_manifest(tmp_path / "quiet", archive.url), "--quiet"
+    )
+    assert quiet_code == 0
+    assert "instances" not in quiet_screen and "step.start" not in quiet_screen

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+from tqdm import tqdm
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 SECRET_KEYS = ("password", "token", "authorization", "secret", "cookie")
@@ -42,11 +43,13 @@ class TeeLogger:
                 if level < minimum:
                     continue
                 if style == "json":
-                    line = json.dumps(event, default=str, sort_keys=False)
-                else:
-                    line = self._console(None, "", dict(event))
-                stream.write(line + "\n")
-                stream.flush()
+                    stream.write(json.dumps(event, default=str, sort_keys=False) + "\n")
+                    stream.flush()
+                    continue
+                line = self._console(None, "", dict(event))
+                with tqdm.external_write_mode(file=stream):  # keep a progress bar intact
+                    stream.write(line + "\n")
+                    stream.flush()
 
     debug = info = warning = warn = error = critical = exception = msg
 
