@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from trolley_etl import __version__
-from trolley_etl.cli import exit_codes, manifest_commands, run_commands
+from trolley_etl.cli import audit_commands, exit_codes, manifest_commands, run_commands
 from trolley_etl.core.errors import TrolleyError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     manifest_commands.add_commands(subparsers)
     run_commands.add_commands(subparsers)
+    audit_commands.add_commands(subparsers)
     return parser
 
 

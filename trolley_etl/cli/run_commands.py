@@ -52,7 +52,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument(
         "--refresh",
         action="store_true",
-        help="search again and re-resolve the checkpoint (after a manifest change)",
+        help="search again and re-resolve the checkpoint (after a manifest change); "
+        "rewrites MANIFEST.lock.json when there is one",
     )
     run.add_argument(
         "--dry-run", action="store_true", help="search and plan; print it; download nothing"

@@ -136,6 +136,11 @@ class StoredInstance:
     transfer_syntax: str
     size: int
     sha256: str
+    #: Header values for the audit report, read when the file was committed.
+    modality: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
 
 
 class StorageDir:
@@ -171,8 +176,14 @@ class StorageDir:
         if target.is_symlink():
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
 
-    def commit(self, staged: Path, size: int, sha256: str) -> StoredInstance:
-        """Move a complete, fsynced temp file into its place in the layout."""
+    def commit(
+        self, staged: Path, size: int, sha256: str, *, sync_dir: bool = True
+    ) -> StoredInstance:
+        """Move a complete, fsynced temp file into its place in the layout.
+
+        `sync_dir=False` leaves the fsync of the target's folder (which makes the rename
+        durable) to the caller, who can then do it once for many files (group commit).
+        """
         dataset = read_header(staged)
         target = self.path_for(dataset)
         self._make_parent(target)
@@ -185,7 +196,8 @@ class StorageDir:
                     f"{existing.get('SOPInstanceUID')} and {sop_uid}; add {{SOPInstanceUID}}"
                 )
         os.replace(staged, target)
-        _fsync_dir(target.parent)
+        if sync_dir:
+            fsync_dir(target.parent)
         meta = dataset.file_meta
         return StoredInstance(
             path=target,
@@ -197,6 +209,10 @@ class StorageDir:
             transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
             size=size,
             sha256=sha256,
+            modality=str(dataset.get("Modality", "")),
+            patient_id=str(dataset.get("PatientID", "")),
+            accession_number=str(dataset.get("AccessionNumber", "")),
+            study_date=str(dataset.get("StudyDate", "")),
         )
 
 
@@ -217,12 +233,15 @@ class StagedFile:
         self._hash.update(chunk)
         self._size += len(chunk)
 
-    def commit(self) -> None:
+    def commit(self, *, sync_dir: bool = True) -> None:
+        """fsync, then rename into the layout (see `StorageDir.commit` for `sync_dir`)."""
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self.result = self._storage.commit(self.path, self._size, self._hash.hexdigest())
+            self.result = self._storage.commit(
+                self.path, self._size, self._hash.hexdigest(), sync_dir=sync_dir
+            )
         except BaseException:
             self.abort()
             raise
@@ -248,7 +267,8 @@ def read_header_or_none(path: Path) -> Dataset | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a folder (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -8,9 +8,9 @@ again, and every file on disk was complete before it got its name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -22,15 +22,23 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
-from trolley_etl.core.storage import STATE_DIR, StagedFile, StorageDir, read_header
+from trolley_etl.core.storage import (
+    STATE_DIR,
+    StagedFile,
+    StorageDir,
+    StoredInstance,
+    fsync_dir,
+    read_header,
+)
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
-from trolley_etl.runner import resolve
+from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
-from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, Item, now
+from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, Item, StudyRow, now
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
+from trolley_etl.runner.resolve import Found
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
 
@@ -39,6 +47,10 @@ CHECKPOINT_NAME = "checkpoint.sqlite"
 
 class ManifestChangedError(TrolleyError):
     """The checkpoint was resolved from a manifest that would pull something else."""
+
+
+class LockOutdatedError(ManifestChangedError):
+    """The lock file was made for a manifest that pulled something else."""
 
 
 class RunInterrupted(TrolleyError):
@@ -58,6 +70,7 @@ class RunOptions:
     quiet: bool = False
     progress: bool = True
     run_id: str | None = None
+    purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
 
 
 @dataclass
@@ -117,6 +130,7 @@ class Runner:
         self.storage = StorageDir(self.root, manifest.storage.layout)
         self.source = describe_source(manifest.source.effective_download)
         self.started_at = now()
+        self.lock_path = lockfile.lock_path_for(manifest_path)
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -176,6 +190,8 @@ class Runner:
     def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
         wanted = resolve.resolution_hash(self.manifest)
         recorded = checkpoint.get_meta("resolution_hash")
+        lock = None if self.options.refresh else self._read_lock(wanted)
+        lock_sha = lockfile.lock_hash(self.lock_path) if lock is not None else None
         if recorded is not None and recorded != wanted and not self.options.refresh:
             raise ManifestChangedError(
                 f"the manifest changed since the checkpoint in {state_dir(self.root)} was made "
@@ -184,18 +200,28 @@ class Runner:
             )
         self._remove_stale_temp_files()
         self.started_at = now()
-        checkpoint.start_run(self.run_id, manifest_file_hash(self.manifest_path))
+        provenance = report.run_provenance(
+            self.manifest, self.manifest_path, self.root, purpose=self.options.purpose,
+            lock_path=self.lock_path if lock is not None else None, lock_sha256=lock_sha,
+        )  # fmt: skip
+        checkpoint.start_run(self.run_id, manifest_file_hash(self.manifest_path), provenance)
         self.log.logger.info("run.start", root=str(self.root), workers=self.workers,
-                             source=self.source, version=__version__)  # fmt: skip
+                             source=self.source, version=__version__,
+                             lock=str(self.lock_path) if lock is not None else None)  # fmt: skip
         trolley = self._trolley(checkpoint)
         try:
-            if recorded is None or self.options.refresh:
+            locked_differently = lock is not None and checkpoint.get_meta("lock_hash") != lock_sha
+            if lock is not None and (recorded is None or locked_differently):
+                self._resolve_from_lock(trolley, checkpoint, lock, wanted)
+                checkpoint.set_meta("lock_hash", lock_sha or "")
+            elif recorded is None or self.options.refresh:
                 kept, references = self.resolve(trolley)
                 saved = checkpoint.save_resolution(
                     wanted, [resolve.study_row(f) for f in kept], references
                 )
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
+                checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, kept, references))
             else:
                 self.log.logger.info("checkpoint.resume", **checkpoint.counts())
             self._download(trolley, checkpoint)
@@ -210,6 +236,73 @@ class Runner:
         status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \
             else "failed"  # fmt: skip
         return self._finish(checkpoint, status)
+
+    # --- lock file ---------------------------------------------------------------------------
+
+    def _read_lock(self, wanted: str) -> lockfile.Lock | None:
+        """The lock beside the manifest, if any; refused when made for another manifest."""
+        if not self.lock_path.exists():
+            return None
+        lock = lockfile.read_lock(self.lock_path)
+        if lock.manifest_hash != wanted:
+            raise LockOutdatedError(
+                f"{self.lock_path} was written for another version of the manifest (what it "
+                "pulls changed since); run `trolley-etl lock` to lock it again, or "
+                "`run --refresh` to re-resolve and rewrite the lock"
+            )
+        return lock
+
+    def _resolve_from_lock(self, trolley: Trolley, checkpoint: Checkpoint,
+                           lock: lockfile.Lock, wanted: str) -> None:  # fmt: skip
+        """Pull exactly what the lock lists; search only to report how the archive drifted."""
+        clear = getattr(trolley.searcher, "clear", None)
+        if callable(clear):
+            clear()  # compare with the archive as it is now, not with cached answers
+        with self.step("search", query_sets=len(self.manifest.queries),
+                       lock=str(self.lock_path)) as outcome:  # fmt: skip
+
+            def on_query(query_set: str, query: Any, count: int) -> None:
+                self.log.logger.info("search.query", query_set=query_set,
+                                     filters=dict(query.filters), studies=count)  # fmt: skip
+
+            found = resolve.search(trolley, self.manifest, on_query)
+            crash_point("after-search")
+            outcome["studies"] = len(found)
+        current: dict[str, set[str]] = {}
+        for item in found:
+            current.setdefault(item.query_set, set()).add(item.study.uid)
+        drift = lockfile.diff(lock, current)
+        if drift.changed:
+            self.log.logger.warning("lock.drift", lock=str(self.lock_path), **drift.to_json())
+        else:
+            self.log.logger.info("lock.matches", lock=str(self.lock_path), studies=len(found))
+        checkpoint.add_run_provenance(self.run_id, lock_drift=drift.to_json())
+        searched = {item.study.uid: item for item in found}
+        rows = []
+        for study_uid, query_set in sorted(lock.study_owners().items()):
+            seen = searched.get(study_uid)
+            row = resolve.study_row(seen) if seen else StudyRow(study_uid, query_set)
+            rows.append(StudyRow(study_uid, query_set, *dataclasses.astuple(row)[2:]))
+        saved = checkpoint.save_resolution(wanted, rows, lock.references())
+        crash_point("after-resolution")
+        self.log.logger.info("checkpoint.resolved", items=saved, from_lock=str(self.lock_path))
+
+    def _rewrite_lock(self, checkpoint: Checkpoint, kept: list[Found],
+                      references: list[Any]) -> str:  # fmt: skip
+        """`run --refresh` rewrites an existing lock; returns its hash ("" for no lock)."""
+        if not (self.options.refresh and self.lock_path.exists()):
+            return ""
+        fresh = lockfile.Lock.from_resolution(
+            self.manifest.name, resolve.resolution_hash(self.manifest),
+            [(f.query_set, f.study.uid) for f in kept], references,
+        )  # fmt: skip
+        changed = lockfile.write_lock(self.lock_path, fresh)
+        sha = lockfile.lock_hash(self.lock_path)
+        self.log.logger.info("lock.written" if changed else "lock.unchanged",
+                             lock=str(self.lock_path), sha256=sha)  # fmt: skip
+        checkpoint.add_run_provenance(self.run_id, lock_path=str(self.lock_path.absolute()),
+                                      lock_sha256=sha)  # fmt: skip
+        return sha
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of a killed run: incomplete by definition, and this run holds the lock."""
@@ -268,6 +361,7 @@ class Runner:
                 count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
                 if count == 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
+                sink.flush()  # every file of the item is recorded before it is marked done
                 crash_point("before-item-done")
                 checkpoint.mark_done(item.item_id)
                 self.log.logger.info("item.done", **uids, instances=count, bytes=sink.bytes,
@@ -275,8 +369,10 @@ class Runner:
                                      duration_s=round(time.monotonic() - started, 3))  # fmt: skip
                 return
             except _Stopped:
+                sink.flush_quietly()
                 return
             except Exception as error:
+                sink.flush_quietly()
                 retry = is_retryable(error) and attempt < self.attempts_per_run
                 self.log.logger.warning(
                     "item.retry" if retry else "item.failed", **uids, attempt=attempt,
@@ -322,21 +418,16 @@ class Runner:
             for i in checkpoint.items([FAILED])
         ]  # fmt: skip
         self.log.bind(step="report")
-        report = {
-            "run_id": self.run_id,
-            "manifest": self.manifest.name,
-            "manifest_path": str(self.manifest_path),
-            "status": status,
-            "finished_at": now(),
-            "source": self.source,
-            "counts": counts,
-            "failed": failed,
-            "tool_version": __version__,
-        }
-        report_path = state_dir(self.root) / "reports" / f"{self.run_id}.json"
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         checkpoint.finish_run(self.run_id, status, counts)
+        # the audit report of the whole root after this run, and the checksums beside the data
+        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
+        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
+        report_path = report.save_report(self.root, report.report_json(audit),
+                                         f"{self.run_id}.json")  # fmt: skip
+        bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
+        self.log.logger.info("report.written", report=str(report_path),
+                             bag_manifest=str(self.root / report.BAG_MANIFEST), bagit=bag,
+                             **audit["summary"]["by_status"])  # fmt: skip
         self.log.logger.info("run.end", status=status, **counts, report=str(report_path))
         return RunResult(self.run_id, status, counts, failed, report_path)
 
@@ -365,20 +456,27 @@ class _CheckpointWriter:
         self._staged.write(chunk)
 
     def commit(self) -> None:
-        self._staged.commit()
+        self._staged.commit(sync_dir=False)  # the sink fsyncs the folders before recording
         stored = self._staged.result
         assert stored is not None
         crash_point("after-rename")
-        self._sink.checkpoint.record_file(self._sink.item_id, stored, self._sink.runner.source)
-        self._sink.bytes += stored.size
-        self._sink.progress.instance_stored(stored.size)
+        self._sink.renamed(stored)
 
     def abort(self) -> None:
         self._staged.abort()
 
 
 class _CheckpointSink:
-    """Stores through the runner's StorageDir and records each file in the checkpoint."""
+    """Stores through the runner's StorageDir and records the files in the checkpoint.
+
+    Group commit: renamed files are recorded in batches (at the latest before their item is
+    marked done), each batch after one fsync per folder it touched and in one SQLite
+    transaction. A crash before a batch is recorded leaves files the checkpoint does not know,
+    which is the crash-between-rename-and-record case the rerun already handles.
+    """
+
+    #: Files renamed but not yet recorded, at most; bounds what a crash makes us fetch again.
+    BATCH = 256
 
     def __init__(self, runner: Runner, checkpoint: Checkpoint, item_id: int,
                  progress: Progress) -> None:  # fmt: skip
@@ -387,6 +485,27 @@ class _CheckpointSink:
         self.item_id = item_id
         self.progress = progress
         self.bytes = 0
+        self._unrecorded: list[StoredInstance] = []
 
     def open_instance(self) -> _CheckpointWriter:
         return _CheckpointWriter(self)
+
+    def renamed(self, stored: StoredInstance) -> None:
+        self._unrecorded.append(stored)
+        self.bytes += stored.size
+        self.progress.instance_stored(stored.size)
+        if len(self._unrecorded) >= self.BATCH:
+            self.flush()
+
+    def flush_quietly(self) -> None:
+        """Record what is already in place after a failure; if that fails too, the files are
+        merely unknown to the checkpoint, which is safe (the item is fetched again)."""
+        with contextlib.suppress(Exception):
+            self.flush()
+
+    def flush(self) -> None:
+        """Make the renames durable (fsync their folders), then record them together."""
+        batch, self._unrecorded = self._unrecorded, []
+        for folder in {stored.path.parent for stored in batch}:
+            fsync_dir(folder)
+        self.checkpoint.record_files(self.item_id, batch, self.runner.source, self.runner.run_id)

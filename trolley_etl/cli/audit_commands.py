@@ -1,0 +1,253 @@
+"""`lock`, `report` and `verify`: reproducible extractions and the evidence that they were.
+
+Exit codes follow the contract: 0 all good; 1 verify found missing, changed or unexpected
+files (or a repair could not restore them); 2 usage error, invalid manifest, no checkpoint,
+outdated lock or a busy root; 3 the archive could not be reached or refused the
+credentials; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from trolley_etl.cli import exit_codes
+from trolley_etl.cli.run_commands import (
+    _backend_exit,
+    _common,
+    _interrupt_on_sigterm,
+    _log,
+    _options,
+    _root,
+)
+from trolley_etl.core.errors import TrolleyError
+from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner.atomic import write_atomic
+from trolley_etl.runner.run import (
+    CHECKPOINT_NAME,
+    ManifestChangedError,
+    RootBusyError,
+    Runner,
+    RunOptions,
+    new_run_id,
+    open_checkpoint,
+    root_lock,
+    state_dir,
+)
+from trolley_etl.runner.verify import VerifyResult, prepare_repair, verify_root
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lock = subparsers.add_parser(
+        "lock", help="resolve the queries to exact UIDs and write MANIFEST.lock.json beside it"
+    )
+    _common(lock)
+    lock.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
+    lock.set_defaults(handler=run_lock)
+
+    rep = subparsers.add_parser("report", help="the audit report of what was pulled")
+    _common(rep)
+    rep.add_argument("--format", choices=("json", "csv"), default="json")
+    rep.add_argument("--output", "-o", type=Path, help="write it to this file, not stdout")
+    rep.set_defaults(handler=run_report)
+
+    verify = subparsers.add_parser(
+        "verify", help="re-read every stored file and compare it with its recorded checksum"
+    )
+    _common(verify)
+    verify.add_argument("--format", choices=("text", "json"), default="text")
+    verify.add_argument("--workers", type=int, help="files hashed (and items repaired) at once")
+    verify.add_argument(
+        "--repair", action="store_true", help="download missing and changed files again"
+    )
+    verify.set_defaults(handler=run_verify)
+
+
+# --- lock ----------------------------------------------------------------------------------
+
+
+def run_lock(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return exit_codes.USAGE
+    path = lockfile.lock_path_for(args.manifest)
+    try:
+        previous = lockfile.read_lock(path) if path.exists() else None
+    except lockfile.LockFileError as exc:
+        print(f"trolley-etl: {exc} (it will be replaced)", file=sys.stderr)
+        previous = None
+    log = _log(args, None)
+    runner = Runner(manifest, args.manifest, log, _options(args))
+    try:
+        runner.plan_only()
+        lock = lockfile.Lock.from_resolution(
+            manifest.name,
+            resolve.resolution_hash(manifest),
+            [(found.query_set, found.study.uid) for found in runner.found],
+            runner.references,
+        )
+        changed = lockfile.write_lock(path, lock)
+    except TrolleyError as exc:
+        log.logger.error("lock.failed", error_type=type(exc).__name__, error=str(exc))
+        return _backend_exit(exc)
+    finally:
+        log.close()
+    totals = lock.to_json()["totals"]
+    what = f"{totals['studies']} studies, {totals['items']} retrieval items"
+    if previous is not None and previous.manifest_hash == lock.manifest_hash:
+        drift = lockfile.diff(previous, lock.study_uids())
+        counts = drift.counts()
+        what += f"; {counts['added']} added, {counts['removed']} removed since the last lock"
+    print(f"{'wrote' if changed else 'unchanged'} {path}: {what}")
+    return exit_codes.OK
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def run_report(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.manifest, check_env=False)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return exit_codes.USAGE
+    root = _root(args, manifest)
+    if not (state_dir(root) / CHECKPOINT_NAME).exists():
+        print(f"no checkpoint in {state_dir(root)}: nothing has run yet", file=sys.stderr)
+        return exit_codes.USAGE
+    checkpoint = open_checkpoint(root)
+    try:
+        audit = report.build_report(checkpoint, manifest, args.manifest, root)
+    finally:
+        checkpoint.close()
+    text = report.report_json(audit) if args.format == "json" else report.report_csv(audit)
+    saved = report.save_report(root, text, report.report_name(args.format))
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+    if not args.quiet:
+        summary = audit["summary"]
+        print(f"report saved to {saved}: {summary['instances']} instances in "
+              f"{summary['studies']} studies, {summary['by_status']}", file=sys.stderr)  # fmt: skip
+    return exit_codes.OK
+
+
+# --- verify --------------------------------------------------------------------------------
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    try:  # a repair downloads, so then the credentials must be there
+        manifest = load_manifest(args.manifest, check_env=args.repair)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return exit_codes.USAGE
+    if args.workers is not None and args.workers < 1:
+        print("trolley-etl: --workers must be at least 1", file=sys.stderr)
+        return exit_codes.USAGE
+    root = _root(args, manifest)
+    if not (state_dir(root) / CHECKPOINT_NAME).exists():
+        print(f"no checkpoint in {state_dir(root)}: nothing has run yet", file=sys.stderr)
+        return exit_codes.USAGE
+    workers = args.workers or manifest.run.workers
+    try:
+        result, repaired_items = _verify_once(root, workers, repair=args.repair)
+    except RootBusyError as exc:
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return exit_codes.USAGE
+    if result.ok or not args.repair:
+        _print_result(result, args.format, root)
+        return exit_codes.OK if result.ok else exit_codes.ITEMS_FAILED
+    _print_result(result, "text", root, out=sys.stderr)  # what is about to be repaired
+    if repaired_items:
+        status = _repair_run(args, manifest, root)
+        if status is not None:
+            return status
+    after, _ = _verify_once(root, workers, repair=False)
+    replaced = _replaced_content(root, result)
+    _print_result(after, args.format, root, replaced=replaced)
+    return exit_codes.OK if after.ok and not replaced else exit_codes.ITEMS_FAILED
+
+
+def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResult, set[int]]:
+    """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
+    with root_lock(root):
+        checkpoint = open_checkpoint(root)
+        try:
+            result = verify_root(root, checkpoint, workers)
+            items = prepare_repair(root, checkpoint, result) if repair else set()
+        finally:
+            checkpoint.close()
+    return result, items
+
+
+def _repair_run(args: argparse.Namespace, manifest: Manifest, root: Path) -> int | None:
+    """Download the items marked pending, as a resumed run; None when it completed."""
+    options: RunOptions = _options(argparse.Namespace(**{**vars(args), "refresh": False}))
+    options.run_id = new_run_id()
+    options.purpose = "repair"
+    log = _log(args, root, options.run_id)
+    runner = Runner(manifest, args.manifest, log, options)
+    _interrupt_on_sigterm()
+    try:
+        outcome = runner.run()
+    except (ManifestChangedError, RootBusyError) as exc:
+        log.logger.error("repair.refused", error_type=type(exc).__name__, error=str(exc))
+        return exit_codes.USAGE
+    except KeyboardInterrupt:
+        log.logger.warning("repair.interrupted")
+        return exit_codes.INTERRUPTED
+    except TrolleyError as exc:
+        log.logger.error("repair.failed", error_type=type(exc).__name__, error=str(exc))
+        return _backend_exit(exc)
+    finally:
+        log.close()
+    if outcome.status == "interrupted":
+        return exit_codes.INTERRUPTED
+    if outcome.status != "complete":  # the forgotten files would not show in a new verify
+        for failure in outcome.failed:
+            print(f"failed: {json.dumps(failure)}", file=sys.stderr)
+        print("trolley-etl: the repair could not download everything (see above); "
+              "`trolley-etl status` lists it", file=sys.stderr)  # fmt: skip
+        return exit_codes.ITEMS_FAILED
+    return None
+
+
+def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
+    """Repaired files whose bytes differ from the first download: the archive changed."""
+    checkpoint = open_checkpoint(root)
+    try:
+        now = {r["sop_instance_uid"]: r["sha256"] for r in checkpoint.files()}
+    finally:
+        checkpoint.close()
+    return sorted(
+        p.path
+        for p in before.problems
+        if p.sop_instance_uid in now and now[p.sop_instance_uid] != p.expected_sha256
+    )
+
+
+def _print_result(
+    result: VerifyResult, style: str, root: Path, *, replaced: list[str] | None = None,
+    out: TextIO | None = None,
+) -> None:  # fmt: skip
+    stream = out or sys.stdout
+    if style == "json":
+        print(json.dumps({"root": str(root), **result.to_json(),
+                          "replaced_content": replaced or []}, indent=2), file=stream)  # fmt: skip
+        return
+    for problem in result.problems:
+        print(problem.describe(), file=stream)
+    for path in replaced or []:
+        print(f"replaced {path}: the archive now sends other bytes than the first download",
+              file=stream)  # fmt: skip
+    counts = result.to_json()["counts"]
+    print(f"{result.checked} files checked ({result.bytes / 2**20:.1f} MiB) in {root}: "
+          f"{counts['missing']} missing, {counts['changed']} changed, "
+          f"{counts['unexpected']} unexpected", file=stream)  # fmt: skip

@@ -1,0 +1,257 @@
+"""The audit report and the BagIt payload manifest of a storage root.
+
+The report answers a data-protection officer's questions from the checkpoint alone: which
+objects left the archive (one row per instance, with its UIDs, patient and study keys, path,
+size and SHA-256 computed while it was streamed), when and from where (per run: start and
+end, user, host, tool version, manifest and lock hashes, endpoints without credentials),
+and what failed. It never contains a secret: endpoints pass through `describe_source`, and
+environment values are never read here.
+
+`manifest-sha256.txt` at the storage root lists every stored file as `<sha256>  <path>`
+relative to the root: the format of a BagIt payload manifest (RFC 8493) and of
+`sha256sum -c`, so the export can be checked without trolley-etl.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import hashlib
+import io
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from trolley_etl import __version__
+from trolley_etl.core.storage import STATE_DIR
+from trolley_etl.manifest import Manifest
+from trolley_etl.runner.atomic import write_atomic
+from trolley_etl.runner.backends import describe_source
+from trolley_etl.runner.checkpoint import FAILED, PENDING, STALE, Checkpoint, now
+from trolley_etl.runner.lockfile import lock_path_for
+
+REPORT_VERSION = 1
+BAG_MANIFEST = "manifest-sha256.txt"
+BAGIT_DECLARATION = "bagit.txt"
+BAG_INFO = "bag-info.txt"
+#: Files trolley-etl writes at the root next to the data (not payload, not unexpected).
+ROOT_TAG_FILES = frozenset({BAG_MANIFEST, BAGIT_DECLARATION, BAG_INFO})
+#: BagIt payload directory: a layout under it makes the root a valid bag.
+BAG_PAYLOAD_DIR = "data"
+
+CSV_COLUMNS = (
+    "status", "study_uid", "series_uid", "sop_instance_uid", "sop_class_uid", "modality",
+    "patient_id", "accession_number", "study_date", "query_set", "path", "size", "sha256",
+    "transfer_syntax", "source", "run_id", "stored_at", "error",
+)  # fmt: skip
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container uid with no passwd entry
+        return str(os.getuid())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_provenance(
+    manifest: Manifest, manifest_path: Path, root: Path, *, lock_path: Path | None,
+    lock_sha256: str | None, purpose: str = "run",
+) -> dict[str, Any]:  # fmt: skip
+    """Who ran what, where, from which archive: recorded in the checkpoint at run start."""
+    return {
+        "purpose": purpose,
+        "manifest_path": str(manifest_path.absolute()),
+        "manifest_sha256": file_sha256(manifest_path),
+        "lock_path": str(lock_path.absolute()) if lock_path else None,
+        "lock_sha256": lock_sha256,
+        "tool_version": __version__,
+        "user": current_user(),
+        "host": socket.gethostname(),
+        "root": str(root),
+        "search": describe_source(manifest.source.search),
+        "download": describe_source(manifest.source.effective_download),
+    }
+
+
+def build_report(
+    checkpoint: Checkpoint, manifest: Manifest, manifest_path: Path, root: Path
+) -> dict[str, Any]:
+    """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes)."""
+    item_states = {item.item_id: item for item in checkpoint.items()}
+    query_sets = {row.study_uid: row.query_set for row in checkpoint.study_rows()}
+    rows: list[dict[str, Any]] = []
+    for record in checkpoint.files():
+        item = item_states.get(record["item_id"])
+        rows.append({
+            "status": _file_status(root / record["path"], record["size"],
+                                   item.state if item else None),
+            "study_uid": record["study_uid"], "series_uid": record["series_uid"],
+            "sop_instance_uid": record["sop_instance_uid"],
+            "sop_class_uid": record["sop_class_uid"] or "",
+            "modality": record.get("modality") or "",
+            "patient_id": record.get("patient_id") or "",
+            "accession_number": record.get("accession_number") or "",
+            "study_date": record.get("study_date") or "",
+            "query_set": query_sets.get(record["study_uid"], ""),
+            "path": record["path"], "size": record["size"], "sha256": record["sha256"],
+            "transfer_syntax": record["transfer_syntax"] or "", "source": record["source"] or "",
+            "run_id": record.get("run_id") or "", "stored_at": record["stored_at"], "error": "",
+        })  # fmt: skip
+    for item in item_states.values():
+        if item.state in (FAILED, PENDING):  # no instances known: one row for the item
+            ref = item.reference
+            rows.append({
+                **dict.fromkeys(CSV_COLUMNS, ""), "status": item.state,
+                "study_uid": ref.study_uid, "series_uid": getattr(ref, "series_uid", ""),
+                "sop_instance_uid": getattr(ref, "instance_uid", ""),
+                "query_set": query_sets.get(ref.study_uid, ""), "size": 0,
+                "error": item.last_error or "",
+            })  # fmt: skip
+    runs = []
+    for run in checkpoint.runs():
+        provenance = json.loads(run["provenance"] or "{}")
+        runs.append({
+            "run_id": run["run_id"], "started_at": run["started_at"],
+            "finished_at": run["finished_at"], "status": run["status"],
+            "manifest_sha256": run["manifest_hash"],
+            "counts": json.loads(run["summary"]) if run["summary"] else None,
+            **{k: v for k, v in provenance.items() if k != "manifest_sha256"},
+        })  # fmt: skip
+    lock_path = lock_path_for(manifest_path)
+    return {
+        "report_version": REPORT_VERSION,
+        "generated_at": now(),
+        "generated_by": {
+            "user": current_user(),
+            "host": socket.gethostname(),
+            "tool_version": __version__,
+        },
+        "manifest": {
+            "name": manifest.name,
+            "path": str(manifest_path.absolute()),
+            "sha256": file_sha256(manifest_path) if manifest_path.exists() else None,
+            "resolution_hash": checkpoint.get_meta("resolution_hash"),
+        },
+        "lock": {
+            "path": str(lock_path.absolute()),
+            "sha256": file_sha256(lock_path) if lock_path.exists() else None,
+            "used_by_checkpoint": checkpoint.get_meta("lock_hash"),
+        },
+        "root": str(root),
+        "runs": runs,
+        "summary": summarise(rows, checkpoint.counts()),
+        "instances": rows,
+    }
+
+
+def _file_status(path: Path, size: int, item_state: str | None) -> str:
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if actual != size:
+        return "changed"
+    return "stale" if item_state == STALE else "stored"
+
+
+def summarise(rows: list[dict[str, Any]], items: dict[str, int]) -> dict[str, Any]:
+    """Counts by status, modality and study; instance rows only where files exist."""
+    files = [r for r in rows if r["sha256"]]
+    by_modality: dict[str, dict[str, int]] = {}
+    by_study: dict[str, dict[str, Any]] = {}
+    for row in files:
+        modality = by_modality.setdefault(row["modality"] or "unknown",
+                                          {"instances": 0, "bytes": 0})  # fmt: skip
+        modality["instances"] += 1
+        modality["bytes"] += row["size"]
+    for row in rows:
+        study = by_study.setdefault(row["study_uid"], {
+            "instances": 0, "bytes": 0, "modalities": set(), "status": Counter(),
+            "patient_id": "", "accession_number": "", "study_date": "",
+            "query_set": row["query_set"],
+        })  # fmt: skip
+        study["status"][row["status"]] += 1
+        if row["sha256"]:
+            study["instances"] += 1
+            study["bytes"] += row["size"]
+            study["modalities"].add(row["modality"] or "unknown")
+            for key in ("patient_id", "accession_number", "study_date"):
+                study[key] = study[key] or row[key]
+    for study in by_study.values():
+        study["modalities"] = sorted(study["modalities"])
+        study["status"] = dict(sorted(study["status"].items()))
+    return {
+        "instances": len(files),
+        "bytes": sum(r["size"] for r in files),
+        "studies": len(by_study),
+        "by_status": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "by_modality": dict(sorted(by_modality.items())),
+        "by_study": dict(sorted(by_study.items())),
+        "items": items,
+    }
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    """One row per instance (and per failed or pending item); provenance is in the JSON."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in report["instances"]:
+        writer.writerow({key: row.get(key, "") for key in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def save_report(root: Path, text: str, name: str) -> Path:
+    """A copy under `root/.trolley/reports/`, written atomically."""
+    path = root / STATE_DIR / "reports" / name
+    write_atomic(path, text)
+    return path
+
+
+def report_name(extension: str) -> str:
+    return f"report-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{extension}"
+
+
+# --- BagIt ------------------------------------------------------------------------------------
+
+
+def bag_path(path: str) -> str:
+    """RFC 8493 2.1.3: CR, LF and % are percent-encoded in manifest paths."""
+    return path.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def write_bag_manifests(root: Path, records: Iterable[dict[str, Any]], name: str) -> bool:
+    """Write `manifest-sha256.txt`; also `bagit.txt` and `bag-info.txt` when every file lies
+    under `data/` (then the root is a valid bag). Returns whether it is a valid bag."""
+    entries = sorted((r["path"], r["sha256"], r["size"]) for r in records)
+    lines = "".join(f"{sha}  {bag_path(path)}\n" for path, sha, _ in entries)
+    write_atomic(root / BAG_MANIFEST, lines)
+    is_bag = bool(entries) and all(p.startswith(BAG_PAYLOAD_DIR + "/") for p, _, _ in entries)
+    if is_bag:
+        write_atomic(root / BAGIT_DECLARATION,
+                     "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n")  # fmt: skip
+        oxum = f"{sum(size for _, _, size in entries)}.{len(entries)}"
+        write_atomic(root / BAG_INFO, f"Bagging-Date: {time.strftime('%Y-%m-%d')}\n"
+                     f"External-Identifier: {name}\nPayload-Oxum: {oxum}\n"
+                     f"Bag-Software-Agent: trolley-etl {__version__}\n")  # fmt: skip
+    else:  # a declaration left from another layout would claim a bag that is not one
+        (root / BAGIT_DECLARATION).unlink(missing_ok=True)
+        (root / BAG_INFO).unlink(missing_ok=True)
+    return is_bag

@@ -1,0 +1,157 @@
+"""`verify`: re-read every stored file and compare it with what the checkpoint recorded.
+
+The SHA-256 in the checkpoint was computed while the file streamed in, before it was renamed
+into place, so a mismatch now means the copy on disk changed (bit rot, an editor, a copy
+gone wrong). Files are re-hashed in 1 MiB chunks (memory stays flat whatever their size),
+several at once: hashlib releases the GIL on large buffers.
+
+Repair forgets the broken files, deletes the changed ones (never renamed over: a flipped
+byte in the header could make the new file look like another instance), marks their items
+pending, and lets the Runner download them again like any resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trolley_etl.core.storage import STATE_DIR
+from trolley_etl.runner.checkpoint import Checkpoint
+from trolley_etl.runner.report import ROOT_TAG_FILES
+
+CHUNK = 1 << 20
+MISSING, CHANGED, UNEXPECTED = "missing", "changed", "unexpected"
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # missing | changed | unexpected
+    path: str  # relative to the root, POSIX separators
+    sop_instance_uid: str = ""
+    item_id: int | None = None
+    expected_size: int | None = None
+    actual_size: int | None = None
+    expected_sha256: str = ""
+    actual_sha256: str = ""
+
+    def describe(self) -> str:
+        if self.kind == CHANGED:
+            if self.expected_size != self.actual_size:
+                return (
+                    f"changed {self.path}: size {self.actual_size}, recorded {self.expected_size}"
+                )
+            return (
+                f"changed {self.path}: sha256 {self.actual_sha256}, recorded {self.expected_sha256}"
+            )
+        return f"{self.kind} {self.path}"
+
+
+@dataclass
+class VerifyResult:
+    checked: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def of_kind(self, kind: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "bytes": self.bytes,
+            "ok": self.ok,
+            "counts": {kind: len(self.of_kind(kind)) for kind in (MISSING, CHANGED, UNEXPECTED)},
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _check(root: Path, record: dict[str, Any]) -> Problem | None:
+    path = root / record["path"]
+    known = {
+        "path": record["path"],
+        "sop_instance_uid": record["sop_instance_uid"],
+        "item_id": record["item_id"],
+        "expected_size": record["size"],
+        "expected_sha256": record["sha256"],
+    }
+    try:
+        if path.is_symlink() or not path.is_file():
+            return Problem(MISSING, **known)
+        size = path.stat().st_size
+        if size != record["size"]:  # no need to read it
+            return Problem(CHANGED, **known, actual_size=size)
+        size, sha = hash_file(path)
+    except FileNotFoundError:
+        return Problem(MISSING, **known)
+    if sha != record["sha256"] or size != record["size"]:
+        return Problem(CHANGED, **known, actual_size=size, actual_sha256=sha)
+    return None
+
+
+def walk_payload(root: Path) -> Iterator[str]:
+    """Every file under the root except trolley-etl's own: `.trolley/` and the tag files."""
+    for folder, dirs, files in os.walk(root):  # symlinks to folders are not followed
+        here = Path(folder)
+        if here == root:
+            dirs[:] = [d for d in dirs if d != STATE_DIR]
+            files = [f for f in files if f not in ROOT_TAG_FILES]
+        for name in files:
+            yield (here / name).relative_to(root).as_posix()
+        for name in dirs:  # a symlinked folder is listed (it is unexpected), not entered
+            if (here / name).is_symlink():
+                yield (here / name).relative_to(root).as_posix()
+
+
+def verify_root(root: Path, checkpoint: Checkpoint, workers: int = 4) -> VerifyResult:
+    """Re-hash every recorded file; list missing, changed and unexpected ones."""
+    records = list(checkpoint.files())
+    result = VerifyResult(checked=len(records), bytes=sum(r["size"] for r in records))
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
+        for problem in pool.map(lambda r: _check(root, r), records):
+            if problem is not None:
+                result.problems.append(problem)
+    known = {r["path"] for r in records}
+    result.problems.extend(
+        Problem(UNEXPECTED, path) for path in sorted(walk_payload(root)) if path not in known
+    )
+    return result
+
+
+def prepare_repair(root: Path, checkpoint: Checkpoint, result: VerifyResult) -> set[int]:
+    """Forget missing and changed files, delete the changed ones, mark their items pending.
+
+    Unexpected files are left alone: they may be someone's own, and nothing says what they
+    should contain. Returns the item ids that will be downloaded again.
+    """
+    items: set[int] = set()
+    broken = [p for p in result.problems if p.kind in (MISSING, CHANGED)]
+    for problem in broken:
+        if problem.kind == CHANGED:
+            (root / problem.path).unlink(missing_ok=True)
+        assert problem.item_id is not None
+        items.add(problem.item_id)
+    checkpoint.forget_files([p.sop_instance_uid for p in broken])
+    for problem in broken:
+        assert problem.item_id is not None
+        checkpoint.mark_pending(problem.item_id, f"verify: {problem.kind} {problem.path}")
+    return items
