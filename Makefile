@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 DEMO_OUT ?= demo-data
+PEERS_VENV ?= bench/.peers-venv
+BENCH_ARGS ?=
 
-.PHONY: setup system-packages test lint format demo clean
+.PHONY: setup system-packages test lint format demo bench clean
 
 system-packages:
 	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
@@ -31,16 +33,28 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check trolley_etl tests
-	$(BIN)/ruff format --check trolley_etl tests
+	$(BIN)/ruff check trolley_etl tests bench
+	$(BIN)/ruff format --check trolley_etl tests bench
 	$(BIN)/mypy
 
 format: setup
-	$(BIN)/ruff format trolley_etl tests
-	$(BIN)/ruff check --fix trolley_etl tests
+	$(BIN)/ruff format trolley_etl tests bench
+	$(BIN)/ruff check --fix trolley_etl tests bench
 
 demo: setup
 	$(BIN)/python -m trolley_etl.testing.demo --manifest manifests/demo.yaml
 
+# The peer tools get their own virtual environment, so their dependencies never mix with ours.
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q dicomtrolley dicomweb-client
+	touch $@
+
+# Throughput, memory and resume cost against the wire limit and peer tools (not part of `test`).
+# A quick pass on about 100 MB: make bench BENCH_ARGS="--scale 0.1"
+bench: setup $(PEERS_VENV)/.installed
+	$(BIN)/python bench/run_bench.py --peers-python $(PEERS_VENV)/bin/python $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache
