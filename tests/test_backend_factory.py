@@ -89,3 +89,17 @@ def test_local_folder_is_searcher_and_downloader(tmp_path: Path) -> None:
     (tmp_path / "m.yaml").write_text((EXAMPLES / "local-reorganise.yaml").read_text())
     searcher, downloader = build_backends(load_manifest(tmp_path / "m.yaml"))
     assert isinstance(searcher, LocalFolder) and downloader is searcher
+
+
+def test_backends_load_lazily_and_completely() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trolley_etl.cli.main\n"
+        "assert 'pynetdicom' not in sys.modules, 'pynetdicom loaded eagerly'\n"
+        "import trolley_etl.backends as b\n"
+        "for name in b.__all__: getattr(b, name)\n"
+        "assert 'pynetdicom' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,15 +1,39 @@
-"""One module per protocol. Searchers find objects; downloaders fetch them."""
+"""One module per protocol. Searchers find objects; downloaders fetch them.
 
-from trolley_etl.backends.c_get import CGet
-from trolley_etl.backends.c_move import CMove
-from trolley_etl.backends.dicom_qr import DicomQR
-from trolley_etl.backends.http import BearerAuth, auth_from_env
-from trolley_etl.backends.local_folder import LocalFolder
-from trolley_etl.backends.mint import Mint
-from trolley_etl.backends.qido_rs import QidoRS
-from trolley_etl.backends.rad69 import Rad69
-from trolley_etl.backends.wado_rs import WadoRS
-from trolley_etl.backends.wado_uri import WadoURI
+The classes are imported on first use (PEP 562), so a command that needs one protocol does
+not pay for loading the others (pynetdicom alone takes a quarter of a second).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trolley_etl.backends.c_get import CGet
+    from trolley_etl.backends.c_move import CMove
+    from trolley_etl.backends.dicom_qr import DicomQR
+    from trolley_etl.backends.http import BearerAuth, auth_from_env
+    from trolley_etl.backends.local_folder import LocalFolder
+    from trolley_etl.backends.mint import Mint
+    from trolley_etl.backends.qido_rs import QidoRS
+    from trolley_etl.backends.rad69 import Rad69
+    from trolley_etl.backends.wado_rs import WadoRS
+    from trolley_etl.backends.wado_uri import WadoURI
+
+_MODULES = {
+    "BearerAuth": "http",
+    "CGet": "c_get",
+    "CMove": "c_move",
+    "DicomQR": "dicom_qr",
+    "LocalFolder": "local_folder",
+    "Mint": "mint",
+    "QidoRS": "qido_rs",
+    "Rad69": "rad69",
+    "WadoRS": "wado_rs",
+    "WadoURI": "wado_uri",
+    "auth_from_env": "http",
+}
 
 __all__ = [
     "BearerAuth",
@@ -24,3 +48,15 @@ __all__ = [
     "WadoURI",
     "auth_from_env",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
