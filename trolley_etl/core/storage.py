@@ -32,6 +32,13 @@ DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 MISSING_VALUE = "unknown"
 #: Longest path component made from a tag value, in characters.
 MAX_COMPONENT_LENGTH = 100
+#: Header attributes every stored file is described by (paths, checkpoint, audit report).
+HEADER_KEYWORDS = frozenset(
+    {
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+        "PatientID", "AccessionNumber", "StudyDate",
+    }
+)  # fmt: skip
 #: Folder under the root that trolley-etl owns (temp files, checkpoint, logs, reports).
 STATE_DIR = ".trolley"
 
@@ -150,10 +157,15 @@ class StorageDir:
         self.root = Path(root).absolute()
         self.layout = LayoutTemplate(layout)
         self.tmp_dir = self.root / STATE_DIR / "tmp"
+        #: What commit reads from each header: the layout's keywords and the audit facts.
+        self.header_keywords = sorted({*HEADER_KEYWORDS, *self.layout.keywords})
+        self._ready_folders: set[Path] = set()  # created and checked in this process
 
     def open_instance(self) -> StagedFile:
         """A writer for one object; nothing appears in the layout until it is committed."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        if self.tmp_dir not in self._ready_folders:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self._ready_folders.add(self.tmp_dir)
         return StagedFile(self)
 
     def path_for(self, dataset: Dataset) -> Path:
@@ -165,14 +177,22 @@ class StorageDir:
         return target
 
     def _make_parent(self, target: Path) -> None:
-        """Create the folders of `target` one by one, refusing symlinks planted in the tree."""
-        current = self.root
-        current.mkdir(parents=True, exist_ok=True)
-        for name in target.relative_to(self.root).parts[:-1]:
-            current = current / name
-            if current.is_symlink():
-                raise StorageError(f"refusing to follow a symlink inside the output: {current}")
-            current.mkdir(exist_ok=True)
+        """Create the folders of `target` one by one, refusing symlinks planted in the tree.
+
+        Folders already created and checked by this process are not checked again: a study's
+        hundreds of instances share one folder.
+        """
+        if target.parent not in self._ready_folders:
+            current = self.root
+            current.mkdir(parents=True, exist_ok=True)
+            for name in target.relative_to(self.root).parts[:-1]:
+                current = current / name
+                if current.is_symlink():
+                    raise StorageError(
+                        f"refusing to follow a symlink inside the output: {current}"
+                    )
+                current.mkdir(exist_ok=True)
+            self._ready_folders.add(target.parent)
         if target.is_symlink():
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
 
@@ -184,12 +204,12 @@ class StorageDir:
         `sync_dir=False` leaves the fsync of the target's folder (which makes the rename
         durable) to the caller, who can then do it once for many files (group commit).
         """
-        dataset = read_header(staged)
+        dataset = read_header(staged, self.header_keywords)
         target = self.path_for(dataset)
         self._make_parent(target)
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         if target.exists():
-            existing = read_header_or_none(target)
+            existing = read_header_or_none(target, ["SOPInstanceUID"])
             if existing is not None and str(existing.get("SOPInstanceUID", "")) != sop_uid:
                 raise StorageError(
                     f"layout {self.layout.template!r} maps two instances to {target}: "
@@ -252,17 +272,23 @@ class StagedFile:
         self.path.unlink(missing_ok=True)
 
 
-def read_header(path: Path) -> Dataset:
-    """The header of a Part 10 file, without pixel data; StorageError if it is not one."""
+def read_header(path: Path, keywords: list[str] | None = None) -> Dataset:
+    """The header of a Part 10 file, without pixel data; StorageError if it is not one.
+
+    With `keywords`, only those elements are decoded (and the file meta), which is what
+    storing needs and several times cheaper than decoding every element.
+    """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, defer_size="4 KB")
+        return pydicom.dcmread(
+            path, stop_before_pixels=True, defer_size="4 KB", specific_tags=keywords
+        )
     except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
         raise StorageError(f"received object is not valid DICOM Part 10: {exc}") from None
 
 
-def read_header_or_none(path: Path) -> Dataset | None:
+def read_header_or_none(path: Path, keywords: list[str] | None = None) -> Dataset | None:
     try:
-        return read_header(path)
+        return read_header(path, keywords)
     except StorageError:
         return None
 
