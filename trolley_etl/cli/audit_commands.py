@@ -21,14 +21,13 @@ from trolley_etl.cli.run_commands import (
     _interrupt_on_sigterm,
     _log,
     _options,
-    _root,
+    manifest_with_checkpoint,
 )
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.run import (
-    CHECKPOINT_NAME,
     ManifestChangedError,
     RootBusyError,
     Runner,
@@ -36,7 +35,6 @@ from trolley_etl.runner.run import (
     new_run_id,
     open_checkpoint,
     root_lock,
-    state_dir,
 )
 from trolley_etl.runner.verify import VerifyResult, prepare_repair, verify_root
 
@@ -112,15 +110,10 @@ def run_lock(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    try:
-        manifest = load_manifest(args.manifest, check_env=False)
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
-        return exit_codes.USAGE
-    root = _root(args, manifest)
-    if not (state_dir(root) / CHECKPOINT_NAME).exists():
-        print(f"no checkpoint in {state_dir(root)}: nothing has run yet", file=sys.stderr)
-        return exit_codes.USAGE
+    loaded = manifest_with_checkpoint(args)
+    if isinstance(loaded, int):
+        return loaded
+    manifest, root = loaded
     checkpoint = open_checkpoint(root)
     try:
         audit = report.build_report(checkpoint, manifest, args.manifest, root)
@@ -143,18 +136,14 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    try:  # a repair downloads, so then the credentials must be there
-        manifest = load_manifest(args.manifest, check_env=args.repair)
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
-        return exit_codes.USAGE
     if args.workers is not None and args.workers < 1:
         print("trolley-etl: --workers must be at least 1", file=sys.stderr)
         return exit_codes.USAGE
-    root = _root(args, manifest)
-    if not (state_dir(root) / CHECKPOINT_NAME).exists():
-        print(f"no checkpoint in {state_dir(root)}: nothing has run yet", file=sys.stderr)
-        return exit_codes.USAGE
+    # a repair downloads, so then the credentials must be there
+    loaded = manifest_with_checkpoint(args, check_env=args.repair)
+    if isinstance(loaded, int):
+        return loaded
+    manifest, root = loaded
     workers = args.workers or manifest.run.workers
     try:
         result, repaired_items = _verify_once(root, workers, repair=args.repair)

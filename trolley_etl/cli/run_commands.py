@@ -185,9 +185,16 @@ def run_run(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
-def run_status(args: argparse.Namespace) -> int:
+def manifest_with_checkpoint(
+    args: argparse.Namespace, *, check_env: bool = False
+) -> tuple[Manifest, Path] | int:
+    """The manifest and its storage root, for commands that read an existing checkpoint.
+
+    Returns the exit code instead (after saying why) when the manifest is invalid or nothing
+    has run yet.
+    """
     try:
-        manifest = load_manifest(args.manifest, check_env=False)
+        manifest = load_manifest(args.manifest, check_env=check_env)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return exit_codes.USAGE
@@ -195,6 +202,14 @@ def run_status(args: argparse.Namespace) -> int:
     if not (state_dir(root) / CHECKPOINT_NAME).exists():
         print(f"no checkpoint in {state_dir(root)}: nothing has run yet", file=sys.stderr)
         return exit_codes.USAGE
+    return manifest, root
+
+
+def run_status(args: argparse.Namespace) -> int:
+    loaded = manifest_with_checkpoint(args)
+    if isinstance(loaded, int):
+        return loaded
+    manifest, root = loaded
     checkpoint = open_checkpoint(root)
     try:
         counts = checkpoint.counts()
