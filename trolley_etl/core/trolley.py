@@ -95,11 +95,8 @@ class Trolley:
         return [self._expand(obj, level) for obj in objects]
 
     def _expand(self, obj: Retrievable, level: QueryLevel) -> Retrievable:
-        try:
-            obj.contained_references(level)
+        if _reaches(obj, level):
             return obj
-        except MissingReferencesError:
-            pass
         if isinstance(obj, Study) and obj.series is not None:
             # The series are known (perhaps a selection of them): expand each, keep the selection.
             obj.series = [self._expand_series(s, level) for s in obj.series]
@@ -333,6 +330,15 @@ def _as_list(objects: Iterable[Retrievable] | Retrievable) -> list[Retrievable]:
 
 
 _SINGLE_OBJECTS = (Study, Series, Instance, StudyReference, SeriesReference, InstanceReference)
+
+
+def _reaches(obj: Retrievable, level: QueryLevel) -> bool:
+    """True when the object already holds references down to `level`."""
+    try:
+        obj.contained_references(level)
+    except MissingReferencesError:
+        return False
+    return True
 
 
 def _study_uid(obj: Study | StudyReference) -> str:
