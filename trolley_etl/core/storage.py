@@ -188,9 +188,7 @@ class StorageDir:
             for name in target.relative_to(self.root).parts[:-1]:
                 current = current / name
                 if current.is_symlink():
-                    raise StorageError(
-                        f"refusing to follow a symlink inside the output: {current}"
-                    )
+                    raise StorageError(f"refusing to follow a symlink inside the output: {current}")
                 current.mkdir(exist_ok=True)
             self._ready_folders.add(target.parent)
         if target.is_symlink():
