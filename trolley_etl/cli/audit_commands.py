@@ -18,9 +18,9 @@ from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import (
     _backend_exit,
     _common,
-    _interrupt_on_sigterm,
     _log,
     _options,
+    execute_run,
     manifest_with_checkpoint,
 )
 from trolley_etl.core.errors import TrolleyError
@@ -28,11 +28,9 @@ from trolley_etl.manifest import Manifest, ManifestError, load_manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.run import (
-    ManifestChangedError,
     RootBusyError,
     Runner,
     RunOptions,
-    new_run_id,
     open_checkpoint,
     root_lock,
 )
@@ -179,33 +177,14 @@ def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResul
 def _repair_run(args: argparse.Namespace, manifest: Manifest, root: Path) -> int | None:
     """Download the items marked pending, as a resumed run; None when it completed."""
     options: RunOptions = _options(argparse.Namespace(**{**vars(args), "refresh": False}))
-    options.run_id = new_run_id()
     options.purpose = "repair"
-    log = _log(args, root, options.run_id)
-    runner = Runner(manifest, args.manifest, log, options)
-    _interrupt_on_sigterm()
-    try:
-        outcome = runner.run()
-    except (ManifestChangedError, RootBusyError) as exc:
-        log.logger.error("repair.refused", error_type=type(exc).__name__, error=str(exc))
-        return exit_codes.USAGE
-    except KeyboardInterrupt:
-        log.logger.warning("repair.interrupted")
-        return exit_codes.INTERRUPTED
-    except TrolleyError as exc:
-        log.logger.error("repair.failed", error_type=type(exc).__name__, error=str(exc))
-        return _backend_exit(exc)
-    finally:
-        log.close()
-    if outcome.status == "interrupted":
-        return exit_codes.INTERRUPTED
-    if outcome.status != "complete":  # the forgotten files would not show in a new verify
-        for failure in outcome.failed:
-            print(f"failed: {json.dumps(failure)}", file=sys.stderr)
+    code = execute_run(args, manifest, root, options)
+    if code == exit_codes.OK:
+        return None
+    if code == exit_codes.ITEMS_FAILED:  # the forgotten files would not show in a new verify
         print("trolley-etl: the repair could not download everything (see above); "
               "`trolley-etl status` lists it", file=sys.stderr)  # fmt: skip
-        return exit_codes.ITEMS_FAILED
-    return None
+    return code
 
 
 def _replaced_content(root: Path, before: VerifyResult) -> list[str]:

@@ -159,20 +159,31 @@ def run_run(args: argparse.Namespace) -> int:
     options = _options(args)
     if args.dry_run:
         return run_plan(argparse.Namespace(**{**vars(args), "format": "text"}))
+    return execute_run(args, manifest, root, options)
+
+
+def execute_run(
+    args: argparse.Namespace, manifest: Manifest, root: Path, options: RunOptions
+) -> int:
+    """Run (or repair) with its own log file; the documented exit code of the outcome.
+
+    Items that failed are listed on stderr, one JSON object per line.
+    """
     options.run_id = new_run_id()
     log = _log(args, root, options.run_id)
     runner = Runner(manifest, args.manifest, log, options)
     _interrupt_on_sigterm()
+    event = options.purpose  # "run" or "repair"
     try:
         result = runner.run()
     except (ManifestChangedError, RootBusyError) as exc:
-        log.logger.error("run.refused", error_type=type(exc).__name__, error=str(exc))
+        log.logger.error(f"{event}.refused", error_type=type(exc).__name__, error=str(exc))
         return exit_codes.USAGE
     except KeyboardInterrupt:
-        log.logger.warning("run.interrupted")
+        log.logger.warning(f"{event}.interrupted")
         return exit_codes.INTERRUPTED
     except TrolleyError as exc:
-        log.logger.error("run.failed", error_type=type(exc).__name__, error=str(exc))
+        log.logger.error(f"{event}.failed", error_type=type(exc).__name__, error=str(exc))
         return _backend_exit(exc)
     finally:
         log.close()
