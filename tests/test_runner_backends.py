@@ -115,3 +115,38 @@ def test_dicom_qr_with_c_move_series_by_series(orthanc, tmp_path: Path) -> None:
     done = [line for line in result.stderr.splitlines() if '"event": "item.done"' in line]
     assert len(done) == 4 and all('"series_uid"' in line for line in done)  # 2 studies x 2 series
     _assert_trl002_pulled(tmp_path / "data")
+
+
+def test_qido_rs_search_with_rad69_download_in_batches_per_series(
+    orthanc, httpserver, tmp_path: Path
+) -> None:
+    """RAD-69 needs named instances: the runner lists them per series, then batches them."""
+    from test_rad69 import REPOSITORY, DocumentSource
+
+    cohort = standard_cohort()
+    source = DocumentSource(cohort)
+    httpserver.expect_request("/rids", method="POST").respond_with_handler(source)
+    manifest = tmp_path / "rad69.yaml"
+    manifest.write_text(
+        f"""\
+version: 1
+name: rad69-run
+source:
+  search: {{backend: qido-rs, url: "{orthanc.dicomweb_url}"}}
+  download:
+    backend: rad69
+    url: "{httpserver.url_for("/rids")}"
+    repository_id: "{REPOSITORY}"
+queries:
+  - name: trl001
+    filters: {{PatientID: TRL001}}
+storage:
+  root: ./data
+"""
+    )
+    result = run_cli("run", str(manifest))
+    assert result.returncode == 0, result.stderr
+    expected = {c.sop_uid: c.data for c in cohort if c.patient_id == "TRL001"}
+    stored = {p.stem: p.read_bytes() for p in (tmp_path / "data").rglob("*.dcm")}
+    assert stored == expected
+    assert len(source.requests) == 4  # 2 studies x 2 series, one request per series
