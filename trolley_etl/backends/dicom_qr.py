@@ -27,15 +27,9 @@ from trolley_etl.backends.dimse import (
 )
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import DimseStatusError, QueryError
-from trolley_etl.core.model import QueryLevel, Study, tree_from_rows
+from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
 
-#: The UIDs that identify a row at each level (also what rows are deduplicated on).
-TREE_KEYS = {
-    QueryLevel.STUDY: ("StudyInstanceUID",),
-    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
-    QueryLevel.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
-}
 #: Return keys asked for by default, like QIDO-RS's default attributes (PS3.18 10.6.3.3).
 STUDY_RETURN_KEYS = (
     "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",

@@ -32,6 +32,7 @@ from trolley_etl.core.errors import ResponseFormatError
 from trolley_etl.core.model import (
     SERIES_KEYWORDS,
     STUDY_KEYWORDS,
+    TREE_KEYS,
     QueryLevel,
     Study,
     tree_from_rows,
@@ -55,11 +56,6 @@ _LEVEL_PARAM = {
     QueryLevel.STUDY: "STUDY",
     QueryLevel.SERIES: "SERIES",
     QueryLevel.INSTANCE: "INSTANCE",
-}
-_TREE_KEYS = {
-    QueryLevel.STUDY: ("StudyInstanceUID",),
-    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
-    QueryLevel.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"})
 
@@ -119,7 +115,7 @@ class Mint(Searcher):
         seen: set[tuple[str, ...]] = set()
         for params in self._parameter_sets(query, level, server):
             for row in self._pages(params, level):
-                key = tuple(str(row.get(k, "")) for k in _TREE_KEYS[level])
+                key = tuple(str(row.get(k, "")) for k in TREE_KEYS[level])
                 if key not in seen:
                     seen.add(key)
                     yield row
@@ -140,7 +136,7 @@ class Mint(Searcher):
                 base.append((keyword, value))
         include = [k for k in query.filters if k not in SERVER_FILTERS]
         include += [k for k in query.include_fields if k not in include]
-        include += [k for k in _TREE_KEYS[level] if k not in include]
+        include += [k for k in TREE_KEYS[level] if k not in include]
         base.append(("IncludeFields", ",".join(include)))
         if split_keyword is None:
             return [base]
@@ -233,7 +229,7 @@ def _collapse(rows: list[Dataset], level: QueryLevel) -> list[Dataset]:
     keep = STUDY_KEYWORDS if level is QueryLevel.STUDY else STUDY_KEYWORDS | SERIES_KEYWORDS
     collapsed: dict[tuple[str, ...], Dataset] = {}
     for row in rows:
-        key = tuple(str(row.get(k, "")) for k in _TREE_KEYS[level])
+        key = tuple(str(row.get(k, "")) for k in TREE_KEYS[level])
         if key not in collapsed:
             reduced = Dataset()
             for element in row:

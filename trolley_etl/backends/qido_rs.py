@@ -10,7 +10,7 @@ from trolley_etl.backends.dicom_json import datasets_from_json
 from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import ResponseFormatError
-from trolley_etl.core.model import QueryLevel, Study, tree_from_rows
+from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
 
 DEFAULT_PAGE_SIZE = 1000
@@ -18,12 +18,6 @@ _RESOURCE = {
     QueryLevel.STUDY: "studies",
     QueryLevel.SERIES: "series",
     QueryLevel.INSTANCE: "instances",
-}
-#: Returned at each level so rows can be assembled into a Study tree.
-_TREE_KEYS = {
-    QueryLevel.STUDY: ("StudyInstanceUID",),
-    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
-    QueryLevel.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
 
 
@@ -106,7 +100,7 @@ class QidoRS(Searcher):
             if isinstance(value, tuple):
                 value = ",".join(value)  # several values are comma-separated (PS3.18 8.3.4.1)
             params.append((keyword, value))
-        include = dict.fromkeys((*_TREE_KEYS[level], *query.include_fields))
+        include = dict.fromkeys((*TREE_KEYS[level], *query.include_fields))
         params.extend(("includefield", keyword) for keyword in include)
         return path, params
 

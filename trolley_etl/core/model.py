@@ -236,6 +236,15 @@ SERIES_KEYWORDS = frozenset(
 )  # fmt: skip
 
 
+#: The UIDs that place a row at each level in the tree (and that rows are deduplicated on);
+#: every searcher asks for them.
+TREE_KEYS: dict[QueryLevel, tuple[str, ...]] = {
+    QueryLevel.STUDY: ("StudyInstanceUID",),
+    QueryLevel.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    QueryLevel.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+
+
 def _subset(row: Dataset, keywords: frozenset[str]) -> Dataset:
     subset = Dataset()
     for element in row:

@@ -60,6 +60,18 @@ class OrthancStartError(OrthancError):
     """Orthanc did not come up; the message ends with the tail of its log."""
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, wait up to 10 s, then SIGKILL; nothing for a process already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
 
@@ -254,14 +266,7 @@ class OrthancServer:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
 
     def stop(self) -> None:
         """SIGTERM, wait up to 10 s, then SIGKILL. Safe to call more than once."""

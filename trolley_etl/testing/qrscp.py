@@ -15,7 +15,6 @@ from __future__ import annotations
 import configparser
 import contextlib
 import io
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pydicom
 from pynetdicom import AE
 
 from trolley_etl.backends.dimse import VERIFICATION
-from trolley_etl.testing.orthanc import free_port
+from trolley_etl.testing.orthanc import free_port, terminate
 
 __all__ = ["QRSCPError", "QRSCPServer"]
 
@@ -159,14 +158,7 @@ class QRSCPServer:
     def stop(self) -> None:
         """SIGTERM, wait up to 10 s, then SIGKILL. Safe to call more than once."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc)
 
     def __enter__(self) -> QRSCPServer:
         return self.start()
