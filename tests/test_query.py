@@ -84,3 +84,23 @@ def test_with_filters_validates_again() -> None:
     assert query.filters == {"PatientID": "1", "StudyDate": "20240101"}
     with pytest.raises(ValidationError):
         query.with_filters(StudyDate="yesterday")
+
+
+def test_built_in_keyword_vrs_match_the_data_dictionary() -> None:
+    """The keywords checked without pydicom have the VR pydicom's dictionary gives them."""
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    from trolley_etl.core.model import SERIES_KEYWORDS, STUDY_KEYWORDS, TREE_KEYS
+    from trolley_etl.core.query import COMMON_KEYWORD_VRS, check_keyword
+    from trolley_etl.core.storage import HEADER_KEYWORDS
+
+    for keyword, vr in COMMON_KEYWORD_VRS.items():
+        assert keyword in keyword_dict and dictionary_VR(keyword_dict[keyword]) == vr, keyword
+        assert check_keyword(keyword) == vr
+    # the keywords the tree, the layouts and the audit use are all in the table
+    used = {*STUDY_KEYWORDS, *SERIES_KEYWORDS, *HEADER_KEYWORDS, *TREE_KEYS[QueryLevel.INSTANCE]}
+    assert used <= set(COMMON_KEYWORD_VRS)
+    # and the others still come from the dictionary, misspellings with a hint
+    assert check_keyword("InstitutionAddress") == "ST"
+    with pytest.raises(ValueError, match=r"'StudyDat' \(did you mean StudyDate\?\)"):
+        check_keyword("StudyDat")

@@ -1,20 +1,45 @@
-"""trolley-etl: pull DICOM studies out of image archives for research."""
+"""trolley-etl: pull DICOM studies out of image archives for research.
 
-from trolley_etl.core.errors import TrolleyError
-from trolley_etl.core.model import (
-    Instance,
-    InstanceReference,
-    QueryLevel,
-    Series,
-    SeriesReference,
-    Study,
-    StudyReference,
-)
-from trolley_etl.core.query import Query
-from trolley_etl.core.storage import StorageDir, StoredInstance
-from trolley_etl.core.trolley import Trolley
+The public names are imported on first use (PEP 562), so a command that only reads a
+checkpoint (`trolley-etl status`) does not pay for loading pydicom and the Trolley.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trolley_etl.core.errors import TrolleyError
+    from trolley_etl.core.model import (
+        Instance,
+        InstanceReference,
+        QueryLevel,
+        Series,
+        SeriesReference,
+        Study,
+        StudyReference,
+    )
+    from trolley_etl.core.query import Query
+    from trolley_etl.core.storage import StorageDir, StoredInstance
+    from trolley_etl.core.trolley import Trolley
 
 __version__ = "0.1.0"
+
+_MODULES = {
+    "Instance": "core.model",
+    "InstanceReference": "core.model",
+    "Query": "core.query",
+    "QueryLevel": "core.model",
+    "Series": "core.model",
+    "SeriesReference": "core.model",
+    "StorageDir": "core.storage",
+    "StoredInstance": "core.storage",
+    "Study": "core.model",
+    "StudyReference": "core.model",
+    "Trolley": "core.trolley",
+    "TrolleyError": "core.errors",
+}
 
 __all__ = [
     "Instance",
@@ -31,3 +56,15 @@ __all__ = [
     "TrolleyError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import (
@@ -25,16 +25,13 @@ from trolley_etl.cli.run_commands import (
 )
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
-from trolley_etl.runner import lockfile, report, resolve
-from trolley_etl.runner.atomic import write_atomic
-from trolley_etl.runner.run import (
-    RootBusyError,
-    Runner,
-    RunOptions,
-    open_checkpoint,
-    root_lock,
-)
-from trolley_etl.runner.verify import VerifyResult, prepare_repair, verify_root
+from trolley_etl.runner.checkpoint import open_checkpoint
+
+# The runner, the report and verify are imported by the commands that use them, so that
+# building the parser (and `trolley-etl status`) does not load pydicom and the backends.
+if TYPE_CHECKING:
+    from trolley_etl.runner.run import RunOptions
+    from trolley_etl.runner.verify import VerifyResult
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,6 +64,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from trolley_etl.runner import lockfile, resolve
+    from trolley_etl.runner.run import Runner
+
     try:
         manifest = load_manifest(args.manifest)
     except ManifestError as exc:
@@ -108,6 +108,9 @@ def run_lock(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from trolley_etl.runner import report
+    from trolley_etl.runner.atomic import write_atomic
+
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):
         return loaded
@@ -134,6 +137,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from trolley_etl.runner.run import RootBusyError
+
     if args.workers is not None and args.workers < 1:
         print("trolley-etl: --workers must be at least 1", file=sys.stderr)
         return exit_codes.USAGE
@@ -164,6 +169,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResult, set[int]]:
     """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
+    from trolley_etl.runner.run import root_lock
+    from trolley_etl.runner.verify import prepare_repair, verify_root
+
     with root_lock(root):
         checkpoint = open_checkpoint(root)
         try:

@@ -1,4 +1,8 @@
-"""`plan`, `run` and `status`: commands that execute a manifest or read its checkpoint."""
+"""`plan`, `run` and `status`: commands that execute a manifest or read its checkpoint.
+
+The runner (and with it pydicom, requests, structlog, tqdm) is imported by the commands that
+run something, not here: `status` reads a manifest and a checkpoint and needs none of it.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,17 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from trolley_etl.cli import exit_codes
+from trolley_etl.core.constants import CHECKPOINT_NAME
 from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
-from trolley_etl.runner.checkpoint import FAILED, PENDING
-from trolley_etl.runner.logs import RunLog
-from trolley_etl.runner.run import (
-    CHECKPOINT_NAME,
-    ManifestChangedError,
-    RootBusyError,
-    Runner,
-    RunOptions,
-    new_run_id,
-    open_checkpoint,
-    state_dir,
-)
+from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, state_dir
+
+if TYPE_CHECKING:
+    from trolley_etl.runner.logs import RunLog
+    from trolley_etl.runner.run import Runner, RunOptions
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +74,8 @@ def _root(args: argparse.Namespace, manifest: Manifest) -> Path:
 
 
 def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None) -> RunLog:
+    from trolley_etl.runner.logs import RunLog
+
     log_file = state_dir(root) / "logs" / f"{run_id}.jsonl" if root and run_id else None
     return RunLog(log_file=log_file, stderr_format=args.log_format, quiet=args.quiet,
                   extra_file=args.log_file)  # fmt: skip
@@ -94,6 +95,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from trolley_etl.runner.run import Runner
+
     try:
         manifest = _load(args)
     except ManifestError as exc:
@@ -113,6 +116,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
+    from trolley_etl.runner.run import RunOptions
+
     return RunOptions(
         root=args.root,
         workers=getattr(args, "workers", None),
@@ -169,6 +174,8 @@ def execute_run(
 
     Items that failed are listed on stderr, one JSON object per line.
     """
+    from trolley_etl.runner.run import ManifestChangedError, RootBusyError, Runner, new_run_id
+
     options.run_id = new_run_id()
     log = _log(args, root, options.run_id)
     runner = Runner(manifest, args.manifest, log, options)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import ClassVar
-
-from pydicom import Dataset
+from typing import TYPE_CHECKING, ClassVar
 
 from trolley_etl.core.errors import MissingReferencesError
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 
 class QueryLevel(str, Enum):
@@ -84,12 +85,20 @@ def _own_reference_or_raise(ref: Reference, max_level: QueryLevel) -> list[Refer
 # --- search results: a tree of objects with the attributes the archive returned --------------
 
 
+def _empty_dataset() -> Dataset:
+    """A new empty Dataset; pydicom is loaded here, on first use, not when this module is:
+    the references above (all a checkpoint needs) must stay cheap to import."""
+    import pydicom
+
+    return pydicom.Dataset()
+
+
 @dataclass(eq=False)
 class Instance:
     uid: str
     series_uid: str
     study_uid: str
-    data: Dataset = field(default_factory=Dataset, repr=False)
+    data: Dataset = field(default_factory=_empty_dataset, repr=False)
     level: ClassVar[QueryLevel] = QueryLevel.INSTANCE
 
     def reference(self) -> InstanceReference:
@@ -106,7 +115,7 @@ class Instance:
 class Series:
     uid: str
     study_uid: str
-    data: Dataset = field(default_factory=Dataset, repr=False)
+    data: Dataset = field(default_factory=_empty_dataset, repr=False)
     instances: list[Instance] | None = None  # None: not searched yet; [] means known empty
 
     level: ClassVar[QueryLevel] = QueryLevel.SERIES
@@ -131,7 +140,7 @@ class Series:
 @dataclass(eq=False)
 class Study:
     uid: str
-    data: Dataset = field(default_factory=Dataset, repr=False)
+    data: Dataset = field(default_factory=_empty_dataset, repr=False)
     series: list[Series] | None = None  # None: not searched yet; [] means known empty
 
     level: ClassVar[QueryLevel] = QueryLevel.STUDY
@@ -246,7 +255,7 @@ TREE_KEYS: dict[QueryLevel, tuple[str, ...]] = {
 
 
 def _subset(row: Dataset, keywords: frozenset[str]) -> Dataset:
-    subset = Dataset()
+    subset = _empty_dataset()
     for element in row:
         if element.keyword in keywords:
             subset[element.tag] = element

@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydicom.datadict import dictionary_VR, keyword_dict
 
 from trolley_etl.core.errors import QueryError
 from trolley_etl.core.model import QueryLevel
@@ -31,8 +30,26 @@ _DATETIME = re.compile(
 )
 
 
+#: The VRs of the keywords that manifests, layouts and searches use most, as pydicom's data
+#: dictionary gives them (a test compares the two): checking these needs no pydicom, which is
+#: slow to import (it loads numpy), so `trolley-etl status` reads a manifest without it.
+COMMON_KEYWORD_VRS: dict[str, str] = {
+    "AccessionNumber": "SH", "BodyPartExamined": "CS", "InstanceNumber": "IS",
+    "InstitutionName": "LO", "IssuerOfPatientID": "LO", "ModalitiesInStudy": "CS",
+    "Modality": "CS", "NumberOfSeriesRelatedInstances": "IS",
+    "NumberOfStudyRelatedInstances": "IS", "NumberOfStudyRelatedSeries": "IS",
+    "PatientBirthDate": "DA", "PatientID": "LO", "PatientName": "PN", "PatientSex": "CS",
+    "PerformedProcedureStepStartDate": "DA", "ReferringPhysicianName": "PN",
+    "SOPClassUID": "UI", "SOPInstanceUID": "UI", "SeriesDate": "DA", "SeriesDescription": "LO",
+    "SeriesInstanceUID": "UI", "SeriesNumber": "IS", "SeriesTime": "TM", "StudyDate": "DA",
+    "StudyDescription": "LO", "StudyID": "SH", "StudyInstanceUID": "UI", "StudyTime": "TM",
+}  # fmt: skip
+
+
 def suggest_keyword(name: str) -> str:
     """' (did you mean X?)' for a misspelt DICOM keyword, or ''."""
+    from pydicom.datadict import keyword_dict
+
     close = difflib.get_close_matches(name, keyword_dict.keys(), n=1, cutoff=0.75)
     if not close:
         lowered = {k.lower(): k for k in keyword_dict}
@@ -43,6 +60,11 @@ def suggest_keyword(name: str) -> str:
 
 def check_keyword(name: str) -> str:
     """Return the VR of a DICOM keyword, or raise QueryError with a hint."""
+    vr = COMMON_KEYWORD_VRS.get(name)
+    if vr is not None:
+        return vr
+    from pydicom.datadict import dictionary_VR, keyword_dict  # the rest: on first use
+
     if name not in keyword_dict:
         raise QueryError(f"unknown DICOM keyword {name!r}{suggest_keyword(name)}")
     return dictionary_VR(keyword_dict[name])

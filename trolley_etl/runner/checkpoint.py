@@ -17,15 +17,18 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from trolley_etl.core.constants import CHECKPOINT_NAME, STATE_DIR
 from trolley_etl.core.model import (
     InstanceReference,
     Reference,
     SeriesReference,
     StudyReference,
 )
-from trolley_etl.core.storage import StoredInstance
+
+if TYPE_CHECKING:  # core.storage loads pydicom, which reading a checkpoint does not need
+    from trolley_etl.core.storage import StoredInstance
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,6 +68,16 @@ ADDED_COLUMNS = {
 }
 
 PENDING, DONE, FAILED, STALE = "pending", "done", "failed", "stale"
+
+
+def state_dir(root: Path) -> Path:
+    """The folder under a storage root that trolley-etl owns."""
+    return root / STATE_DIR
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """The checkpoint of a storage root (created if there is none)."""
+    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
 
 
 def now() -> str:
@@ -290,13 +303,20 @@ class Checkpoint:
     def record_files(
         self, item_id: int, stored: list[StoredInstance], source: str, run_id: str | None = None
     ) -> None:
+        """Record files of one item already renamed into place and durable."""
+        self.record_files_of_items([(item_id, stored)], source, run_id)
+
+    def record_files_of_items(
+        self,
+        batches: list[tuple[int, list[StoredInstance]]],
+        source: str,
+        run_id: str | None = None,
+    ) -> None:
         """Record files already renamed into place and durable, in one transaction.
 
         One commit (one fsync of the WAL) for many files instead of one each: per-file
         commits cost more than a quarter of the download time of a study of small files.
         """
-        if not stored:
-            return
         at = now()
         rows = [
             (
@@ -305,8 +325,11 @@ class Checkpoint:
                 s.sop_class_uid, source, at, s.modality, s.patient_id, s.accession_number,
                 s.study_date, run_id,
             )
+            for item_id, stored in batches
             for s in stored
         ]  # fmt: skip
+        if not rows:
+            return
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(

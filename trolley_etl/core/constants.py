@@ -1,0 +1,12 @@
+"""Names shared by storage, the manifest and the checkpoint, in a module that imports nothing.
+
+Reading a manifest or a checkpoint (`trolley-etl status`) needs these but not the code that
+writes files, which loads pydicom.
+"""
+
+#: The folder layout when a manifest gives none.
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+#: Folder under the root that trolley-etl owns (temp files, checkpoint, logs, reports).
+STATE_DIR = ".trolley"
+#: The checkpoint's file name in the state folder.
+CHECKPOINT_NAME = "checkpoint.sqlite"
