@@ -2,8 +2,11 @@
 
 Bytes are written exactly as the archive sent them (no decoding, no transcoding) to a temporary
 file under `ROOT/.trolley/tmp/` (same file system as the data, so the final rename is atomic),
-hashed on the way, fsynced, then renamed into the path the layout template gives. Values from
-DICOM headers are sanitised before they become path components, so that no archive, however
+hashed on the way, fsynced, then renamed into the path the layout template (`core.layout`)
+gives. The header
+values that name the file are read from the first bytes kept in memory while it streamed
+(`header_scan`), falling back to pydicom on the file for anything unusual. Values from DICOM
+headers are sanitised before they become path components, so that no archive, however
 hostile, can make us write outside the root.
 """
 
@@ -11,27 +14,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import string
 import tempfile
-import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 
-from trolley_etl.core.errors import QueryError, StorageError
-from trolley_etl.core.query import check_keyword
+from trolley_etl.core.constants import STATE_DIR
+from trolley_etl.core.errors import StorageError
+from trolley_etl.core.header_scan import HeaderFacts, facts_from_dataset, scan_header
+from trolley_etl.core.layout import (  # noqa: F401 - part of this module's interface
+    DEFAULT_LAYOUT,
+    MAX_COMPONENT_LENGTH,
+    MISSING_VALUE,
+    HeaderValues,
+    LayoutTemplate,
+    sanitise_component,
+)
 
-DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
-#: Used in a path where the dataset has no value for a layout keyword.
-MISSING_VALUE = "unknown"
-#: Longest path component made from a tag value, in characters.
-MAX_COMPONENT_LENGTH = 100
 #: Header attributes every stored file is described by (paths, checkpoint, audit report).
 HEADER_KEYWORDS = frozenset(
     {
@@ -39,95 +42,8 @@ HEADER_KEYWORDS = frozenset(
         "PatientID", "AccessionNumber", "StudyDate",
     }
 )  # fmt: skip
-#: Folder under the root that trolley-etl owns (temp files, checkpoint, logs, reports).
-STATE_DIR = ".trolley"
-
-_UNSAFE = re.compile(r"[^\w.\-^+=@,()]", re.UNICODE)
-
-
-def sanitise_component(value: str, max_length: int = MAX_COMPONENT_LENGTH) -> str:
-    """Make one tag value safe as a single path component.
-
-    Separators, control characters and anything outside a conservative set become `_`;
-    a leading dot becomes `_` (so neither `..` nor hidden files); over-long values are cut and
-    suffixed with a short hash so that two long values stay distinct.
-    """
-    text = unicodedata.normalize("NFC", value).strip()
-    text = "".join("_" if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    text = _UNSAFE.sub("_", text)
-    text = re.sub(r"^\.", "_", text).rstrip(". ")
-    if not text:
-        return MISSING_VALUE
-    if len(text) > max_length:
-        digest = hashlib.sha1(value.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        text = f"{text[: max_length - 9]}_{digest}"
-    return text
-
-
-def _value_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray)):
-        return ""  # binary values make no sense in a path
-    if isinstance(value, (MultiValue, list, tuple)):
-        return "_".join(_value_text(v) for v in value)
-    return str(value)
-
-
-class LayoutTemplate:
-    """A relative path template such as `{PatientID}/{StudyDate}/{SOPInstanceUID}.dcm`.
-
-    Fields are DICOM keywords; the template is checked when it is built (unknown keywords,
-    unbalanced braces, absolute paths, `..`), and each filled-in value is sanitised.
-    """
-
-    def __init__(self, template: str = DEFAULT_LAYOUT) -> None:
-        self.template = template
-        self.parts: list[list[tuple[str, str | None]]] = []  # per path component: (text, field)
-        if not template or template.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", template):
-            raise QueryError(f"layout {template!r} must be a non-empty relative path")
-        for component in template.split("/"):
-            self.parts.append(self._parse_component(component))
-        if not any(name for _, name in self.parts[-1]):
-            raise QueryError(f"layout {template!r}: the file name must contain a {{Keyword}}")
-
-    def _parse_component(self, component: str) -> list[tuple[str, str | None]]:
-        where = f"layout {self.template!r}"
-        if component in ("", ".", ".."):
-            raise QueryError(f"{where}: empty, '.' or '..' path components are not allowed")
-        if "\\" in component:
-            raise QueryError(f"{where}: use '/' as the separator")
-        try:
-            pieces = list(string.Formatter().parse(component))
-        except ValueError as exc:
-            raise QueryError(f"{where}: {exc} (unbalanced braces?)") from None
-        parsed: list[tuple[str, str | None]] = []
-        for literal, name, spec, conversion in pieces:
-            if name is not None:
-                if spec or conversion:
-                    raise QueryError(f"{where}: format specs are not supported in {{{name}}}")
-                try:
-                    check_keyword(name)
-                except QueryError as exc:
-                    raise QueryError(f"{where}: {exc}") from None
-            parsed.append((literal, name or None))
-        return parsed
-
-    @property
-    def keywords(self) -> list[str]:
-        return [name for part in self.parts for _, name in part if name]
-
-    def render(self, dataset: Dataset) -> Path:
-        """The relative path for a dataset; every component is safe."""
-        components = []
-        for part in self.parts:
-            text = ""
-            for literal, name in part:
-                text += literal
-                if name:
-                    text += _value_text(dataset.get(name)) or MISSING_VALUE
-            components.append(sanitise_component(text))
-        return Path(*components)
+#: How many first bytes of each object are kept in memory to read its header from.
+HEADER_PREFIX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,7 +84,7 @@ class StorageDir:
             self._ready_folders.add(self.tmp_dir)
         return StagedFile(self)
 
-    def path_for(self, dataset: Dataset) -> Path:
+    def path_for(self, dataset: HeaderValues) -> Path:
         """Absolute path for a dataset, proven to stay under the root."""
         relative = self.layout.render(dataset)
         target = self.root / relative
@@ -194,44 +110,70 @@ class StorageDir:
         if target.is_symlink():
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
 
-    def commit(
-        self, staged: Path, size: int, sha256: str, *, sync_dir: bool = True
+    def describe(
+        self, staged: Path, size: int, sha256: str, header_prefix: bytes | None = None
     ) -> StoredInstance:
-        """Move a complete, fsynced temp file into its place in the layout.
+        """What a complete temp file is and where it belongs; StorageError if not Part 10.
+
+        `header_prefix` is the file's first bytes, if the caller kept them (saves reading the
+        header back from disk). Nothing on disk changes.
+        """
+        header = read_header_facts(staged, self.header_keywords, header_prefix, size)
+        target = self.path_for(header)
+        return StoredInstance(
+            path=target,
+            relative_path=target.relative_to(self.root),
+            study_uid=header.text("StudyInstanceUID"),
+            series_uid=header.text("SeriesInstanceUID"),
+            sop_instance_uid=header.text("SOPInstanceUID"),
+            sop_class_uid=header.text("SOPClassUID")
+            if header.get("SOPClassUID") is not None
+            else header.media_storage_sop_class,
+            transfer_syntax=header.transfer_syntax,
+            size=size,
+            sha256=sha256,
+            modality=header.text("Modality"),
+            patient_id=header.text("PatientID"),
+            accession_number=header.text("AccessionNumber"),
+            study_date=header.text("StudyDate"),
+        )
+
+    def install(self, staged: Path, stored: StoredInstance, *, sync_dir: bool = True) -> None:
+        """Rename a complete, fsynced temp file to `stored.path`.
 
         `sync_dir=False` leaves the fsync of the target's folder (which makes the rename
         durable) to the caller, who can then do it once for many files (group commit).
         """
-        dataset = read_header(staged, self.header_keywords)
-        target = self.path_for(dataset)
+        target = stored.path
         self._make_parent(target)
-        sop_uid = str(dataset.get("SOPInstanceUID", ""))
         if target.exists():
             existing = read_header_or_none(target, ["SOPInstanceUID"])
-            if existing is not None and str(existing.get("SOPInstanceUID", "")) != sop_uid:
+            if existing is not None and str(existing.get("SOPInstanceUID", "")) != (
+                stored.sop_instance_uid
+            ):
                 raise StorageError(
                     f"layout {self.layout.template!r} maps two instances to {target}: "
-                    f"{existing.get('SOPInstanceUID')} and {sop_uid}; add {{SOPInstanceUID}}"
+                    f"{existing.get('SOPInstanceUID')} and {stored.sop_instance_uid}; "
+                    "add {SOPInstanceUID}"
                 )
         os.replace(staged, target)
         if sync_dir:
             fsync_dir(target.parent)
-        meta = dataset.file_meta
-        return StoredInstance(
-            path=target,
-            relative_path=target.relative_to(self.root),
-            study_uid=str(dataset.get("StudyInstanceUID", "")),
-            series_uid=str(dataset.get("SeriesInstanceUID", "")),
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(dataset.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", ""))),
-            transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
-            size=size,
-            sha256=sha256,
-            modality=str(dataset.get("Modality", "")),
-            patient_id=str(dataset.get("PatientID", "")),
-            accession_number=str(dataset.get("AccessionNumber", "")),
-            study_date=str(dataset.get("StudyDate", "")),
-        )
+
+    def commit(
+        self,
+        staged: Path,
+        size: int,
+        sha256: str,
+        *,
+        header_prefix: bytes | None = None,
+        sync_dir: bool = True,
+    ) -> StoredInstance:
+        """Move a complete, fsynced temp file into its place in the layout (describe, then
+        install)."""
+        stored = self.describe(staged, size, sha256, header_prefix)
+        self.install(staged, stored, sync_dir=sync_dir)
+        return stored
 
 
 class StagedFile:
@@ -244,25 +186,46 @@ class StagedFile:
         self.path = Path(name)
         self._hash = hashlib.sha256()
         self._size = 0
+        self._prefix = bytearray()  # the first bytes, to read the header from
         self.result: StoredInstance | None = None
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)
         self._size += len(chunk)
+        if len(self._prefix) < HEADER_PREFIX_BYTES:
+            self._prefix += chunk[: HEADER_PREFIX_BYTES - len(self._prefix)]
 
-    def commit(self, *, sync_dir: bool = True) -> None:
-        """fsync, then rename into the layout (see `StorageDir.commit` for `sync_dir`)."""
+    def finish(self, *, sync: bool = True) -> StoredInstance:
+        """Close the complete file and say what it is and where it belongs.
+
+        With `sync=False` the file is not fsynced here; its writeback to disk is started
+        instead, and whoever installs it must fsync it first (see `fsync_file`). On any
+        error the temp file is removed.
+        """
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if sync:
+                os.fsync(self._file.fileno())
+            else:
+                start_writeback(self._file.fileno())
             self._file.close()
-            self.result = self._storage.commit(
-                self.path, self._size, self._hash.hexdigest(), sync_dir=sync_dir
+            return self._storage.describe(
+                self.path, self._size, self._hash.hexdigest(), bytes(self._prefix)
             )
         except BaseException:
             self.abort()
             raise
+
+    def commit(self, *, sync_dir: bool = True) -> None:
+        """fsync, then rename into the layout (see `StorageDir.install` for `sync_dir`)."""
+        stored = self.finish(sync=True)
+        try:
+            self._storage.install(self.path, stored, sync_dir=sync_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self.result = stored
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -284,11 +247,40 @@ def read_header(path: Path, keywords: list[str] | None = None) -> Dataset:
         raise StorageError(f"received object is not valid DICOM Part 10: {exc}") from None
 
 
+def read_header_facts(
+    path: Path, keywords: Iterable[str], prefix: bytes | None = None, size: int = -1
+) -> HeaderFacts:
+    """The `keywords` of a Part 10 file: from `prefix` (its first bytes, `size` the file's
+    size) when the fast reader can, else from pydicom reading the file."""
+    keywords = list(keywords)
+    if prefix:
+        facts = scan_header(prefix, keywords, complete=len(prefix) >= size >= 0)
+        if facts is not None:
+            return facts
+    return facts_from_dataset(read_header(path, keywords), keywords)
+
+
 def read_header_or_none(path: Path, keywords: list[str] | None = None) -> Dataset | None:
     try:
         return read_header(path, keywords)
     except StorageError:
         return None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages now, without waiting for them,
+    so that a later fsync finds them (mostly) on disk already."""
+    if hasattr(os, "posix_fadvise"):  # POSIX_FADV_DONTNEED starts writeback on Linux
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the contents of a closed file durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

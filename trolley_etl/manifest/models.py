@@ -27,8 +27,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from trolley_etl.core.errors import QueryError
+from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
 from trolley_etl.core.query import FilterValue, normalise_filter
-from trolley_etl.core.storage import DEFAULT_LAYOUT, LayoutTemplate
 from trolley_etl.manifest.csv_list import CsvProblem, read_column
 
 MANIFEST_VERSION = 1
