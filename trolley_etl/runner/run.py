@@ -22,27 +22,27 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
-from trolley_etl.core.storage import (
-    STATE_DIR,
-    StagedFile,
-    StorageDir,
-    StoredInstance,
-    fsync_dir,
-    read_header,
-)
+from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
-from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, Item, StudyRow, now
+from trolley_etl.runner.checkpoint import (
+    FAILED,
+    PENDING,
+    Checkpoint,
+    Item,
+    StudyRow,
+    open_checkpoint,
+    state_dir,
+)
+from trolley_etl.runner.committer import Committer, ItemFiles
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
 from trolley_etl.runner.resolve import Found
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
-
-CHECKPOINT_NAME = "checkpoint.sqlite"
 
 
 class ManifestChangedError(TrolleyError):
@@ -87,14 +87,6 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def state_dir(root: Path) -> Path:
-    return root / STATE_DIR
-
-
-def open_checkpoint(root: Path) -> Checkpoint:
-    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
-
-
 def manifest_file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -129,7 +121,6 @@ class Runner:
         self.stop = threading.Event()
         self.storage = StorageDir(self.root, manifest.storage.layout)
         self.source = describe_source(manifest.source.effective_download)
-        self.started_at = now()
         self.lock_path = lockfile.lock_path_for(manifest_path)
 
     # --- steps -----------------------------------------------------------------------------
@@ -199,7 +190,6 @@ class Runner:
                 "another storage root"
             )
         self._remove_stale_temp_files()
-        self.started_at = now()
         provenance = report.run_provenance(
             self.manifest, self.manifest_path, self.root, purpose=self.options.purpose,
             lock_path=self.lock_path if lock is not None else None, lock_sha256=lock_sha,
@@ -321,11 +311,16 @@ class Runner:
             progress = Progress(len(todo), enabled=self.options.progress and not self.options.quiet)
             pending = iter(todo)
             running: dict[Future[None], Item] = {}
-            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool:
+            committer = Committer(self.storage, checkpoint, progress, source=self.source,
+                                  run_id=self.run_id)  # fmt: skip
+            with (
+                committer,
+                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool,
+            ):
                 try:
                     for item in pending:  # bounded: at most 2 x workers submitted at once
                         running[
-                            pool.submit(self._fetch_item, trolley, checkpoint, item, progress)
+                            pool.submit(self._fetch_item, trolley, checkpoint, item, committer)
                         ] = item
                         while len(running) >= 2 * self.workers:
                             self._collect(running, progress)
@@ -348,20 +343,20 @@ class Runner:
             progress.item_finished()
 
     def _fetch_item(self, trolley: Trolley, checkpoint: Checkpoint, item: Item,
-                    progress: Progress) -> None:  # fmt: skip
+                    committer: Committer) -> None:  # fmt: skip
         ref = item.reference
         uids = {"study_uid": ref.study_uid, **_deeper_uids(ref)}
         for attempt in range(1, self.attempts_per_run + 1):
             if self.stop.is_set():
                 return
             started = time.monotonic()
-            sink = _CheckpointSink(self, checkpoint, item.item_id, progress)
+            sink = _CheckpointSink(self, committer, item.item_id)
             try:
                 # plan again: a downloader that batches (RAD-69) gets its instance lists
                 count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
                 if count == 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
-                sink.flush()  # every file of the item is recorded before it is marked done
+                sink.wait()  # every file of the item is recorded before it is marked done
                 crash_point("before-item-done")
                 checkpoint.mark_done(item.item_id)
                 self.log.logger.info("item.done", **uids, instances=count, bytes=sink.bytes,
@@ -369,10 +364,10 @@ class Runner:
                                      duration_s=round(time.monotonic() - started, 3))  # fmt: skip
                 return
             except _Stopped:
-                sink.flush_quietly()
+                sink.wait_quietly()
                 return
             except Exception as error:
-                sink.flush_quietly()
+                sink.wait_quietly()
                 retry = is_retryable(error) and attempt < self.attempts_per_run
                 self.log.logger.warning(
                     "item.retry" if retry else "item.failed", **uids, attempt=attempt,
@@ -387,7 +382,11 @@ class Runner:
     # --- verify and report -----------------------------------------------------------------
 
     def _verify(self, checkpoint: Checkpoint) -> int:
-        """Every recorded file of a done item is on disk with its size; new ones are readable."""
+        """Every recorded file is on disk with its recorded size.
+
+        Content needs no second look here: each file was hashed as it streamed and its header
+        read before it was renamed into place. `trolley-etl verify` re-hashes everything.
+        """
         problems = 0
         with self.step("verify") as outcome:
             checked = 0
@@ -405,8 +404,6 @@ class Runner:
                                           sop_instance_uid=record["sop_instance_uid"])  # fmt: skip
                     checkpoint.forget_files([record["sop_instance_uid"]])
                     checkpoint.mark_pending(record["item_id"], f"file {reason}: {record['path']}")
-                elif record["stored_at"] >= self.started_at:
-                    read_header(path)  # raises StorageError if it is not DICOM
             outcome.update(files=checked, problems=problems)
         return problems
 
@@ -456,56 +453,36 @@ class _CheckpointWriter:
         self._staged.write(chunk)
 
     def commit(self) -> None:
-        self._staged.commit(sync_dir=False)  # the sink fsyncs the folders before recording
-        stored = self._staged.result
-        assert stored is not None
-        crash_point("after-rename")
-        self._sink.renamed(stored)
+        stored = self._staged.finish(sync=False)  # the committer fsyncs it before the rename
+        self._sink.committer.submit(self._sink.files, self._staged.path, stored)
 
     def abort(self) -> None:
         self._staged.abort()
 
 
 class _CheckpointSink:
-    """Stores through the runner's StorageDir and records the files in the checkpoint.
+    """Stores through the runner's StorageDir; the committer makes the files durable, puts
+    them in place and records them in the checkpoint (see `runner.committer`)."""
 
-    Group commit: renamed files are recorded in batches (at the latest before their item is
-    marked done), each batch after one fsync per folder it touched and in one SQLite
-    transaction. A crash before a batch is recorded leaves files the checkpoint does not know,
-    which is the crash-between-rename-and-record case the rerun already handles.
-    """
-
-    #: Files renamed but not yet recorded, at most; bounds what a crash makes us fetch again.
-    BATCH = 256
-
-    def __init__(self, runner: Runner, checkpoint: Checkpoint, item_id: int,
-                 progress: Progress) -> None:  # fmt: skip
+    def __init__(self, runner: Runner, committer: Committer, item_id: int) -> None:
         self.runner = runner
-        self.checkpoint = checkpoint
-        self.item_id = item_id
-        self.progress = progress
-        self.bytes = 0
-        self._unrecorded: list[StoredInstance] = []
+        self.committer = committer
+        self.files = ItemFiles(item_id)
+
+    @property
+    def bytes(self) -> int:
+        return self.files.bytes
 
     def open_instance(self) -> _CheckpointWriter:
         return _CheckpointWriter(self)
 
-    def renamed(self, stored: StoredInstance) -> None:
-        self._unrecorded.append(stored)
-        self.bytes += stored.size
-        self.progress.instance_stored(stored.size)
-        if len(self._unrecorded) >= self.BATCH:
-            self.flush()
+    def wait(self) -> None:
+        """Until every file received so far is recorded; raises if one could not be."""
+        self.files.wait()
 
-    def flush_quietly(self) -> None:
-        """Record what is already in place after a failure; if that fails too, the files are
-        merely unknown to the checkpoint, which is safe (the item is fetched again)."""
+    def wait_quietly(self) -> None:
+        """After a failure: let the files already received be recorded; if that fails too,
+        they are merely unknown to the checkpoint, which is safe (the item is fetched
+        again)."""
         with contextlib.suppress(Exception):
-            self.flush()
-
-    def flush(self) -> None:
-        """Make the renames durable (fsync their folders), then record them together."""
-        batch, self._unrecorded = self._unrecorded, []
-        for folder in {stored.path.parent for stored in batch}:
-            fsync_dir(folder)
-        self.checkpoint.record_files(self.item_id, batch, self.runner.source, self.runner.run_id)
+            self.files.wait()
