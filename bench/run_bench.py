@@ -288,6 +288,20 @@ class Bench:
             },
         )
 
+        # Also a profile aid: what making each file durable costs on this disk, no network.
+        self.repeat(
+            Measure("disk: the same files written and fsynced one by one (4 threads)", "reference"),
+            me,
+            "disk",
+            {
+                "files": self.cohort.count,
+                "size": self.cohort_bytes // self.cohort.count,
+                "per_folder": self.cohort.instances,
+                "workers": 4,
+                "out": str(self.out("disk")),
+            },
+        )
+
         manifests = {}
         downloads = (
             ("wado-rs", "wado-uri", "c-get") if runner_supports_cget() else ("wado-rs", "wado-uri")

@@ -33,7 +33,8 @@ def peak_rss_kb() -> int:
 
 
 def over_studies(study_uids: list[str], workers: int, job: Callable[[str], None]) -> None:
-    """Run ``job`` for every study with ``workers`` threads; re-raise the first error."""
+    """Run ``job`` for every study (or other key) with ``workers`` threads; re-raise the first
+    error."""
     todo: queue.Queue[str] = queue.Queue()
     for uid in study_uids:
         todo.put(uid)
@@ -93,6 +94,40 @@ def wire(spec: dict[str, Any]) -> dict[str, Any]:
 
     over_studies(spec["study_uids"], spec["workers"], fetch)
     return {"body_bytes": written[0]}
+
+
+def disk(spec: dict[str, Any]) -> dict[str, Any]:
+    """The disk's share of storing durably, without network or parsing: ``files`` files of
+    ``size`` bytes written from memory to temp names, each fsynced and renamed into a folder
+    of ``per_folder`` files, each folder fsynced once at the end. Any tool that makes every
+    received file durable before showing it pays at least this."""
+    out = Path(spec["out"])
+    tmp = out / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(spec["size"])
+    per_folder = spec["per_folder"]
+    folders = {n // per_folder for n in range(spec["files"])}
+    for folder in folders:
+        (out / f"f{folder}").mkdir()
+
+    def store(index: str) -> None:
+        n = int(index)
+        staged = tmp / f"{n}.part"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staged, out / f"f{n // per_folder}" / f"{n}.dcm")
+
+    over_studies([str(n) for n in range(spec["files"])], spec["workers"], store)
+    for folder in folders:
+        fd = os.open(out / f"f{folder}", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    tmp.rmdir()
+    return {}
 
 
 # --- trolley-etl ------------------------------------------------------------------------------
@@ -181,6 +216,7 @@ def dicomweb_client_peer(spec: dict[str, Any]) -> dict[str, Any]:
 
 WORKLOADS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "wire": wire,
+    "disk": disk,
     "trolley-cli": trolley_cli,
     "trolley-cget": trolley_cget,
     "dicomtrolley": dicomtrolley_peer,
