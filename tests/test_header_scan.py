@@ -213,3 +213,21 @@ def test_a_long_header_is_read_from_the_file(tmp_path: Path) -> None:
     facts = read_header_facts(path, KEYWORDS, data[:HEADER_PREFIX_BYTES], len(data))
     assert facts == _by_pydicom(data)
     assert facts.get("SeriesInstanceUID") == "1.2.3.4.5"
+
+
+def test_damaged_headers_never_raise() -> None:
+    """Whatever an archive sends, the reader answers or gives up; it never raises or loops."""
+    import random
+
+    from trolley_etl.core.header_scan import HeaderFacts
+
+    rng = random.Random(20261125)
+    originals = [_part10(_with_sequences()), _part10(_with_sequences(), ImplicitVRLittleEndian)]
+    for _ in range(400):
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 6)):
+            position = rng.randrange(128, len(data))
+            data[position] = rng.randrange(256)
+        cut = rng.choice([len(data), rng.randrange(132, len(data))])
+        result = scan_header(bytes(data[:cut]), KEYWORDS, complete=rng.random() < 0.5)
+        assert result is None or isinstance(result, HeaderFacts)

@@ -108,7 +108,7 @@ def scan_header(data: bytes, keywords: Iterable[str], *, complete: bool) -> Head
         wanted[tag] = keyword
     try:
         return _Scanner(memoryview(data), wanted, complete).run()
-    except (_GiveUp, struct.error, UnicodeDecodeError, ValueError):
+    except (_GiveUp, struct.error, UnicodeDecodeError, ValueError, KeyError):
         return None
 
 
