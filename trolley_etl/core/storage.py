@@ -274,8 +274,8 @@ def start_writeback(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def fsync_file(path: Path) -> None:
-    """Make the contents of a closed file durable."""
+def fsync_path(path: Path) -> None:
+    """Make a closed file's contents, or a folder's entries (a rename into it), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -283,10 +283,4 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the entries of a folder (a rename into it) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_file = fsync_dir = fsync_path  # the names say which of the two a caller means

@@ -6,7 +6,9 @@ as `trolley-etl status` needs it, does not load the runner, the Trolley and the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trolley_etl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from trolley_etl.runner.run import Runner, RunOptions, RunResult
@@ -14,15 +16,4 @@ if TYPE_CHECKING:
 __all__ = ["RunOptions", "RunResult", "Runner"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from trolley_etl.runner import run
-
-    value = getattr(run, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "run"))
