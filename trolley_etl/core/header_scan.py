@@ -12,6 +12,7 @@ would reformat, an element it cannot skip for sure.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,6 +91,19 @@ def facts_from_dataset(dataset: Dataset, keywords: Iterable[str]) -> HeaderFacts
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _wanted_tags(keywords: tuple[str, ...]) -> dict[int, str] | None:
+    """tag -> keyword, once per set of keywords (a storage asks for the same set every file);
+    None if one is not a data set keyword this reader can look for."""
+    wanted: dict[int, str] = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag >> 16 == 0x0002:
+            return None
+        wanted[tag] = keyword
+    return wanted
+
+
 class _GiveUp(Exception):
     """Not something this reader handles exactly; pydicom will."""
 
@@ -100,12 +114,9 @@ def scan_header(data: bytes, keywords: Iterable[str], *, complete: bool) -> Head
     `data` is the object's first bytes; `complete` says whether it is the whole object (so
     that running out of bytes means the data set ended rather than the prefix).
     """
-    wanted: dict[int, str] = {}
-    for keyword in keywords:
-        tag = tag_for_keyword(keyword)
-        if tag is None or tag >> 16 == 0x0002:
-            return None
-        wanted[tag] = keyword
+    wanted = _wanted_tags(tuple(keywords))
+    if wanted is None:
+        return None
     try:
         return _Scanner(memoryview(data), wanted, complete).run()
     except (_GiveUp, struct.error, UnicodeDecodeError, ValueError, KeyError):

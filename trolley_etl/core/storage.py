@@ -160,21 +160,6 @@ class StorageDir:
         if sync_dir:
             fsync_dir(target.parent)
 
-    def commit(
-        self,
-        staged: Path,
-        size: int,
-        sha256: str,
-        *,
-        header_prefix: bytes | None = None,
-        sync_dir: bool = True,
-    ) -> StoredInstance:
-        """Move a complete, fsynced temp file into its place in the layout (describe, then
-        install)."""
-        stored = self.describe(staged, size, sha256, header_prefix)
-        self.install(staged, stored, sync_dir=sync_dir)
-        return stored
-
 
 class StagedFile:
     """A temp file being filled with one object's bytes, hashed as they arrive."""
@@ -217,11 +202,11 @@ class StagedFile:
             self.abort()
             raise
 
-    def commit(self, *, sync_dir: bool = True) -> None:
-        """fsync, then rename into the layout (see `StorageDir.install` for `sync_dir`)."""
+    def commit(self) -> None:
+        """fsync, then rename into the layout and fsync the folder: one file, durable now."""
         stored = self.finish(sync=True)
         try:
-            self._storage.install(self.path, stored, sync_dir=sync_dir)
+            self._storage.install(self.path, stored)
         except BaseException:
             self.abort()
             raise
