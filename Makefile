@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-data
 PEERS_VENV ?= bench/.peers-venv
 BENCH_ARGS ?=
 
-.PHONY: setup system-packages test lint format demo bench clean
+.PHONY: setup system-packages test test-fast lint format demo bench clean
 
 system-packages:
 	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
@@ -31,6 +31,10 @@ setup: system-packages $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server).
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not archive and not slow"
 
 lint: setup
 	$(BIN)/ruff check trolley_etl tests bench

@@ -68,3 +68,26 @@ def orthanc_auth(
         yield server
     finally:
         server.stop()
+
+
+#: Fixtures that start a real server (Orthanc, qrscp, a local HTTP server): a test that uses
+#: any of them, directly or through another fixture, belongs to the ``archive`` tier.
+SERVER_FIXTURES = frozenset(
+    {
+        "archive",
+        "orthanc",
+        "orthanc_auth",
+        "orthanc_archive",
+        "qrscp_archive",
+        "httpserver",
+        "many_studies",
+        "large_study",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real server, so `make test-fast` can leave them out."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.archive)

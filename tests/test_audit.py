@@ -104,6 +104,7 @@ def stems(root: Path) -> set[str]:
 # --- lock files ------------------------------------------------------------------------------
 
 
+@pytest.mark.archive
 def test_lock_then_run_pulls_exactly_the_locked_set_and_reports_drift(tmp_path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:

@@ -361,6 +361,7 @@ def test_concurrent_overlapping_moves_each_get_their_objects(archive: Archive, c
 # --- errors -------------------------------------------------------------------------------------
 
 
+@pytest.mark.archive
 def test_wrong_called_aet_is_rejected(tmp_path: Path) -> None:
     with OrthancServer(tmp_path, aet="STRICT", check_called_aet=True) as strict:
         dimse = {"host": LOCAL, "port": strict.dicom_port, "calling_aet": "TROLLEY"}

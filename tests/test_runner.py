@@ -248,6 +248,7 @@ def assert_checkpoint_matches_disk(root: Path) -> None:
 # --- failures ----------------------------------------------------------------------------------
 
 
+@pytest.mark.archive
 def test_server_stopped_mid_run_then_restarted(tmp_path, expected) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     proxy = FaultProxy(server.url)
