@@ -64,6 +64,8 @@ class StoredInstance:
     patient_id: str = ""
     accession_number: str = ""
     study_date: str = ""
+    #: The SOP Instance UID inside the file, when it differs from the source's (de-identified).
+    file_sop_instance_uid: str = ""
 
 
 class StorageDir:
@@ -148,9 +150,8 @@ class StorageDir:
         self._make_parent(target)
         if target.exists():
             existing = read_header_or_none(target, ["SOPInstanceUID"])
-            if existing is not None and str(existing.get("SOPInstanceUID", "")) != (
-                stored.sop_instance_uid
-            ):
+            in_file = stored.file_sop_instance_uid or stored.sop_instance_uid
+            if existing is not None and str(existing.get("SOPInstanceUID", "")) != in_file:
                 raise StorageError(
                     f"layout {self.layout.template!r} maps two instances to {target}: "
                     f"{existing.get('SOPInstanceUID')} and {stored.sop_instance_uid}; "
