@@ -123,7 +123,7 @@ class _Instance:
         creator_tag = Tag(tag.group, tag.element >> 8)
         creator = str(ds[creator_tag].value).strip() if creator_tag in ds else ""
         allowed = self.policy.safe_private
-        if creator and allowed is not None and allowed.allows(tag.group, creator, tag.element):
+        if creator and allowed is not None and allowed.allows(tag.group, creator, tag.element & 0xFF):
             element = ds[tag]
             if element.VR == "SQ":
                 for item in element.value:

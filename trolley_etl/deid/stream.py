@@ -203,6 +203,8 @@ def _copy_pixel_element(
     if len(head) < 8:
         return False  # no pixel data
     group, element = struct.unpack(order + "HH", head[:4])
+    if group != 0x7FE0 or element not in (0x0008, 0x0009, 0x0010):
+        raise StorageError(f"expected pixel data, found ({group:04X},{element:04X})")
     if explicit and head[4:6] in _LONG_VRS:
         head += _read_exact(handle, 4)
         length = struct.unpack(order + "I", head[8:12])[0]
