@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
@@ -99,7 +100,7 @@ class _Instance:
 
     def dataset(self, ds: Dataset) -> None:
         kept_blocks: set[int] = set()
-        creators: list[int] = []
+        creators: list[BaseTag] = []
         for tag in list(ds.keys()):
             if tag in WRITTEN_BY_US:
                 del ds[tag]
@@ -114,16 +115,20 @@ class _Instance:
                     kept_blocks.add((tag.group << 16) | (tag.element >> 8))
                 continue
             self.public(ds, tag)
-        for tag in creators:
-            if tag not in kept_blocks:
-                del ds[tag]
+        for creator in creators:
+            if creator not in kept_blocks:
+                del ds[creator]
 
     def private(self, ds: Dataset, tag: BaseTag) -> bool:
         """Keep a private element when the safe list names it; True if it was kept."""
         creator_tag = Tag(tag.group, tag.element >> 8)
         creator = str(ds[creator_tag].value).strip() if creator_tag in ds else ""
         allowed = self.policy.safe_private
-        if creator and allowed is not None and allowed.allows(tag.group, creator, tag.element & 0xFF):
+        if (
+            creator
+            and allowed is not None
+            and allowed.allows(tag.group, creator, tag.element & 0xFF)
+        ):
             element = ds[tag]
             if element.VR == "SQ":
                 for item in element.value:
@@ -266,8 +271,8 @@ def _dictionary_vr(tag: int) -> str:
 def _values(value: object) -> list[str]:
     if value is None or value == "":
         return []
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [str(v) for v in value]  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v) for v in value]
     return [str(value)]
 
 

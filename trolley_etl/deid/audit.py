@@ -92,21 +92,9 @@ def report_section(database: Path) -> dict[str, Any] | None:
                 "SELECT run_id, settings, counts FROM deid_runs ORDER BY run_id"
             )
         ]
+        keys = ("sop_instance_uid", "study_uid", "series_uid", "sop_class_uid", "reason", "run_id")
         quarantined = [
-            dict(
-                zip(
-                    (
-                        "sop_instance_uid",
-                        "study_uid",
-                        "series_uid",
-                        "sop_class_uid",
-                        "reason",
-                        "run_id",
-                    ),
-                    row,
-                    strict=True,
-                )
-            )  # fmt: skip
+            dict(zip(keys, row, strict=True))
             for row in db.execute(
                 "SELECT sop_instance_uid, study_uid, series_uid, sop_class_uid, reason, run_id "
                 "FROM deid_quarantine ORDER BY study_uid, series_uid, sop_instance_uid"
