@@ -382,3 +382,29 @@ def test_same_secret_same_bytes_other_secret_other_pseudonyms(first_run, archive
     missing = run(manifest(tmp_path / "nosecret", archive.url), None)
     assert missing.returncode == 2 and "TROLLEY_DEID_SECRET" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_python_api_writes_the_same_export(first_run, archive, tmp_path, monkeypatch) -> None:
+    from trolley_etl import Query, StorageDir, Trolley
+    from trolley_etl.backends import QidoRS, WadoRS
+    from trolley_etl.deid.engine import make_deidentifier
+
+    folder, _ = first_run
+    monkeypatch.setenv("TROLLEY_DEID_SECRET", SECRET_A)
+    deid = make_deidentifier(
+        {
+            "secret_env": "TROLLEY_DEID_SECRET",
+            "options": ["retain_longitudinal_modified_dates", "clean_descriptors",
+                        "retain_safe_private"],
+        },
+        pseudonym_map=tmp_path / "private" / "map.csv",
+    )  # fmt: skip
+    layout = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+    storage = StorageDir(tmp_path / "api", layout, deid=deid)
+    url = f"{archive.url}/dicom-web"
+    with Trolley(searcher=QidoRS(url), downloader=WadoRS(url), storage=storage) as trolley:
+        stored = trolley.download(trolley.find_studies(Query(PatientID="DEID00*")))
+    deid.close()
+    assert len(stored) == 8 and deid.quarantined == 1
+    assert exported(tmp_path / "api") == exported(folder / "export")
+    assert stat.S_IMODE((tmp_path / "private" / "map.csv").stat().st_mode) == 0o600

@@ -69,6 +69,10 @@ class Policy:
     remove: frozenset[int] = frozenset()
     safe_private: SafePrivate | None = None  # None: every private tag goes
 
+    @property
+    def keeps_uids(self) -> bool:
+        return "retain_uids" in self.options
+
     def method_codes(self) -> list[tuple[str, str]]:
         names = ["basic", *[o for o in OPTION_NAMES if o in self.options]]
         return [METHOD_CODES[n] for n in names if n in METHOD_CODES]
@@ -133,6 +137,8 @@ class _Instance:
             if element.VR == "SQ":
                 for item in element.value:
                     self.dataset(item)
+            elif element.VR == "UI" and not self.policy.keeps_uids:
+                self.replace_uids(element, tag)  # a kept private UID must not link back
             self.outcome.count("kept", tag, creator)
             return True
         del ds[tag]
@@ -240,7 +246,10 @@ def deidentify_dataset(ds: Dataset, policy: Policy) -> Outcome:
     if "retain_longitudinal_modified_dates" in policy.options:
         outcome.mapped[("DateShiftDays", walk.patient_key)] = str(walk.offset)
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = ["PS3.15 E.1 Basic Application Level Confidentiality Profile"]
+    ds.DeidentificationMethod = [
+        "PS3.15 E.1 Basic Application Level Confidentiality Profile",
+        *[o for o in OPTION_NAMES if o in policy.options],
+    ]
     ds.DeidentificationMethodCodeSequence = Sequence(
         [_code(value, meaning) for value, meaning in policy.method_codes()]
     )

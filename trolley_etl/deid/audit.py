@@ -116,3 +116,17 @@ def file_hashes(database: Path) -> dict[str, tuple[str, str]]:
         return {uid: (source, deid) for uid, source, deid in rows}
     finally:
         db.close()
+
+
+def quarantined_uids(database: Path) -> set[str]:
+    """Source SOP Instance UIDs the burned-in gate held back: received, deliberately not
+    stored (for completeness accounting: expected = stored + quarantined)."""
+    if not database.exists():
+        return set()
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        if "deid_quarantine" not in _tables(db):
+            return set()
+        return {row[0] for row in db.execute("SELECT sop_instance_uid FROM deid_quarantine")}
+    finally:
+        db.close()

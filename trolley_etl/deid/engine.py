@@ -76,12 +76,12 @@ def settings_record(config: Deid, policy: Policy) -> dict[str, Any]:
 
 
 class Deidentifier:
-    def __init__(self, config: Deid, policy: Policy, database: Path, run_id: str,
+    def __init__(self, config: Deid, policy: Policy, database: Path | None, run_id: str,
                  map_path: Path | None, logger: Any = None) -> None:  # fmt: skip
         self.config = config
         self.policy = policy
         self.settings = settings_record(config, policy)
-        self.audit = audit.AuditLog(database, run_id)
+        self.audit = audit.AuditLog(database, run_id) if database is not None else None
         self.map = PseudonymMap(map_path) if map_path is not None else None
         self.logger = logger
         self.devices = tuple(
@@ -114,7 +114,8 @@ class Deidentifier:
                 out_path.unlink(missing_ok=True)
                 uids = (result.sop_instance_uid, result.study_uid, result.series_uid,
                         result.sop_class_uid)  # fmt: skip
-                self.audit.quarantine(uids, result.quarantined, received.sha256)
+                if self.audit is not None:
+                    self.audit.quarantine(uids, result.quarantined, received.sha256)
                 with self._lock:
                     self.quarantined += 1
                 if self.logger is not None:
@@ -134,8 +135,9 @@ class Deidentifier:
             sop_instance_uid=result.sop_instance_uid,
             file_sop_instance_uid=described.sop_instance_uid,
         )
-        self.audit.file(result.sop_instance_uid, described.sop_instance_uid,
-                        received.sha256, result.sha256)  # fmt: skip
+        if self.audit is not None:
+            self.audit.file(result.sop_instance_uid, described.sop_instance_uid,
+                            received.sha256, result.sha256)  # fmt: skip
         if self.map is not None:
             for (kind, original), new in sorted(result.outcome.mapped.items()):
                 self.map.add(kind, original, new)
@@ -150,13 +152,34 @@ class Deidentifier:
             if self._closed:
                 return
             self._closed = True
-        self.audit.run(self.settings, self.counts)
-        self.audit.close()
+        if self.audit is not None:
+            self.audit.run(self.settings, self.counts)
+            self.audit.close()
         if self.map is not None:
             self.map.close()
         if self.logger is not None:
             self.logger.info("deid.summary", written=self.written, quarantined=self.quarantined,
                              secret_fingerprint=self.settings["secret_fingerprint"])  # fmt: skip
+
+
+def make_deidentifier(
+    settings: Deid | dict[str, Any], *, pseudonym_map: str | os.PathLike[str] | None = None
+) -> Deidentifier:
+    """For the Python API: `StorageDir(root, deid=make_deidentifier({...}))`.
+
+    `settings` is a manifest's `deid` section (as a dict or model); the secret is read from
+    the environment variable it names, as in a run. Nothing is recorded in a checkpoint;
+    `close()` it when done (it flushes the pseudonym map).
+    """
+    from trolley_etl.manifest.models import Deid as DeidModel
+
+    config = settings if isinstance(settings, DeidModel) else DeidModel.model_validate(settings)
+    secret = os.environ.get(config.secret_env, "")
+    if not secret:
+        raise DeidSettingsError(f"the environment variable {config.secret_env} is not set")
+    chosen = pseudonym_map or config.pseudonym_map
+    map_path = Path(chosen) if chosen else None
+    return Deidentifier(config, build_policy(config, secret.encode()), None, "api", map_path)
 
 
 def prepare(
@@ -186,7 +209,9 @@ def prepare(
         if map_path == resolved_root or resolved_root in map_path.parents:
             raise DeidSettingsError(f"deid.pseudonym_map {map_path} lies inside {root}")
     policy = build_policy(config, secret.encode())
-    settings = json.dumps(settings_record(config, policy), sort_keys=True)
+    compared = settings_record(config, policy)
+    compared.pop("allow_burned_in")  # lets more through, changes no written file
+    settings = json.dumps(compared, sort_keys=True)
     if recorded is None and has_files:
         raise DeidSettingsError(
             f"{root} already holds files written without de-identification; "
