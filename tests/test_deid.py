@@ -275,7 +275,13 @@ def test_export_holds_no_identifying_value_and_links_up(first_run, cohort) -> No
     at_risk = [c for c in cohort if "BurnedInAnnotation" not in pydicom.dcmread(io.BytesIO(c.data))]
     assert len(files) == len(cohort) - len(at_risk) == 8
     secrets = identifying_values(cohort)
-    for name, data in files.items():
+    everything = {  # the DICOM files and whatever else the export holds (BagIt manifest)
+        p.relative_to(folder / "export").as_posix(): p.read_bytes()
+        for p in (folder / "export").rglob("*")
+        if p.is_file() and ".trolley" not in p.parts
+    }
+    assert set(files) < set(everything)
+    for name, data in everything.items():
         leaked = [v for v in secrets if v in data or v in name.encode()]
         assert not leaked, f"{name} holds {leaked}"
     datasets = [pydicom.dcmread(io.BytesIO(d)) for d in files.values()]
@@ -408,3 +414,25 @@ def test_python_api_writes_the_same_export(first_run, archive, tmp_path, monkeyp
     assert len(stored) == 8 and deid.quarantined == 1
     assert exported(tmp_path / "api") == exported(folder / "export")
     assert stat.S_IMODE((tmp_path / "private" / "map.csv").stat().st_mode) == 0o600
+
+
+def test_kept_private_uids_are_remapped_and_lone_creators_dropped(tmp_path: Path) -> None:
+    config = Deid(secret_env="S", options=["retain_safe_private"],
+                  keep_private=['(0011,"TROLLEY TEST",03)'])  # fmt: skip
+    source = make_instance(
+        patient_id="PRV1", patient_name="Priv^Ada", study_uid="1.7", series_uid="1.7.1",
+        sop_uid="1.7.1.1", modality="CT", study_date="20200101", accession_number="PRVACC",
+        private=True,
+    )  # fmt: skip
+    ds = pydicom.dcmread(io.BytesIO(source.data))
+    ds.private_block(0x0011, "TROLLEY TEST").add_new(0x03, "UI", "1.7.1")
+    ds.private_block(0x0013, "OTHER VENDOR", create=True).add_new(0x01, "LO", "secret note")
+    path = tmp_path / "private.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = io.BytesIO()
+    deidentify_file(path, out, build_policy(config, b"k"))
+    result = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    kept = result.private_block(0x0011, "TROLLEY TEST")[0x03].value
+    assert kept == Pseudonymizer(b"k").uid("1.7.1") == result.SeriesInstanceUID
+    assert not [e for e in result if e.tag.group == 0x0013]  # no element kept: creator gone
+    assert b"secret note" not in out.getvalue()
