@@ -384,6 +384,7 @@ def test_same_secret_same_bytes_other_secret_other_pseudonyms(first_run, archive
     # a root filled under one secret refuses another, and no secret at all
     changed = run(again, SECRET_B)
     assert changed.returncode == 2 and "changed" in changed.stderr
+    assert "(the secret)" in changed.stderr
     assert SECRET_B not in changed.stderr
     missing = run(manifest(tmp_path / "nosecret", archive.url), None)
     assert missing.returncode == 2 and "TROLLEY_DEID_SECRET" in missing.stderr
@@ -436,3 +437,14 @@ def test_kept_private_uids_are_remapped_and_lone_creators_dropped(tmp_path: Path
     assert kept == Pseudonymizer(b"k").uid("1.7.1") == result.SeriesInstanceUID
     assert not [e for e in result if e.tag.group == 0x0013]  # no element kept: creator gone
     assert b"secret note" not in out.getvalue()
+
+
+def test_a_plain_export_is_never_mixed_with_a_deidentified_one(archive, tmp_path) -> None:
+    path = manifest(tmp_path, archive.url)
+    deid_part = path.read_text().index("deid:")
+    text = path.read_text()
+    path.write_text(text[:deid_part])  # the same manifest without its deid section
+    assert run(path, None).returncode == 0
+    path.write_text(text)
+    refused = run(path, SECRET_A)
+    assert refused.returncode == 2 and "without de-identification" in refused.stderr

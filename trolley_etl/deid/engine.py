@@ -190,7 +190,7 @@ def prepare(
     has_files = checkpoint.counts().get("files", 0) > 0
     recorded = checkpoint.get_meta(audit.SETTINGS_KEY)
     if config is None:
-        if recorded:
+        if recorded and has_files:
             raise DeidSettingsError(
                 f"{root} holds a de-identified export: a run without the deid section would "
                 "add identifiable files to it; use another storage root"
@@ -217,10 +217,13 @@ def prepare(
             f"{root} already holds files written without de-identification; "
             "use another storage root"
         )
-    if recorded is not None and recorded != settings:
+    if recorded is not None and recorded != settings and has_files:
+        before = json.loads(recorded)
+        changed = sorted(k for k in {*before, *compared} if before.get(k) != compared.get(k))
+        named = ", ".join("the secret" if k == "secret_fingerprint" else k for k in changed)
         raise DeidSettingsError(
-            f"the de-identification settings (or the secret) changed since {root} was "
-            "filled: one export must not mix two; use another storage root"
+            f"the de-identification settings changed since {root} was filled ({named}): "
+            "one export must not mix two; use another storage root"
         )
     checkpoint.set_meta(audit.SETTINGS_KEY, settings)
     return Deidentifier(config, policy, checkpoint.path, run_id, map_path, logger)
