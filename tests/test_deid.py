@@ -361,6 +361,8 @@ def test_audit_quarantine_and_pseudonym_map(first_run, cohort) -> None:
     rows = mapping.read_text().splitlines()
     assert f"PatientID,DEID001,{Pseudonymizer(SECRET_A.encode()).patient_id('DEID001')}" in rows
     assert run(folder / "deid.yaml", SECRET_A).returncode == 0  # a rerun: nothing to do
+    printed = run(folder / "deid.yaml", None, command="report")
+    assert printed.returncode == 0 and len(json.loads(printed.stdout)["deid"]["runs"]) == 2
 
 
 def test_same_secret_same_bytes_other_secret_other_pseudonyms(first_run, archive, tmp_path) -> None:

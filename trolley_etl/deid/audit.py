@@ -82,7 +82,7 @@ def report_section(database: Path) -> dict[str, Any] | None:
     """The `deid` section of the audit report; None when no run de-identified anything."""
     if not database.exists():
         return None
-    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
     try:
         if "deid_runs" not in _tables(db):
             return None
@@ -108,7 +108,9 @@ def report_section(database: Path) -> dict[str, Any] | None:
 
 def file_hashes(database: Path) -> dict[str, tuple[str, str]]:
     """Source SOP Instance UID -> (source SHA-256, de-identified SHA-256)."""
-    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    if not database.exists():
+        return {}
+    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
     try:
         if "deid_files" not in _tables(db):
             return {}
@@ -123,7 +125,7 @@ def quarantined_uids(database: Path) -> set[str]:
     stored (for completeness accounting: expected = stored + quarantined)."""
     if not database.exists():
         return set()
-    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
     try:
         if "deid_quarantine" not in _tables(db):
             return set()
