@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
@@ -34,6 +35,9 @@ from trolley_etl.core.layout import (  # noqa: F401 - part of this module's inte
     LayoutTemplate,
     sanitise_component,
 )
+
+if TYPE_CHECKING:
+    from trolley_etl.deid.engine import Deidentifier
 
 #: Header attributes every stored file is described by (paths, checkpoint, audit report).
 HEADER_KEYWORDS = frozenset(
@@ -64,13 +68,22 @@ class StoredInstance:
     patient_id: str = ""
     accession_number: str = ""
     study_date: str = ""
+    #: The SOP Instance UID inside the file, when it differs from the source's (de-identified).
+    file_sop_instance_uid: str = ""
 
 
 class StorageDir:
     """Stores DICOM objects under `root` in `layout`. Safe to share between threads."""
 
-    def __init__(self, root: str | os.PathLike[str], layout: str = DEFAULT_LAYOUT) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        layout: str = DEFAULT_LAYOUT,
+        deid: Deidentifier | None = None,
+    ) -> None:
         self.root = Path(root).absolute()
+        #: De-identifies each file before `StagedFile.commit` puts it in place (Python API).
+        self.deid = deid
         self.layout = LayoutTemplate(layout)
         self.tmp_dir = self.root / STATE_DIR / "tmp"
         #: What commit reads from each header: the layout's keywords and the audit facts.
@@ -148,9 +161,8 @@ class StorageDir:
         self._make_parent(target)
         if target.exists():
             existing = read_header_or_none(target, ["SOPInstanceUID"])
-            if existing is not None and str(existing.get("SOPInstanceUID", "")) != (
-                stored.sop_instance_uid
-            ):
+            in_file = stored.file_sop_instance_uid or stored.sop_instance_uid
+            if existing is not None and str(existing.get("SOPInstanceUID", "")) != in_file:
                 raise StorageError(
                     f"layout {self.layout.template!r} maps two instances to {target}: "
                     f"{existing.get('SOPInstanceUID')} and {stored.sop_instance_uid}; "
@@ -203,8 +215,18 @@ class StagedFile:
             raise
 
     def commit(self) -> None:
-        """fsync, then rename into the layout and fsync the folder: one file, durable now."""
+        """fsync, then rename into the layout and fsync the folder: one file, durable now.
+
+        With a Deidentifier on the storage, the de-identified file is installed instead
+        (`result` stays None when the burned-in gate held the instance back).
+        """
         stored = self.finish(sync=True)
+        if self._storage.deid is not None:
+            placed = self._storage.deid.process(self.path, stored, self._storage)
+            if placed is None:
+                return
+            self.path, stored = placed
+            fsync_file(self.path)
         try:
             self._storage.install(self.path, stored)
         except BaseException:

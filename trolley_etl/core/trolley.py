@@ -196,7 +196,7 @@ class Trolley:
                 raise TrolleyError("download needs an output_dir or a Trolley with a storage")
             return self.storage
         layout = self.storage.layout.template if self.storage else DEFAULT_LAYOUT
-        return StorageDir(output_dir, layout)
+        return StorageDir(output_dir, layout, deid=self.storage.deid if self.storage else None)
 
     def fetch_all_datasets(self, objects: Iterable[Retrievable] | Retrievable) -> Iterator[Dataset]:
         """Yield each instance as a pydicom Dataset, as it arrives.

@@ -385,6 +385,90 @@ class RunSettings(StrictModel):
     )
 
 
+# --- de-identification (issue 14) -----------------------------------------------------------
+
+DeidOption = Literal[
+    "retain_safe_private", "retain_uids", "retain_device_identity",
+    "retain_institution_identity", "retain_patient_characteristics",
+    "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
+    "clean_descriptors", "clean_structured_content", "clean_graphics",
+]  # fmt: skip
+
+
+class BlankRegions(StrictModel):
+    """Rectangles to blank in the pixels of one device's at-risk instances."""
+
+    manufacturer: str = Field(min_length=1, description="matches Manufacturer (any case)")
+    model: str | None = Field(default=None, description="matches ManufacturerModelName")
+    regions: list[tuple[int, int, int, int]] = Field(
+        min_length=1, max_length=100, description="[x, y, width, height] in pixels"
+    )
+
+
+class Deid(StrictModel):
+    """De-identify every instance before it is written (PS3.15 Annex E)."""
+
+    profile: Literal["basic"] = Field(
+        default="basic", description="PS3.15 Basic Application Level Confidentiality Profile"
+    )
+    options: list[DeidOption] = Field(default_factory=list, description="PS3.15 options")
+    secret_env: EnvName = Field(description="environment variable holding the HMAC key")
+    keep_private: list[str] = Field(
+        default_factory=list, description='extra private tags to keep: (0019,"CREATOR",0C)'
+    )
+    keep: list[str] = Field(default_factory=list, description="keywords the profile would change")
+    remove: list[str] = Field(default_factory=list, description="keywords to remove as well")
+    allow_burned_in: bool = False
+    blank_regions: list[BlankRegions] = Field(default_factory=list, max_length=100)
+    date_shift_days: tuple[int, int] = Field(
+        default=(-730, -1), description="range of the per-patient date offset, in days"
+    )
+    pseudonym_map: str | None = Field(
+        default=None, description="CSV of original -> pseudonym, outside storage.root"
+    )
+
+    @field_validator("keep", "remove")
+    @classmethod
+    def _check_keywords(cls, keywords: list[str]) -> list[str]:
+        from pydicom.datadict import tag_for_keyword
+
+        for index, keyword in enumerate(keywords):
+            if tag_for_keyword(keyword) is None:
+                raise error("keyword", f"unknown DICOM keyword {keyword!r}", index)
+        return keywords
+
+    @field_validator("keep_private")
+    @classmethod
+    def _check_private(cls, tags: list[str]) -> list[str]:
+        from trolley_etl.deid.profile import parse_private_tag
+
+        for index, text in enumerate(tags):
+            try:
+                parse_private_tag(text)
+            except ValueError as exc:
+                raise error("private_tag", str(exc), index) from None
+        return tags
+
+    @field_validator("date_shift_days")
+    @classmethod
+    def _check_shift(cls, span: tuple[int, int]) -> tuple[int, int]:
+        low, high = span
+        if not -36500 <= low <= high <= 36500:
+            raise error("date_shift", "need [low, high] with -36500 <= low <= high <= 36500")
+        return span
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Deid:
+        if {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"} <= set(
+            self.options
+        ):
+            raise error("options", "choose one of the two retain_longitudinal options", "options")
+        both = sorted(set(self.keep) & set(self.remove))
+        if both:
+            raise error("keep_remove", f"in both keep and remove: {', '.join(both)}", "keep")
+        return self
+
+
 class Manifest(StrictModel):
     """A trolley-etl manifest, version 1."""
 
@@ -402,6 +486,7 @@ class Manifest(StrictModel):
     select: Select | None = None
     storage: Storage
     run: RunSettings = Field(default_factory=RunSettings)
+    deid: Deid | None = Field(default=None, description="de-identification (PS3.15 Annex E)")
 
     _base_dir: Path = PrivateAttr(default=Path("."))
 
@@ -435,6 +520,17 @@ class Manifest(StrictModel):
     @model_validator(mode="after")
     def _remember_base_dir(self, info: ValidationInfo) -> Manifest:
         self._base_dir = Path((info.context or {}).get("base_dir", ".")).absolute()
+        return self
+
+    @model_validator(mode="after")
+    def _check_pseudonym_map(self, info: ValidationInfo) -> Manifest:
+        if self.deid is not None and self.deid.pseudonym_map:
+            base = Path((info.context or {}).get("base_dir", ".")).absolute()
+            target = (base / self.deid.pseudonym_map).resolve()
+            root = (base / self.storage.root).resolve()
+            if target == root or root in target.parents:
+                raise error("pseudonym_map", "must lie outside storage.root (the export)",
+                            "deid", "pseudonym_map")  # fmt: skip
         return self
 
     @property

@@ -29,6 +29,7 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.storage import STATE_DIR
+from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.backends import describe_source
@@ -151,6 +152,7 @@ def build_report(
             "used_by_checkpoint": checkpoint.get_meta("lock_hash"),
         },
         "root": str(root),
+        "deid": deid_report_section(checkpoint.path),
         "runs": runs,
         "summary": summarise(rows, checkpoint.counts()),
         "instances": rows,

@@ -24,6 +24,8 @@ from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
+from trolley_etl.deid.engine import Deidentifier
+from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
@@ -122,6 +124,7 @@ class Runner:
         self.storage = StorageDir(self.root, manifest.storage.layout)
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
+        self.deid: Deidentifier | None = None  # set up once the checkpoint is open
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -176,9 +179,14 @@ class Runner:
             try:
                 return self._run_locked(checkpoint)
             finally:
+                if self.deid is not None:
+                    self.deid.close()
                 checkpoint.close()
 
     def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
+        self.deid = prepare_deid(self.manifest.deid, base_dir=self.manifest.base_dir,
+                                 root=self.root, checkpoint=checkpoint, run_id=self.run_id,
+                                 logger=self.log.logger)  # fmt: skip
         wanted = resolve.resolution_hash(self.manifest)
         recorded = checkpoint.get_meta("resolution_hash")
         lock = None if self.options.refresh else self._read_lock(wanted)
@@ -416,6 +424,8 @@ class Runner:
         ]  # fmt: skip
         self.log.bind(step="report")
         checkpoint.finish_run(self.run_id, status, counts)
+        if self.deid is not None:
+            self.deid.close()  # its counts and settings go into the report
         # the audit report of the whole root after this run, and the checksums beside the data
         audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
         audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
@@ -454,7 +464,13 @@ class _CheckpointWriter:
 
     def commit(self) -> None:
         stored = self._staged.finish(sync=False)  # the committer fsyncs it before the rename
-        self._sink.committer.submit(self._sink.files, self._staged.path, stored)
+        path, deid = self._staged.path, self._sink.runner.deid
+        if deid is not None:  # the received file becomes a de-identified one, or is held back
+            placed = deid.process(path, stored, self._sink.runner.storage)
+            if placed is None:
+                return
+            path, stored = placed
+        self._sink.committer.submit(self._sink.files, path, stored)
 
     def abort(self) -> None:
         self._staged.abort()

@@ -538,3 +538,101 @@ def large_series_instances(
         produced += inst.size
         index += 1
         yield inst
+
+
+# --------------------------------------------------------------------------- de-identification
+#: Patients of :func:`deid_cohort`: ID -> name (identifying values a test scans exports for).
+DEID_PATIENTS: dict[str, str] = {"DEID001": "Kowalski^Jan^Maria", "DEID002": "Nakamura^Yuki"}
+#: Values only the de-identification cohort holds; none may appear in a de-identified export.
+DEID_IDENTIFIERS = {
+    "OtherPatientIDs": "OLDID4711",
+    "InstitutionName": "St Elsewhere Hospital",
+    "ReferringPhysicianName": "Referrer^Rupert",
+    "PerformingPhysicianName": "Performer^Paula",
+}
+#: Safe private attribute (PS3.15 Table E.3.10-1) the cohort carries: B value 1000.
+DEID_SAFE_PRIVATE = (0x0019, "SIEMENS MR HEADER", 0x0C, "IS", "1000")
+
+
+def _with_changes(inst: GeneratedInstance, change: Any) -> GeneratedInstance:
+    """The instance re-encoded after `change(dataset)` edited it."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(inst.data))
+    change(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return GeneratedInstance(**{**inst.__dict__, "data": buf.getvalue()})
+
+
+def deid_cohort() -> list[GeneratedInstance]:
+    """A small cohort for de-identification tests, 2 patients, 3 studies, 9 instances.
+
+    * DEID001 (two studies 45 days apart: 20220301 and 20220415), DEID002 (20210101).
+    * Identifying values everywhere: names, IDs, OtherPatientIDs, accession numbers,
+      institution and physician names (:data:`DEID_IDENTIFIERS`), dates, UIDs.
+    * Study 1 instance 1 carries the safe private B value (:data:`DEID_SAFE_PRIVATE`) and
+      the unsafe "TROLLEY TEST" block; study 2 has an RLE series, a multi-frame object and a
+      derived CT whose ReferencedImageSequence and SourceImageSequence point at study 1
+      instance 1; study 3 holds a Secondary Capture without BurnedInAnnotation (at risk).
+    """
+    from pydicom.dataset import Dataset as _Dataset
+    from pydicom.sequence import Sequence as _Sequence
+
+    def common(ds: Dataset) -> None:
+        ds.OtherPatientIDs = DEID_IDENTIFIERS["OtherPatientIDs"]
+        ds.InstitutionName = DEID_IDENTIFIERS["InstitutionName"]
+        ds.ReferringPhysicianName = DEID_IDENTIFIERS["ReferringPhysicianName"]
+        ds.PerformingPhysicianName = DEID_IDENTIFIERS["PerformingPhysicianName"]
+        ds.PatientBirthDate = "19610203"
+
+    def base(acc: str, pid: str, date: str, series: int, number: int, **kw: Any) -> Any:
+        return make_instance(
+            patient_id=pid, patient_name=DEID_PATIENTS[pid], study_uid=test_uid("deid", acc),
+            series_uid=test_uid("deid", acc, series), sop_uid=test_uid("deid", acc, series, number),
+            study_date=date, study_time="101500", accession_number=acc,
+            study_description=f"Study of {DEID_PATIENTS[pid].split('^')[0]}",
+            series_description="series", series_number=series + 1, instance_number=number, **kw,
+        )  # fmt: skip
+
+    out: list[GeneratedInstance] = []
+    first = base("DACC01", "DEID001", "20220301", 0, 1, modality="CT", private=True)
+
+    def add_private(ds: Dataset) -> None:
+        common(ds)
+        group, creator, element, vr, value = DEID_SAFE_PRIVATE
+        ds.private_block(group, creator, create=True).add_new(element, vr, value)
+
+    out.append(_with_changes(first, add_private))
+    out.append(_with_changes(base("DACC01", "DEID001", "20220301", 0, 2, modality="CT"), common))
+    for number in (1, 2):
+        rle = base("DACC02", "DEID001", "20220415", 0, number, modality="MR", compressed=True)
+        out.append(_with_changes(rle, common))
+    multi = base("DACC02", "DEID001", "20220415", 1, 1, modality="OT", frames=4)
+    out.append(_with_changes(multi, common))
+
+    def references(ds: Dataset) -> None:
+        common(ds)
+        ref = _Dataset()
+        ref.ReferencedSOPClassUID = first.sop_class_uid
+        ref.ReferencedSOPInstanceUID = first.sop_uid
+        ds.ReferencedImageSequence = _Sequence([ref])
+        source = _Dataset()
+        source.ReferencedSOPClassUID = first.sop_class_uid
+        source.ReferencedSOPInstanceUID = first.sop_uid
+        ds.SourceImageSequence = _Sequence([source])
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+
+    derived = base("DACC02", "DEID001", "20220415", 2, 1, modality="CT")
+    out.append(_with_changes(derived, references))
+    for number in (1, 2):
+        out.append(_with_changes(base("DACC03", "DEID002", "20210101", 0, number, modality="CT"),
+                                 common))  # fmt: skip
+
+    def unflagged(ds: Dataset) -> None:
+        common(ds)
+        del ds.BurnedInAnnotation
+
+    screenshot = base("DACC03", "DEID002", "20210101", 1, 1, modality="OT")
+    out.append(_with_changes(screenshot, unflagged))
+    return out
