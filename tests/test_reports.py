@@ -71,8 +71,8 @@ def stored(manifest: Path) -> list[dict]:
 
 
 def test_metadata_instance_rows_match_the_stored_headers(pulled: Path) -> None:
-    result = trolley("metadata", str(pulled), "--fields",
-                     "PatientID,AccessionNumber,SOPInstanceUID,Modality,Rows,InstanceNumber")  # fmt: skip
+    fields = "PatientID,AccessionNumber,SOPInstanceUID,Modality,Rows,InstanceNumber"
+    result = trolley("metadata", str(pulled), "--fields", fields)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     files = stored(pulled)
@@ -139,3 +139,121 @@ def test_parquet_without_pyarrow_says_which_extra_to_install(monkeypatch) -> Non
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(metadata.MetadataError, match=r"trolley-etl\[parquet\]"):
         metadata.write_table(iter([]), ["path"], "parquet", Path("x.parquet"), sys.stdout)
+
+
+# --- HTML and Markdown reports ------------------------------------------------------------------
+
+
+@pytest.fixture
+def with_failure(pulled: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the pulled root where one study's item failed: (manifest, its accession)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pulled.parent, copy)
+    checkpoint = Checkpoint(copy / "data" / ".trolley" / "checkpoint.sqlite")
+    try:
+        study = next(r for r in checkpoint.study_rows() if r.accession_number == "ACC1004")
+        item = next(i for i in checkpoint.items() if i.reference.study_uid == study.study_uid)
+        checkpoint.mark_failed(item.item_id, "HTTPError: 503 Service Unavailable")
+    finally:
+        checkpoint.close()
+    return copy / "pull.yaml", "ACC1004"
+
+
+def test_html_report_renders_offline_in_chromium_with_the_checkpoint_numbers(
+    with_failure: tuple[Path, str], tmp_path: Path
+) -> None:
+    from trolley_etl.testing.browser import Page, find_chromium
+
+    if find_chromium() is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    manifest, failed_accession = with_failure
+    page_file = tmp_path / "report.html"
+    result = trolley("report", str(manifest), "--format", "html", "--output", str(page_file))
+    assert result.returncode == 0, result.stderr
+    text = page_file.read_text()
+    assert "<link" not in text and " src=" not in text and "@import" not in text  # self-contained
+    files = stored(manifest)
+    checkpoint = Checkpoint(manifest.parent / "data" / ".trolley" / "checkpoint.sqlite")
+    try:
+        studies = {r.study_uid: r for r in checkpoint.study_rows()}
+    finally:
+        checkpoint.close()
+    per_study = Counter(f["study_uid"] for f in files)
+
+    with Page() as page:
+        page.open(page_file)
+        js = page.evaluate
+        assert int(js("document.getElementById('total-instances').textContent")) == len(files)
+        rows = js("""Array.from(document.querySelectorAll('#studies tbody tr')).map(r => (
+            {uid: r.dataset.study, cells: Array.from(r.cells).map(c => c.textContent)}))""")
+        assert {r["uid"] for r in rows} == set(studies)
+        for row in rows:
+            accession, patient, date, _, _, instances, _, status, query_set = row["cells"]
+            study = studies[row["uid"]]
+            assert (accession, patient, date, query_set) == (
+                study.accession_number,
+                study.patient_id,
+                study.study_date,
+                study.query_set,
+            )
+            assert int(instances) == per_study[row["uid"]]
+            assert status == ("failed" if accession == failed_accession else "stored")
+        funnel = js("""Object.fromEntries(Array.from(document.querySelectorAll('[data-funnel]'))
+                       .map(c => [c.dataset.funnel, c.textContent]))""")
+        assert funnel["stored"] == str(len(studies) - 1) and funnel["failed"] == "1"
+        assert funnel["selected"] == str(len(studies)) and funnel["requested"] == "unknown"
+        modality_chart = js("""Object.fromEntries(Array.from(document.querySelectorAll(
+            'figure:first-child svg text.value')).map(t => [t.dataset.label, t.textContent]))""")
+        assert modality_chart == {
+            m: str(n) for m, n in Counter(f["modality"] for f in files).items()
+        }
+        failures = js(
+            "Array.from(document.querySelectorAll('#failures tbody tr'))"
+            ".map(r => r.cells[0].textContent + ' ' + r.cells[5].textContent)"
+        )
+        assert failures == [f"{failed_accession} HTTPError: 503 Service Unavailable"]
+        assert int(js("document.getElementById('shown').textContent")) == len(studies)
+        # filter, then sort by date descending (two clicks), as a person would
+        js("""(() => {const f = document.getElementById('filter'); f.value = 'TRL002';
+              f.dispatchEvent(new Event('input'));})()""")
+        visible = js(
+            "Array.from(document.querySelectorAll('#studies tbody tr'))"
+            ".filter(r => !r.hidden).map(r => r.cells[1].textContent)"
+        )
+        assert visible and set(visible) == {"TRL002"}
+        assert len(visible) == sum(1 for s in studies.values() if s.patient_id == "TRL002")
+        js("document.querySelectorAll('#studies th')[2].click()")
+        js("document.querySelectorAll('#studies th')[2].click()")
+        dates = js(
+            "Array.from(document.querySelectorAll('#studies tbody tr'))"
+            ".map(r => r.cells[2].textContent)"
+        )
+        assert dates == sorted((s.study_date for s in studies.values()), reverse=True)
+        runs = js("document.querySelectorAll('#runs tbody tr').length")
+        assert runs == 1 and js("document.querySelectorAll('svg polyline').length") == 1
+        assert page.errors == []
+        assert [m for m in page.console if m["type"] in ("error", "warning", "assert")] == []
+
+
+def test_markdown_summary_goes_to_stdout_and_the_ci_job_summary(
+    with_failure: tuple[Path, str], tmp_path: Path
+) -> None:
+    manifest, failed_accession = with_failure
+    summary_file = tmp_path / "step-summary.md"
+    summary_file.write_text("earlier step\n")
+    result = trolley("report", str(manifest), "--format", "md",
+                     env={"GITHUB_STEP_SUMMARY": str(summary_file)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    files = stored(manifest)
+    assert f"{len(files)} instances" in text
+    assert "| requested | found | selected | stored | incomplete | failed |" in text
+    assert "| unknown | unknown | 5 | 4 | unknown | 1 |" in text
+    failed_line = next(
+        line for line in text.splitlines() if line.startswith(f"| {failed_accession}")
+    )
+    assert "| TRL002 | failed | HTTPError: 503 Service Unavailable |" in failed_line
+    assert summary_file.read_text() == "earlier step\n" + text + "\n"
+    assert len(text) < 3000
