@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -257,3 +258,54 @@ def test_markdown_summary_goes_to_stdout_and_the_ci_job_summary(
     assert "| TRL002 | failed | HTTPError: 503 Service Unavailable |" in failed_line
     assert summary_file.read_text() == "earlier step\n" + text + "\n"
     assert len(text) < 3000
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+
+def test_plan_table_json_and_csv_show_counts_and_unknowns(
+    orthanc: OrthancServer, cohort, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, orthanc.url)
+    expected = [c for c in cohort if c.patient_id.startswith("TRL00")]
+    per_study = Counter(c.accession_number for c in expected)
+    series = {
+        a: len({c.series_uid for c in expected if c.accession_number == a}) for a in per_study
+    }
+
+    as_json = trolley("plan", str(manifest), "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    plan = json.loads(as_json.stdout)
+    rows = {r["accession_number"]: r for r in plan["studies"]}
+    assert {a: r["instances"] for a, r in rows.items()} == per_study
+    assert {a: r["series_total"] for a, r in rows.items()} == series
+    assert rows["ACC1003"]["modalities"] == "CT\\MR" and rows["ACC1003"]["patient_id"] == "TRL002"
+    assert plan["totals"]["instances"] == len(expected)
+    # nothing pulled into this root yet: no basis for a size estimate
+    assert plan["totals"]["estimated_bytes"] is None
+    assert all(r["estimated_bytes"] is None for r in rows.values())
+
+    table = trolley("plan", str(manifest))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["query", "set", "accession", "patient", "ID", "date",
+                                "modalities", "series", "instances", "est.", "size"]  # fmt: skip
+    acc = next(line for line in lines if "ACC1001" in line).split()
+    assert acc[:4] == ["trial", "ACC1001", "TRL001", "20230115"]
+    assert acc[-2:] == [str(per_study["ACC1001"]), "unknown"]
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert total[-2:] == [str(len(expected)), "unknown"] and " 0 " not in f" {' '.join(total)} "
+    assert lines[-1] == f"{len(per_study)} studies, {len(per_study)} retrieval items"
+
+    as_csv = list(csv.DictReader(io.StringIO(trolley("plan", str(manifest), "--format",
+                                                     "csv").stdout)))  # fmt: skip
+    assert {r["accession_number"]: int(r["instances"]) for r in as_csv} == per_study
+    assert all(r["estimated_bytes"] == "" for r in as_csv)
+
+
+def test_plan_estimates_sizes_from_an_earlier_pull(pulled: Path) -> None:
+    files = stored(pulled)
+    average = sum(f["size"] for f in files) / len(files)
+    plan = json.loads(trolley("plan", str(pulled), "--format", "json").stdout)
+    for row in plan["studies"]:
+        assert row["estimated_bytes"] == round(row["instances"] * average)

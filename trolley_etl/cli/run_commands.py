@@ -41,7 +41,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     plan = subparsers.add_parser("plan", help="run the search step and print what would be pulled")
     _common(plan)
-    plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.add_argument("--format", choices=("table", "json", "csv", "text"), default="table",
+                      help="table (or text) for people, json or csv for scripts")  # fmt: skip
     plan.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
     plan.set_defaults(handler=run_plan)
 
@@ -129,26 +130,18 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def _print_plan(runner: Runner, style: str) -> None:
-    rows = []
-    for found in runner.found:
-        study = found.study
-        rows.append({
-            "query_set": found.query_set,
-            "study_uid": study.uid,
-            "accession_number": str(study.data.get("AccessionNumber", "")),
-            "patient_id": str(study.data.get("PatientID", "")),
-            "study_date": str(study.data.get("StudyDate", "")),
-            "series": len(study.series) if study.series is not None else None,
-            "instances": len(study.all_instances()) if study.series else None,
-        })  # fmt: skip
-    if style == "json":
-        print(json.dumps({"studies": rows, "items": len(runner.references)}, indent=2))
-        return
-    for row in rows:
-        known = "".join(f"  {row[k]} {k}" for k in ("series", "instances") if row[k] is not None)
-        print(f"{row['query_set']:<16} {row['study_date']:<8} {row['accession_number']:<16} "
-              f"{row['study_uid']}{known}")  # fmt: skip
-    print(f"{len(rows)} studies, {len(runner.references)} retrieval items")
+    from trolley_etl.reports.plan import average_instance_size, plan_row, render_plan
+
+    counts = None  # an earlier pull into the root tells the average size of an instance
+    if (state_dir(runner.root) / CHECKPOINT_NAME).exists():
+        checkpoint = open_checkpoint(runner.root)
+        try:
+            counts = checkpoint.counts()
+        finally:
+            checkpoint.close()
+    average = average_instance_size(counts)
+    rows = [plan_row(found.query_set, found.study, average) for found in runner.found]
+    sys.stdout.write(render_plan(rows, len(runner.references), style))
 
 
 def run_run(args: argparse.Namespace) -> int:
