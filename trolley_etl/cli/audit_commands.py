@@ -64,6 +64,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from trolley_etl.core.relative_dates import resolved_ranges
     from trolley_etl.runner import lockfile, resolve
     from trolley_etl.runner.run import Runner
 
@@ -88,6 +89,7 @@ def run_lock(args: argparse.Namespace) -> int:
             [(found.query_set, found.study.uid) for found in runner.found],
             runner.references,
         )
+        lock.resolved_dates = resolved_ranges(manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(path, lock)
     except TrolleyError as exc:
         log.logger.error("lock.failed", error_type=type(exc).__name__, error=str(exc))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import STATE_DIR
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic
@@ -83,6 +84,7 @@ def run_provenance(
         "root": str(root),
         "search": describe_source(manifest.source.search),
         "download": describe_source(manifest.source.effective_download),
+        **({"resolved_dates": dates} if (dates := resolved_ranges(manifest)) else {}),
     }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
@@ -286,6 +287,7 @@ class Runner:
             self.manifest.name, resolve.resolution_hash(self.manifest),
             [(f.query_set, f.study.uid) for f in kept], references,
         )  # fmt: skip
+        fresh.resolved_dates = resolved_ranges(self.manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(self.lock_path, fresh)
         sha = lockfile.lock_hash(self.lock_path)
         self.log.logger.info("lock.written" if changed else "lock.unchanged",
