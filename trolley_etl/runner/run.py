@@ -70,6 +70,7 @@ class RunOptions:
     dry_run: bool = False
     quiet: bool = False
     progress: bool = True
+    progress_lines: bool = False  # `--no-progress` on a terminal: plain lines, no redraws
     run_id: str | None = None
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
 
@@ -310,7 +311,12 @@ class Runner:
     def _download(self, trolley: Trolley, checkpoint: Checkpoint) -> None:
         todo = checkpoint.items([PENDING, FAILED])
         with self.step("download", items=len(todo), workers=self.workers) as outcome:
-            progress = Progress(len(todo), enabled=self.options.progress and not self.options.quiet)
+            progress = Progress(
+                len(todo),
+                enabled=self.options.progress and not self.options.quiet,
+                lines=self.options.progress_lines and not self.options.quiet,
+            )
+            self.log.show_status_in(progress)  # retries and waits: the display's status line
             pending = iter(todo)
             running: dict[Future[None], Item] = {}
             committer = Committer(self.storage, checkpoint, progress, source=self.source,
@@ -333,8 +339,10 @@ class Runner:
                     self.log.logger.warning("run.interrupted", waiting_for=len(running))
                     wait(running)
                     progress.close()
+                    self.log.show_status_in(None)
                     raise
             progress.close()
+            self.log.show_status_in(None)
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
     def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
