@@ -309,3 +309,27 @@ def test_plan_estimates_sizes_from_an_earlier_pull(pulled: Path) -> None:
     plan = json.loads(trolley("plan", str(pulled), "--format", "json").stdout)
     for row in plan["studies"]:
         assert row["estimated_bytes"] == round(row["instances"] * average)
+
+
+# --- a run's own report -------------------------------------------------------------------------
+
+
+def test_a_runs_saved_report_holds_its_changes_not_every_instance(pulled: Path) -> None:
+    reports = pulled.parent / "data" / ".trolley" / "reports"
+    (first,) = [p for p in reports.glob("*.json") if not p.name.startswith("report-")]
+    files = stored(pulled)
+    report = json.loads(first.read_text())
+    assert "instances" not in report and report["not_stored"] == []
+    assert report["changed"]["instances"] == len(files)
+    assert report["changed"]["bytes"] == sum(f["size"] for f in files)
+    assert report["summary"]["instances"] == len(files) and len(report["runs"]) == 1
+
+    rerun = trolley("run", str(pulled), "--log-format", "json")
+    assert rerun.returncode == 0, rerun.stderr
+    run_id = json.loads(rerun.stderr.splitlines()[0])["run_id"]
+    again = reports / f"{run_id}.json"
+    noop = json.loads(again.read_text())
+    assert noop["changed"] == {"instances": 0, "bytes": 0, "studies": {}}
+    assert noop["status"] == "complete" and noop["runs"][0]["run_id"] == run_id
+    full = trolley("report", str(pulled)).stdout
+    assert again.stat().st_size < len(full) / 2  # the summary, not another copy of every row

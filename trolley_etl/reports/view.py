@@ -102,7 +102,8 @@ def _worst(states: dict[str, int]) -> str:
 
 def build_view(report: dict[str, Any]) -> ReportView:
     summary = report.get("summary", {})
-    rows: list[dict[str, Any]] = report.get("instances", [])
+    # a run's own report lists only the rows not stored (reports.run_report)
+    rows: list[dict[str, Any]] = report.get("instances", report.get("not_stored", []))
     series_of: dict[str, set[str]] = {}
     for row in rows:
         if row.get("series_uid"):

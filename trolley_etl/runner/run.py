@@ -26,6 +26,7 @@ from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
+from trolley_etl.reports.run_report import run_report
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import (
@@ -429,7 +430,8 @@ class Runner:
         # the audit report of the whole root after this run, and the checksums beside the data
         audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
         audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
-        report_path = report.save_report(self.root, report.report_json(audit),
+        small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
+        report_path = report.save_report(self.root, report.report_json(small),
                                          f"{self.run_id}.json")  # fmt: skip
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
         self.log.logger.info("report.written", report=str(report_path),
