@@ -333,3 +333,34 @@ def test_a_runs_saved_report_holds_its_changes_not_every_instance(pulled: Path) 
     assert noop["status"] == "complete" and noop["runs"][0]["run_id"] == run_id
     full = trolley("report", str(pulled)).stdout
     assert again.stat().st_size < len(full) / 2  # the summary, not another copy of every row
+
+
+# --- CI examples --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["github-actions.yml", "gitlab-ci.yml"])
+def test_ci_examples_are_valid_yaml_with_commands_that_parse(name: str) -> None:
+    import shlex
+
+    import yaml
+
+    from trolley_etl.cli.main import build_parser
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / name
+    pipeline = yaml.safe_load(path.read_text())
+    assert isinstance(pipeline, dict)
+    text = path.read_text()
+    assert "PACS_PASSWORD" in text  # secrets come from the CI's store, never as values
+    assert all("secrets." in line for line in text.splitlines() if "PASSWORD:" in line)
+    commands = [line.strip().removeprefix("- ").removeprefix("run: ")
+                for line in text.splitlines() if "trolley-etl " in line and not
+                line.strip().startswith("#")]  # fmt: skip
+    used = set()
+    for command in commands:
+        words = shlex.split(command[command.index("trolley-etl ") :])[1:]
+        words = [w.replace("$MANIFEST", "m.yaml").replace("$ROOT", "/r") for w in words]
+        if "*" in " ".join(words):
+            words = [w for w in words if "*" not in w] + ["m.yaml"]
+        args = build_parser().parse_args(words)  # exits (fails the test) on a bad option
+        used.add((args.command, getattr(args, "format", None)))
+    assert {("validate", None), ("run", None), ("report", "html"), ("report", "md")} <= used
