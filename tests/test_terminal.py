@@ -44,13 +44,14 @@ run:
     return path
 
 
-def on_terminal(*args: str, timeout: float = 120) -> tuple[int, str]:
+def on_terminal(*args: str, timeout: float = 120, env: dict[str, str] | None = None
+                ) -> tuple[int, str]:  # fmt: skip
     """Run trolley-etl with stdout and stderr on a pseudo-terminal; (exit code, output)."""
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120
     proc = subprocess.Popen([sys.executable, "-m", "trolley_etl", *args],
                             stdin=subprocess.DEVNULL, stdout=child, stderr=child,
-                            env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+                            env={**os.environ, "COLUMNS": "120", **(env or {})})  # fmt: skip
     os.close(child)
     output = b""
     deadline = time.monotonic() + timeout
@@ -101,8 +102,11 @@ def test_run_on_a_terminal_shows_a_bar_no_item_lines_and_a_summary(manifest: Pat
 
 
 def test_quiet_prints_only_the_summary(manifest: Path) -> None:
-    code, out = on_terminal("run", str(manifest), "--quiet")
+    job_page = manifest.parent / "step-summary.md"
+    code, out = on_terminal("run", str(manifest), "--quiet",
+                            env={"GITHUB_STEP_SUMMARY": str(job_page)})  # fmt: skip
     assert code == 0, out
+    assert job_page.read_text().startswith("## ✅ trolley-etl: terminal-test")  # CI job page
     lines = [line for line in out.splitlines() if line.strip()]
     assert lines[0].startswith("complete: 5 studies") and "\r" not in out.replace("\r\n", "")
     assert len(lines) == 2 and lines[1].startswith("report: ")
