@@ -113,6 +113,15 @@ def _failures(view: ReportView) -> str:
                   rows, "failures")  # fmt: skip
 
 
+def _unmatched(view: ReportView) -> str:
+    if not view.unmatched:
+        return ""
+    rows = ["<tr>" + _cell(name) + _cell(row if row is not None else "") + _cell(value) + "</tr>"
+            for name, row, value in view.unmatched]  # fmt: skip
+    table = _table(["query set", "cohort row", "value"], rows, "unmatched")
+    return f"<h2>Cohort rows that matched no study</h2>{table}"
+
+
 def _drift(view: ReportView) -> str:
     rows = []
     for run in view.runs:
@@ -168,7 +177,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"</figcaption>{by_modality}</figure><figure><figcaption>Studies by month"
         f"</figcaption>{by_month}</figure></div>"
         f"<h2>Studies</h2>{_studies(view)}"
-        f"<h2>Failures</h2>{_failures(view)}"
+        f"<h2>Failures</h2>{_failures(view)}{_unmatched(view)}"
         f"<h2>Lock drift</h2>{_drift(view)}"
         f"<h2>Runs</h2>{_runs(view)}"
         f"<script>{_SCRIPT}</script></body></html>\n"

@@ -47,6 +47,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         if len(view.failures) > MAX_FAILURES:
             lines.append(f"\n… and {len(view.failures) - MAX_FAILURES} more: see the full report.")
         lines.append("")
+    if view.unmatched:
+        lines.append(f"**{len(view.unmatched)} cohort rows matched no study**: "
+                     + ", ".join(f"{_md(value)} ({_md(name)})"
+                                 for name, _, value in view.unmatched[:MAX_FAILURES])
+                     + (" …" if len(view.unmatched) > MAX_FAILURES else ""))  # fmt: skip
+        lines.append("")
     if view.runs:
         lines += ["### Runs", "", "| run | status | started | finished | files |",
                   "|---|---|---|---|---:|"]  # fmt: skip

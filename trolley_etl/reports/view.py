@@ -69,6 +69,8 @@ class ReportView:
     instances: int
     bytes: int
     by_status: dict[str, int]
+    #: cohort rows that matched no study: (query set, row, value), when the report says
+    unmatched: list[tuple[str, Any, Any]] = field(default_factory=list)
 
 
 def _parse_time(text: str) -> dt.datetime | None:
@@ -133,6 +135,13 @@ def build_view(report: dict[str, Any]) -> ReportView:
             expected_instances=expect if isinstance(expect, int) else None,
             bytes=int(study.get("bytes", 0)), status=_worst(study.get("status", {})),
         ))  # fmt: skip
+    for study_line in studies:  # fewer files than the archive said it holds: not complete
+        short = (
+            study_line.expected_instances is not None
+            and study_line.instances < study_line.expected_instances
+        )
+        if short and study_line.status == "stored":
+            study_line.status = "incomplete"
     studies.sort(key=lambda s: (s.study_date, s.accession_number, s.study_uid))
 
     failures = []
@@ -168,18 +177,27 @@ def build_view(report: dict[str, Any]) -> ReportView:
             throughput=line,
         ))  # fmt: skip
 
+    expected_known = any(s.expected_instances is not None for s in studies)
     cohort = report.get("cohort")
+    unmatched = [
+        (name, entry.get("row"), entry.get("value"))
+        for name, per_set in (cohort.items() if isinstance(cohort, dict) else [])
+        if isinstance(per_set, dict)
+        for entry in per_set.get("unmatched") or []
+        if isinstance(entry, dict)
+    ]
     found = _sum_cohort(cohort, "studies_found")
     dropped = _sum_cohort(cohort, "dropped_by_select")
     stored = sum(1 for s in studies if s.status == "stored")
-    failed = sum(1 for s in studies if s.status != "stored")
+    failed = sum(1 for s in studies if s.status not in ("stored", "incomplete"))
     funnel: list[tuple[str, int | None]] = [
         ("requested", _sum_cohort(cohort, "requested")),
         ("found", found),
         ("selected", found - dropped if found is not None and dropped is not None
          else len(studies)),
         ("stored", _sum_cohort(cohort, "stored") if cohort else stored),
-        ("incomplete", _sum_cohort(cohort, "incomplete") if cohort else None),
+        ("incomplete", _sum_cohort(cohort, "incomplete") if cohort else
+         (sum(1 for s in studies if s.status == "incomplete") if expected_known else None)),
         ("failed", _sum_cohort(cohort, "failed") if cohort else failed),
     ]  # fmt: skip
     by_month = Counter(s.study_date[:4] + "-" + s.study_date[4:6] for s in studies
@@ -200,6 +218,7 @@ def build_view(report: dict[str, Any]) -> ReportView:
         instances=int(summary.get("instances", 0)),
         bytes=int(summary.get("bytes", 0)),
         by_status=dict(summary.get("by_status", {})),
+        unmatched=unmatched,
     )
 
 
