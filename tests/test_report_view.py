@@ -17,8 +17,8 @@ def report(**extra: object) -> dict:
         for n in range(3)
     ]  # fmt: skip
     by_study = {"1.1": {"instances": 3, "bytes": 30, "modalities": ["CT"],
-                        "status": {"stored": 3}, "patient_id": "P1",
-                        "accession_number": "A1", "study_date": "20240105", "query_set": "q"}}  # fmt: skip
+                        "status": {"stored": 3}, "patient_id": "P1", "accession_number": "A1",
+                        "study_date": "20240105", "query_set": "q"}}  # fmt: skip
     return {
         "manifest": {"name": "m"}, "root": "/r", "generated_at": "t",
         "runs": [{"run_id": "r1", "status": "complete", "started_at": "2024-02-01T10:00:00+00:00",
