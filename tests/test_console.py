@@ -96,4 +96,4 @@ def test_status_counts_attempts_as_the_logs_show_them(tmp_path: Path) -> None:
     assert problem["attempts"] == 3 and problem["accession_number"] == "ACC9"
     assert status["query_sets"]["trial"]["items"] == {"failed": 1}
     text = render_status(status)
-    assert "failed ACC9 P1 after 3 attempt(s): HTTPError: 503" in text
+    assert "failed ACC9 P1 study 1.2.3 series 1.2.3.4 after 3 attempt(s): HTTPError: 503" in text

@@ -60,6 +60,16 @@ def attempts_from_logs(logs_dir: Path, wanted: set[tuple[str, str, str]]) -> Cou
     return tries
 
 
+def _describe(reference: Any) -> str:
+    """`study 1.2 series 1.2.3 instance 1.2.3.4`: the UIDs a person can search for."""
+    parts = [f"study {reference.study_uid}"]
+    for level in ("series", "instance"):
+        uid = getattr(reference, f"{level}_uid", "")
+        if uid:
+            parts.append(f"{level} {uid}")
+    return " ".join(parts)
+
+
 def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, Any]:
     from trolley_etl.runner.checkpoint import state_dir
 
@@ -91,7 +101,7 @@ def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, A
     for item in listed:
         study = studies.get(item.reference.study_uid)
         problems.append({
-            "state": item.state, "reference": str(item.reference),
+            "state": item.state, "reference": _describe(item.reference),
             "accession_number": study.accession_number if study else "",
             "patient_id": study.patient_id if study else "",
             "attempts": max(item.attempts, tries.get(keys[item.item_id], 0)),
@@ -137,8 +147,8 @@ def render_status(status: dict[str, Any]) -> str:
     problems = status["not_done"]
     for item in problems[:MAX_LISTED]:
         who = " ".join(x for x in (item["accession_number"], item["patient_id"]) if x)
-        lines.append(f"  {item['state']} {who or item['reference']} after {item['attempts']} "
-                     f"attempt(s): {item['error'] or '-'}")  # fmt: skip
+        lines.append(f"  {item['state']} {who + ' ' if who else ''}{item['reference']} after "
+                     f"{item['attempts']} attempt(s): {item['error'] or '-'}")  # fmt: skip
     if len(problems) > MAX_LISTED:
         lines.append("  ... and more: `trolley-etl report MANIFEST --format csv` lists them all")
     return "\n".join(lines) + "\n"
