@@ -290,6 +290,8 @@ def test_plan_table_json_and_csv_show_counts_and_unknowns(
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["query", "set", "accession", "patient", "ID", "date",
                                 "modalities", "series", "instances", "est.", "size"]  # fmt: skip
+    dates = [line.split()[3] for line in lines if line.startswith("trial ")]
+    assert dates == sorted(dates) and len(dates) == len(per_study)  # by date, as people scan
     acc = next(line for line in lines if "ACC1001" in line).split()
     assert acc[:4] == ["trial", "ACC1001", "TRL001", "20230115"]
     assert acc[-2:] == [str(per_study["ACC1001"]), "unknown"]

@@ -122,7 +122,15 @@ def render_table(rows: list[dict[str, Any]], items: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def sorted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Query sets in manifest order, then by date and accession: how people scan a list."""
+    order = {name: i for i, name in reversed(list(enumerate(r["query_set"] for r in rows)))}
+    return sorted(rows, key=lambda r: (order[r["query_set"]], r["study_date"],
+                                       r["accession_number"], r["study_uid"]))  # fmt: skip
+
+
 def render_plan(rows: list[dict[str, Any]], items: int, style: str) -> str:
+    rows = sorted_rows(rows)
     if style == "json":
         return json.dumps({"studies": rows, "totals": totals(rows), "items": items},
                           indent=2) + "\n"  # fmt: skip
