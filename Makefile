@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-data
 PEERS_VENV ?= bench/.peers-venv
 BENCH_ARGS ?=
 
-.PHONY: setup system-packages test test-fast lint format demo bench clean
+.PHONY: setup system-packages test test-fast lint format demo demo-archive bench clean
 
 system-packages:
 	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
@@ -47,6 +47,11 @@ format: setup
 
 demo: setup
 	$(BIN)/python -m trolley_etl.testing.demo --manifest manifests/demo.yaml
+
+# The seeded demo archive on the demo manifest's addresses, until Ctrl-C: try plan, lock,
+# run, status, report and doctor by hand from another terminal (after `. .venv/bin/activate`).
+demo-archive: setup
+	$(BIN)/python -m trolley_etl.testing.demo_archive --manifest manifests/demo.yaml
 
 # The peer tools get their own virtual environment, so their dependencies never mix with ours.
 $(PEERS_VENV)/.installed:

@@ -93,7 +93,7 @@ def test_status_loads_neither_pydicom_nor_the_runner(tmp_path) -> None:
     loaded, output = loaded_after(status_code(manifest, root))
     assert loaded == []
     assert "status-imports: 2 done, 0 pending, 1 failed" in output
-    assert f"instance_uid='{SERIES}.3') after 1 attempt(s): HTTP 404" in output
+    assert f"instance {SERIES}.3 after 1 attempt(s): HTTP 404" in output
     assert output.endswith("exit 1")  # an item failed
 
 

@@ -388,10 +388,11 @@ def test_terminal_gets_readable_logs_and_a_progress_bar(archive, expected, tmp_p
     manifest = write_manifest(tmp_path, archive.url, workers=1)
     code, screen = _run_on_a_terminal(manifest)
     assert code == 0, screen
-    assert "step.start" in screen and '{"timestamp"' not in screen  # console renderer, not JSON
-    assert f"{len(expected)} instances" in screen and "MiB" in screen and "item/s" in screen
+    assert "search..." in screen and '{"timestamp"' not in screen  # for people, not JSON
+    assert f"{len(expected)} instances" in screen and "KiB" in screen and "items" in screen
     quiet_code, quiet_screen = _run_on_a_terminal(
         write_manifest(tmp_path / "quiet", archive.url), "--quiet"
     )
     assert quiet_code == 0
-    assert "instances" not in quiet_screen and "step.start" not in quiet_screen
+    assert "%|" not in quiet_screen and "search..." not in quiet_screen  # no bar, no steps
+    assert quiet_screen.startswith("complete: 3 studies")  # only the closing summary

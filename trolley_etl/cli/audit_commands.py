@@ -44,7 +44,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
     rep = subparsers.add_parser("report", help="the audit report of what was pulled")
     _common(rep)
-    rep.add_argument("--format", choices=("json", "csv"), default="json")
+    rep.add_argument("--format", choices=("json", "csv", "html", "md"), default="json")
     rep.add_argument("--output", "-o", type=Path, help="write it to this file, not stdout")
     rep.set_defaults(handler=run_report)
 
@@ -64,6 +64,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from trolley_etl.core.relative_dates import resolved_ranges
     from trolley_etl.runner import lockfile, resolve
     from trolley_etl.runner.run import Runner
 
@@ -88,6 +89,7 @@ def run_lock(args: argparse.Namespace) -> int:
             [(found.query_set, found.study.uid) for found in runner.found],
             runner.references,
         )
+        lock.resolved_dates = resolved_ranges(manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(path, lock)
     except TrolleyError as exc:
         log.logger.error("lock.failed", error_type=type(exc).__name__, error=str(exc))
@@ -120,7 +122,10 @@ def run_report(args: argparse.Namespace) -> int:
         audit = report.build_report(checkpoint, manifest, args.manifest, root)
     finally:
         checkpoint.close()
-    text = report.report_json(audit) if args.format == "json" else report.report_csv(audit)
+    from trolley_etl.reports.render import append_job_summary, render
+
+    text = render(audit, args.format)  # json, csv, html (one page), md (CI summary)
+    append_job_summary(audit)
     saved = report.save_report(root, text, report.report_name(args.format))
     if args.output:
         write_atomic(args.output, text)

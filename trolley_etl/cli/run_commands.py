@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, stat
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
-    from trolley_etl.runner.run import Runner, RunOptions
+    from trolley_etl.runner.run import Runner, RunOptions, RunResult
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +36,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-file", type=Path, help="also write JSON logs to this file")
     parser.add_argument("--quiet", "-q", action="store_true",
-                        help="only warnings and errors on stderr, no progress bar")  # fmt: skip
+                        help="only errors and the closing summary on stderr")  # fmt: skip
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     plan = subparsers.add_parser("plan", help="run the search step and print what would be pulled")
     _common(plan)
-    plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.add_argument("--format", choices=("table", "json", "csv", "text"), default="table",
+                      help="table (or text) for people, json or csv for scripts")  # fmt: skip
     plan.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
     plan.set_defaults(handler=run_plan)
 
@@ -57,6 +59,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument(
         "--dry-run", action="store_true", help="search and plan; print it; download nothing"
     )
+    run.add_argument("--no-progress", action="store_true",
+                     help="no redrawn bar: a plain progress line now and then")  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -124,31 +128,24 @@ def _options(args: argparse.Namespace) -> RunOptions:
         refresh=getattr(args, "refresh", False),
         dry_run=getattr(args, "dry_run", False),
         quiet=args.quiet,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty() and not getattr(args, "no_progress", False),
+        progress_lines=sys.stderr.isatty() and getattr(args, "no_progress", False),
     )
 
 
 def _print_plan(runner: Runner, style: str) -> None:
-    rows = []
-    for found in runner.found:
-        study = found.study
-        rows.append({
-            "query_set": found.query_set,
-            "study_uid": study.uid,
-            "accession_number": str(study.data.get("AccessionNumber", "")),
-            "patient_id": str(study.data.get("PatientID", "")),
-            "study_date": str(study.data.get("StudyDate", "")),
-            "series": len(study.series) if study.series is not None else None,
-            "instances": len(study.all_instances()) if study.series else None,
-        })  # fmt: skip
-    if style == "json":
-        print(json.dumps({"studies": rows, "items": len(runner.references)}, indent=2))
-        return
-    for row in rows:
-        known = "".join(f"  {row[k]} {k}" for k in ("series", "instances") if row[k] is not None)
-        print(f"{row['query_set']:<16} {row['study_date']:<8} {row['accession_number']:<16} "
-              f"{row['study_uid']}{known}")  # fmt: skip
-    print(f"{len(rows)} studies, {len(runner.references)} retrieval items")
+    from trolley_etl.reports.plan import average_instance_size, plan_row, render_plan
+
+    counts = None  # an earlier pull into the root tells the average size of an instance
+    if (state_dir(runner.root) / CHECKPOINT_NAME).exists():
+        checkpoint = open_checkpoint(runner.root)
+        try:
+            counts = checkpoint.counts()
+        finally:
+            checkpoint.close()
+    average = average_instance_size(counts)
+    rows = [plan_row(found.query_set, found.study, average) for found in runner.found]
+    sys.stdout.write(render_plan(rows, len(runner.references), style))
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -176,6 +173,7 @@ def execute_run(
     """
     from trolley_etl.runner.run import ManifestChangedError, RootBusyError, Runner, new_run_id
 
+    started = time.monotonic()
     options.run_id = new_run_id()
     log = _log(args, root, options.run_id)
     runner = Runner(manifest, args.manifest, log, options)
@@ -194,13 +192,29 @@ def execute_run(
         return _backend_exit(exc)
     finally:
         log.close()
+    if result.status not in ("complete", "interrupted"):
+        for failure in result.failed:
+            print(f"failed: {json.dumps(failure)}", file=sys.stderr)
+    _closing_summary(args, root, result, time.monotonic() - started)
     if result.status == "interrupted":
         return exit_codes.INTERRUPTED
     if result.status != "complete":
-        for failure in result.failed:
-            print(f"failed: {json.dumps(failure)}", file=sys.stderr)
         return exit_codes.ITEMS_FAILED
     return exit_codes.OK
+
+
+def _closing_summary(args: argparse.Namespace, root: Path, result: RunResult,
+                     seconds: float) -> None:  # fmt: skip
+    """What happened, for people (also with --quiet); the Markdown summary for a CI page."""
+    from trolley_etl.reports.render import append_job_summary
+    from trolley_etl.reports.summary import load_report, run_summary
+
+    log_path = state_dir(root) / "logs" / f"{result.run_id}.jsonl"
+    sys.stderr.write(run_summary(args.manifest, root, result.status, result.counts, seconds,
+                                 result.report_path, log_path))  # fmt: skip
+    report = load_report(result.report_path)
+    if report is not None:
+        append_job_summary(report)
 
 
 def manifest_with_checkpoint(
@@ -228,29 +242,18 @@ def run_status(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
+    from trolley_etl.reports.status import build_status, render_status
+
     checkpoint = open_checkpoint(root)
     try:
-        counts = checkpoint.counts()
-        runs = checkpoint.runs()
-        failed = checkpoint.items([FAILED])
+        status = build_status(manifest.name, root, checkpoint)
     finally:
         checkpoint.close()
-    last = runs[-1] if runs else None
+    counts = status["counts"]
     if args.format == "json":
-        print(json.dumps({
-            "manifest": manifest.name, "root": str(root), "counts": counts, "last_run": last,
-            "failed": [{"reference": str(i.reference), "attempts": i.attempts,
-                        "error": i.last_error} for i in failed],
-        }, indent=2))  # fmt: skip
+        print(json.dumps(status, indent=2))
     else:
-        print(f"{manifest.name}: {counts['done']} done, {counts[PENDING]} pending, "
-              f"{counts[FAILED]} failed; {counts['files']} files, "
-              f"{counts['bytes'] / 2**20:.1f} MiB in {root}")  # fmt: skip
-        if last:
-            print(f"last run {last['run_id']}: {last['status']}, started {last['started_at']}, "
-                  f"finished {last['finished_at'] or '-'}")  # fmt: skip
-        for item in failed[:20]:
-            print(f"  failed {item.reference} after {item.attempts} attempt(s): {item.last_error}")
+        sys.stdout.write(render_status(status))
     return (
         exit_codes.OK if counts[FAILED] == 0 and counts[PENDING] == 0 else exit_codes.ITEMS_FAILED
     )

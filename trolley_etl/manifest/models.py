@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -28,7 +29,8 @@ from pydantic_core import PydanticCustomError
 
 from trolley_etl.core.errors import QueryError
 from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
-from trolley_etl.core.query import FilterValue, normalise_filter
+from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
+from trolley_etl.core.relative_dates import RELATIVE_SPEC, RelativeDate
 from trolley_etl.manifest.csv_list import CsvProblem, read_column
 
 MANIFEST_VERSION = 1
@@ -49,6 +51,21 @@ Seconds = Annotated[float, Field(gt=0, le=86400)]
 #: A filter value as YAML gives it: text, a number, a date (YAML reads 2024-01-31 as one),
 #: or a list of those.
 FilterInput = str | int | float | datetime.date | list[str | int | float | datetime.date]
+
+
+def _relative_date(value: Any) -> Any:
+    """A mapping as a filter value can only be `{last: 7d}`: one clear message, not one per
+    type of the union."""
+    if not isinstance(value, dict):
+        return value
+    if set(value) != {"last"} or not RELATIVE_SPEC.match(str(value["last"])):
+        raise error("relative_date", "a relative date is {last: N<unit>} with unit d, w, m "
+                    "or y, e.g. {last: 7d}")  # fmt: skip
+    return RelativeDate(last=str(value["last"]))
+
+
+#: A query set filter may also be relative to the day of the search: `{last: 7d}`.
+QueryFilterInput = Annotated[FilterInput | RelativeDate, BeforeValidator(_relative_date)]
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
@@ -267,11 +284,24 @@ class Source(StrictModel):
 def _validate_filters(filters: dict[str, Any]) -> dict[str, FilterValue]:
     checked: dict[str, FilterValue] = {}
     for keyword, value in filters.items():
+        if isinstance(value, RelativeDate):  # resolved at search time (core.relative_dates)
+            checked[str(keyword)] = _check_relative(str(keyword), value)  # type: ignore[assignment]
+            continue
         try:
             checked[str(keyword)] = normalise_filter(str(keyword), value)
         except QueryError as exc:
             raise error("filter", str(exc).removeprefix(f"{keyword}: "), keyword) from None
     return checked
+
+
+def _check_relative(keyword: str, value: RelativeDate) -> RelativeDate:
+    try:
+        vr = check_keyword(keyword)
+    except QueryError as exc:
+        raise error("filter", str(exc).removeprefix(f"{keyword}: "), keyword) from None
+    if vr != "DA":
+        raise error("filter", f"{{last: ...}} is for date keywords (VR DA), not {vr}", keyword)
+    return value
 
 
 class CsvColumn(StrictModel):
@@ -284,7 +314,7 @@ class CsvColumn(StrictModel):
 
 class QuerySet(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    filters: dict[str, FilterInput] = Field(default_factory=dict)
+    filters: dict[str, QueryFilterInput] = Field(default_factory=dict)
     from_csv: CsvColumn | None = None
     study_uids: list[str] | None = Field(default=None, min_length=1)
     limit: int | None = Field(default=None, ge=1)

@@ -46,6 +46,8 @@ class Lock:
     manifest_hash: str
     query_sets: dict[str, dict[str, list[Reference]]] = field(default_factory=dict)
     tool_version: str = __version__
+    #: query set -> keyword -> the range a relative date (`{last: 7d}`) resolved to
+    resolved_dates: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_resolution(
@@ -99,6 +101,7 @@ class Lock:
                 "items": len(self.references()),
             },
             "tool_version": self.tool_version,
+            **({"resolved_dates": self.resolved_dates} if self.resolved_dates else {}),
         }
 
     def text(self) -> str:
@@ -115,6 +118,7 @@ class Lock:
             manifest = data["manifest"]
             lock = cls(str(manifest["name"]), str(manifest["manifest_hash"]),
                        tool_version=str(data.get("tool_version", "")))  # fmt: skip
+            lock.resolved_dates = dict(data.get("resolved_dates") or {})
             for name, content in data["query_sets"].items():
                 studies = lock.query_sets.setdefault(str(name), {})
                 for entry in content["studies"]:

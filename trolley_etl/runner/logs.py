@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,18 +28,57 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+#: On a terminal by default ("people" style) the console shows warnings and errors, and of
+#: the info events only these, briefly; everything else is in the JSON log file.
+PEOPLE_EVENTS = frozenset({"step.start", "checkpoint.resume", "lock.matches", "lock.written"})
+#: Per-item events that a progress display shows as its status instead of a line.
+STATUS_EVENTS = frozenset({"item.retry"})
+#: Fields every event has that a person reading the terminal does not need again.
+_PEOPLE_HIDDEN = frozenset({"timestamp", "level", "event", "run_id", "manifest", "step"})
+PEOPLE_WIDTH = 160
+
+
+def people_line(event: dict[str, Any]) -> str:
+    """`warning item.failed study_uid=1.2.3 error=...`: short, one line, no timestamp."""
+    level = str(event.get("level", "info"))
+    name = str(event.get("event", ""))
+    if name == "step.start":
+        name = f"{event.get('step', '')}..."
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in _PEOPLE_HIDDEN)
+    prefix = "" if level == "info" else f"{level}: "
+    line = f"{prefix}{name} {fields}".rstrip().replace("\n", " ")
+    return line if len(line) <= PEOPLE_WIDTH else line[: PEOPLE_WIDTH - 3] + "..."
+
+
 class TeeLogger:
     """Writes each event to several outputs, each with its own rendering and level."""
 
     def __init__(self, outputs: list[tuple[TextIO, str, int]]) -> None:
-        self._outputs = outputs  # (stream, "json" | "console", minimum level)
+        self._outputs = outputs  # (stream, "json" | "console" | "people", minimum level)
         self._console = structlog.dev.ConsoleRenderer(colors=False)
         self._lock = threading.Lock()
+        #: A progress display that shows waits and retries (see runner.progress).
+        self.status: Callable[[dict[str, Any]], None] | None = None
 
     def msg(self, **event: Any) -> None:
         level = LEVELS.get(str(event.get("level", "info")), 20)
         with self._lock:
+            status = self.status
+            if status is not None:
+                status(event)
             for stream, style, minimum in self._outputs:
+                if style == "people":
+                    shown = level >= minimum or (
+                        minimum <= LEVELS["warning"] and event.get("event") in PEOPLE_EVENTS
+                    )  # with --quiet (minimum "error") not even the steps
+                    if not shown:
+                        continue
+                    if status is not None and event.get("event") in STATUS_EVENTS:
+                        continue  # the display shows it
+                    with tqdm.external_write_mode(file=stream):
+                        stream.write(people_line(event) + "\n")
+                        stream.flush()
+                    continue
                 if level < minimum:
                     continue
                 if style == "json":
@@ -67,10 +106,14 @@ class RunLog:
         stderr: TextIO | None = None,
     ) -> None:
         stream = stderr or sys.stderr
-        style = stderr_format or ("console" if stream.isatty() else "json")
-        outputs: list[tuple[TextIO, str, int]] = [
-            (stream, style, LEVELS["warning"] if quiet else LEVELS["info"])
-        ]
+        # default on a terminal: "people" (a progress display, warnings, errors, a summary);
+        # `--log-format console` asks for every event as text, as before
+        style = stderr_format or ("people" if stream.isatty() else "json")
+        level = LEVELS["warning"] if style == "people" else LEVELS["info"]
+        if quiet:  # only errors (and the closing summary the command prints)
+            level = LEVELS["error"] if style == "people" else LEVELS["warning"]
+        self.style = style
+        outputs: list[tuple[TextIO, str, int]] = [(stream, style, level)]
         self._files: list[TextIO] = []
         self._bound: dict[str, Any] = {}
         for path in (log_file, extra_file):
@@ -79,8 +122,9 @@ class RunLog:
                 handle = path.open("a", encoding="utf-8")
                 self._files.append(handle)
                 outputs.append((handle, "json", LEVELS["debug"]))
+        self._tee = TeeLogger(outputs)
         self.logger = structlog.wrap_logger(
-            TeeLogger(outputs),
+            self._tee,
             processors=[
                 self._merge_bound,
                 structlog.processors.add_log_level,
@@ -91,6 +135,10 @@ class RunLog:
             ],
             cache_logger_on_first_use=False,
         )
+
+    def show_status_in(self, progress: Any | None) -> None:
+        """Route waits and retries to a progress display (None: back to lines)."""
+        self._tee.status = progress.on_event if progress is not None else None
 
     def bind(self, **values: Any) -> None:
         """Fields every later event carries, from any thread (run_id, manifest, step)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import STATE_DIR
 from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
@@ -84,6 +85,7 @@ def run_provenance(
         "root": str(root),
         "search": describe_source(manifest.source.search),
         "download": describe_source(manifest.source.effective_download),
+        **({"resolved_dates": dates} if (dates := resolved_ranges(manifest)) else {}),
     }
 
 
@@ -92,7 +94,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes)."""
     item_states = {item.item_id: item for item in checkpoint.items()}
-    query_sets = {row.study_uid: row.query_set for row in checkpoint.study_rows()}
+    study_rows = {row.study_uid: row for row in checkpoint.study_rows()}
+    query_sets = {uid: row.query_set for uid, row in study_rows.items()}
     rows: list[dict[str, Any]] = []
     for record in checkpoint.files():
         item = item_states.get(record["item_id"])
@@ -120,6 +123,7 @@ def build_report(
                 "sop_instance_uid": getattr(ref, "instance_uid", ""),
                 "query_set": query_sets.get(ref.study_uid, ""), "size": 0,
                 "error": item.last_error or "",
+                **_study_keys(study_rows.get(ref.study_uid)),  # map it back to the cohort list
             })  # fmt: skip
     runs = []
     for run in checkpoint.runs():
@@ -157,6 +161,14 @@ def build_report(
         "summary": summarise(rows, checkpoint.counts()),
         "instances": rows,
     }
+
+
+def _study_keys(row: Any) -> dict[str, str]:
+    """Patient ID, accession and date of a study as searched (for rows without a file)."""
+    if row is None:
+        return {}
+    return {"patient_id": row.patient_id or "", "accession_number": row.accession_number or "",
+            "study_date": row.study_date or ""}  # fmt: skip
 
 
 def _file_status(path: Path, size: int, item_state: str | None) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from trolley_etl.core.model import QueryLevel, Reference, Study
 from trolley_etl.core.query import Query
+from trolley_etl.core.relative_dates import resolve_filters
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
 from trolley_etl.manifest.models import QuerySet
@@ -47,7 +48,7 @@ def resolution_hash(manifest: Manifest) -> str:
 
 def queries_of(query_set: QuerySet) -> Iterator[Query]:
     """The Query objects a query set stands for."""
-    filters = dict(query_set.filters)
+    filters = resolve_filters(query_set.filters)  # `{last: 7d}` becomes today's range
     if query_set.from_csv is not None:
         column = query_set.from_csv.column
         for value in query_set.csv_values:

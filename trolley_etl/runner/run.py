@@ -22,11 +22,13 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.deid.engine import Deidentifier
 from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
+from trolley_etl.reports.run_report import run_report
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import (
@@ -71,6 +73,7 @@ class RunOptions:
     dry_run: bool = False
     quiet: bool = False
     progress: bool = True
+    progress_lines: bool = False  # `--no-progress` on a terminal: plain lines, no redraws
     run_id: str | None = None
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
 
@@ -294,6 +297,7 @@ class Runner:
             self.manifest.name, resolve.resolution_hash(self.manifest),
             [(f.query_set, f.study.uid) for f in kept], references,
         )  # fmt: skip
+        fresh.resolved_dates = resolved_ranges(self.manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(self.lock_path, fresh)
         sha = lockfile.lock_hash(self.lock_path)
         self.log.logger.info("lock.written" if changed else "lock.unchanged",
@@ -316,7 +320,12 @@ class Runner:
     def _download(self, trolley: Trolley, checkpoint: Checkpoint) -> None:
         todo = checkpoint.items([PENDING, FAILED])
         with self.step("download", items=len(todo), workers=self.workers) as outcome:
-            progress = Progress(len(todo), enabled=self.options.progress and not self.options.quiet)
+            progress = Progress(
+                len(todo),
+                enabled=self.options.progress and not self.options.quiet,
+                lines=self.options.progress_lines and not self.options.quiet,
+            )
+            self.log.show_status_in(progress)  # retries and waits: the display's status line
             pending = iter(todo)
             running: dict[Future[None], Item] = {}
             committer = Committer(self.storage, checkpoint, progress, source=self.source,
@@ -339,8 +348,10 @@ class Runner:
                     self.log.logger.warning("run.interrupted", waiting_for=len(running))
                     wait(running)
                     progress.close()
+                    self.log.show_status_in(None)
                     raise
             progress.close()
+            self.log.show_status_in(None)
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
     def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
@@ -429,7 +440,8 @@ class Runner:
         # the audit report of the whole root after this run, and the checksums beside the data
         audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
         audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
-        report_path = report.save_report(self.root, report.report_json(audit),
+        small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
+        report_path = report.save_report(self.root, report.report_json(small),
                                          f"{self.run_id}.json")  # fmt: skip
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
         self.log.logger.info("report.written", report=str(report_path),

@@ -1,0 +1,51 @@
+"""`metadata`: the cohort's header values as a table, from the stored files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from trolley_etl.cli import exit_codes
+from trolley_etl.cli.run_commands import _common, manifest_with_checkpoint
+from trolley_etl.runner.checkpoint import open_checkpoint
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    meta = subparsers.add_parser(
+        "metadata", help="the cohort's header values as a table, read from the stored files"
+    )
+    _common(meta)
+    meta.add_argument("--level", choices=("instance", "series", "study"), default="instance")
+    meta.add_argument("--fields", help="comma-separated DICOM keywords (default: per level)")
+    meta.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    meta.add_argument("--output", "-o", type=Path, help="write it to this file, not stdout")
+    meta.set_defaults(handler=run_metadata)
+
+
+def run_metadata(args: argparse.Namespace) -> int:
+    from trolley_etl.reports import metadata
+
+    loaded = manifest_with_checkpoint(args)
+    if isinstance(loaded, int):
+        return loaded
+    _, root = loaded
+    started = time.monotonic()
+    try:
+        fields = metadata.parse_fields(args.fields, args.level)
+        names = metadata.columns(args.level, fields)
+        checkpoint = open_checkpoint(root)
+        try:
+            files = metadata.stored_files(checkpoint)
+            rows = metadata.iter_rows(root, files, args.level, fields)
+            count = metadata.write_table(rows, names, args.format, args.output, sys.stdout)
+        finally:
+            checkpoint.close()
+    except metadata.MetadataError as exc:
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return exit_codes.USAGE
+    if not args.quiet and args.output:
+        print(f"wrote {count} {args.level} rows to {args.output} "
+              f"in {time.monotonic() - started:.1f} s", file=sys.stderr)  # fmt: skip
+    return exit_codes.OK
