@@ -87,6 +87,7 @@ def run_lock(args: argparse.Namespace) -> int:
             resolve.resolution_hash(manifest),
             [(found.query_set, found.study.uid) for found in runner.found],
             runner.references,
+            runner.planned.expectations,
         )
         changed = lockfile.write_lock(path, lock)
     except TrolleyError as exc:

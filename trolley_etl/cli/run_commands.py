@@ -18,7 +18,15 @@ from trolley_etl.cli import exit_codes
 from trolley_etl.core.constants import CHECKPOINT_NAME
 from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
-from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, state_dir
+from trolley_etl.runner.checkpoint import (
+    FAILED,
+    INCOMPLETE,
+    PENDING,
+    TODO_STATES,
+    open_checkpoint,
+    state_dir,
+)
+from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -199,6 +207,10 @@ def execute_run(
     if result.status != "complete":
         for failure in result.failed:
             print(f"failed: {json.dumps(failure)}", file=sys.stderr)
+        for short in result.incomplete:
+            print(f"incomplete: {json.dumps(short)}", file=sys.stderr)
+        for row in result.unmatched:
+            print(f"unmatched: {json.dumps(row)}", file=sys.stderr)
         return exit_codes.ITEMS_FAILED
     return exit_codes.OK
 
@@ -224,33 +236,53 @@ def manifest_with_checkpoint(
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """What the checkpoint says; exits 0 only when the cohort is complete on disk."""
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root)  # marks runs whose process died as aborted
     try:
         counts = checkpoint.counts()
         runs = checkpoint.runs()
         failed = checkpoint.items([FAILED])
+        incomplete = checkpoint.items([INCOMPLETE])
+        cohort = cohort_report(checkpoint, allowed_unmatched(manifest.queries))
+        unmatched = refused_unmatched(checkpoint, allowed_unmatched(manifest.queries))
     finally:
         checkpoint.close()
     last = runs[-1] if runs else None
+    planned = sum(counts[state] for state in (*TODO_STATES, "done"))
     if args.format == "json":
         print(json.dumps({
             "manifest": manifest.name, "root": str(root), "counts": counts, "last_run": last,
             "failed": [{"reference": str(i.reference), "attempts": i.attempts,
                         "error": i.last_error} for i in failed],
+            "incomplete": [{"reference": str(i.reference), "state": i.state,
+                            "expected_instances": i.expected.count,
+                            "stored_instances": i.stored_instances,
+                            "missing_uids": list(i.missing_uids)} for i in incomplete],
+            "unmatched": unmatched, "cohort": cohort, "empty": planned == 0,
         }, indent=2))  # fmt: skip
     else:
         print(f"{manifest.name}: {counts['done']} done, {counts[PENDING]} pending, "
               f"{counts[FAILED]} failed; {counts['files']} files, "
               f"{counts['bytes'] / 2**20:.1f} MiB in {root}")  # fmt: skip
+        if counts[INCOMPLETE]:
+            print(f"  {counts[INCOMPLETE]} incomplete: stored fewer instances than the archive "
+                  "holds")  # fmt: skip
+        if planned == 0:
+            print(f"  {root} holds nothing: no unit was planned (nothing resolved yet)")
         if last:
             print(f"last run {last['run_id']}: {last['status']}, started {last['started_at']}, "
                   f"finished {last['finished_at'] or '-'}")  # fmt: skip
         for item in failed[:20]:
             print(f"  failed {item.reference} after {item.attempts} attempt(s): {item.last_error}")
-    return (
-        exit_codes.OK if counts[FAILED] == 0 and counts[PENDING] == 0 else exit_codes.ITEMS_FAILED
-    )
+        for item in incomplete[:20]:
+            missing = ", ".join(item.missing_uids[:5]) or "not named"
+            print(f"  incomplete {item.reference}: expected {item.expected.count}, stored "
+                  f"{item.stored_instances}; missing {missing}")  # fmt: skip
+        for row in unmatched[:20]:
+            print(f"  unmatched {row['query_set']} row {row['row']}: {row['value']}")
+    todo = any(counts[state] for state in TODO_STATES)
+    return exit_codes.ITEMS_FAILED if todo or unmatched or planned == 0 else exit_codes.OK

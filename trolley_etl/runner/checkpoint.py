@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +60,15 @@ CREATE INDEX IF NOT EXISTS files_item ON files (item_id);
 #: Columns added after the first release: created with ALTER TABLE when an older checkpoint
 #: lacks them, so existing checkpoints stay usable (their old rows read as NULL).
 ADDED_COLUMNS = {
-    "runs": {"provenance": "TEXT"},
+    "runs": {"provenance": "TEXT", "pid": "INTEGER", "host": "TEXT"},
+    # what the archive said a unit holds: a count, and the SOPInstanceUIDs where listed
+    "items": {
+        "expected_instances": "INTEGER",
+        "expected_uids": "TEXT",
+        "stored_instances": "INTEGER",
+        "missing_uids": "TEXT",
+        "extra_instances": "INTEGER",
+    },
     "files": {
         "modality": "TEXT",
         "patient_id": "TEXT",
@@ -67,7 +78,32 @@ ADDED_COLUMNS = {
     },
 }
 
+
+class ItemState(str, Enum):
+    """The state of a retrieval unit (one checkpoint item)."""
+
+    PENDING = "pending"
+    DONE = "done"  # stored, and what was stored matches what the archive said it holds
+    INCOMPLETE = "incomplete"  # stored fewer instances than expected, after retries
+    FAILED = "failed"
+    STALE = "stale"  # no longer part of the resolved cohort
+
+
+class RunState(str, Enum):
+    """How a run ended (or that it is still going)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    ABORTED = "aborted"  # its process died without saying how it ended
+
+
 PENDING, DONE, FAILED, STALE = "pending", "done", "failed", "stale"
+INCOMPLETE = ItemState.INCOMPLETE.value
+#: Item states that a run still has work for.
+TODO_STATES = (PENDING, FAILED, INCOMPLETE)
 
 
 def state_dir(root: Path) -> Path:
@@ -76,12 +112,33 @@ def state_dir(root: Path) -> Path:
 
 
 def open_checkpoint(root: Path) -> Checkpoint:
-    """The checkpoint of a storage root (created if there is none)."""
-    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+    """The checkpoint of a storage root (created if there is none).
+
+    Runs whose process died while `running` are marked `aborted` on the way.
+    """
+    checkpoint = Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+    checkpoint.mark_abandoned_runs()
+    return checkpoint
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the archive said a unit holds: a count, and the instance UIDs where listed.
+
+    `count` None means unknown (only with `run.completeness: off`).
+    """
+
+    count: int | None = None
+    uids: tuple[str, ...] | None = None
+
+    @classmethod
+    def of_uids(cls, uids: Iterable[str]) -> Expectation:
+        listed = tuple(sorted(set(uids)))
+        return cls(len(listed), listed)
 
 
 @dataclass(frozen=True)
@@ -91,6 +148,10 @@ class Item:
     state: str
     attempts: int
     last_error: str | None
+    expected: Expectation = field(default_factory=Expectation)
+    stored_instances: int | None = None
+    missing_uids: tuple[str, ...] = ()
+    extra_instances: int = 0
 
 
 def reference_of(study: str, series: str, instance: str) -> Reference:
@@ -158,11 +219,42 @@ class Checkpoint:
     ) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (run_id, now(), "running", manifest_hash,
-                 json.dumps(provenance or {}, sort_keys=True)),
+                "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance, pid, "
+                "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, now(), RunState.RUNNING.value, manifest_hash,
+                 json.dumps(provenance or {}, sort_keys=True), os.getpid(), socket.gethostname()),
             )  # fmt: skip
+
+    def mark_abandoned_runs(self) -> list[str]:
+        """Runs still `running` whose process is gone become `aborted`, with what they did.
+
+        Only runs started on this host are judged (a pid means nothing elsewhere); a run
+        with no pid (an older checkpoint) is aborted when another one has started since.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, pid, host FROM runs WHERE status = ? ORDER BY started_at",
+                (RunState.RUNNING.value,),
+            ).fetchall()
+        here = socket.gethostname()
+        aborted = []
+        for index, (run_id, pid, host) in enumerate(rows):
+            if pid is None:
+                dead = index < len(rows) - 1
+            else:
+                dead = host == here and not _process_alive(int(pid))
+            if dead:
+                aborted.append(run_id)
+        if aborted:
+            summary = json.dumps(self.counts(), sort_keys=True)
+            with self._lock:
+                self._db.executemany(
+                    "UPDATE runs SET status = ?, summary = COALESCE(summary, ?) "
+                    "WHERE run_id = ? AND status = ?",
+                    [(RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
+                     for run_id in aborted],
+                )  # fmt: skip
+        return aborted
 
     def add_run_provenance(self, run_id: str, **values: Any) -> None:
         """Facts learnt during a run (lock drift, the lock used) for its audit record."""
@@ -201,14 +293,21 @@ class Checkpoint:
         return self.get_meta("resolution_hash") is not None
 
     def save_resolution(
-        self, resolution_hash: str, studies: Iterable[StudyRow], references: Iterable[Reference]
+        self,
+        resolution_hash: str,
+        studies: Iterable[StudyRow],
+        references: Iterable[Reference],
+        expectations: Mapping[Reference, Expectation] | None = None,
     ) -> int:
         """Record what the manifest resolved to, in one transaction; return the item count.
 
         Items already present keep their state (done stays done); items no longer resolved
-        become stale, so a refresh never mixes two cohorts.
+        become stale, so a refresh never mixes two cohorts. Each item gets its expectation
+        (what the archive said it holds), which decides later whether it is complete.
         """
-        wanted = {_key(ref) for ref in references}
+        refs = list(references)
+        wanted = {_key(ref) for ref in refs}
+        expected = {_key(ref): exp for ref, exp in (expectations or {}).items()}
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM studies")
@@ -240,6 +339,12 @@ class Checkpoint:
                 "VALUES (?, ?, ?, ?)",
                 [(*key, now()) for key in wanted if key not in existing],
             )
+            self._db.executemany(
+                "UPDATE items SET expected_instances = ?, expected_uids = ? "
+                "WHERE study_uid = ? AND series_uid = ? AND instance_uid = ?",
+                [(exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
+                 for key, exp in expected.items() if key in wanted],
+            )  # fmt: skip
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('resolution_hash', ?)", (resolution_hash,)
             )
@@ -248,7 +353,8 @@ class Checkpoint:
 
     def items(self, states: Iterable[str] | None = None) -> list[Item]:
         query = (
-            "SELECT item_id, study_uid, series_uid, instance_uid, state, attempts, last_error "
+            "SELECT item_id, study_uid, series_uid, instance_uid, state, attempts, last_error, "
+            "expected_instances, expected_uids, stored_instances, missing_uids, extra_instances "
             "FROM items"
         )
         params: tuple[str, ...] = ()
@@ -258,10 +364,7 @@ class Checkpoint:
             params = chosen
         with self._lock:
             rows = self._db.execute(query + " ORDER BY item_id", params).fetchall()
-        return [
-            Item(row[0], reference_of(row[1], row[2], row[3]), row[4], row[5], row[6])
-            for row in rows
-        ]
+        return [_item(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -269,7 +372,7 @@ class Checkpoint:
             files = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
             ).fetchone()
-        counts = {PENDING: 0, DONE: 0, FAILED: 0, STALE: 0}
+        counts = {state.value: 0 for state in ItemState}
         counts.update({state: count for state, count in rows})
         counts["files"], counts["bytes"] = files
         return counts
@@ -341,8 +444,34 @@ class Checkpoint:
             )
             self._db.execute("COMMIT")
 
-    def mark_done(self, item_id: int) -> None:
+    def mark_done(self, item_id: int, stored: int | None = None, extra: int = 0) -> None:
         self._set_state(item_id, DONE, None, attempt=True)
+        self._set_completeness(item_id, stored, (), extra)
+
+    def mark_incomplete(
+        self, item_id: int, stored: int, missing: Iterable[str], reason: str
+    ) -> None:
+        """Fewer instances stored than the archive said the unit holds."""
+        self._set_state(item_id, INCOMPLETE, reason, attempt=True)
+        self._set_completeness(item_id, stored, tuple(missing), 0)
+
+    def _set_completeness(
+        self, item_id: int, stored: int | None, missing: tuple[str, ...], extra: int
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE items SET stored_instances = ?, missing_uids = ?, extra_instances = ? "
+                "WHERE item_id = ?",
+                (stored, json.dumps(list(missing)) if missing else None, extra, item_id),
+            )
+
+    def stored_uids(self, item_id: int) -> set[str]:
+        """SOPInstanceUIDs recorded as stored for one item."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM files WHERE item_id = ?", (item_id,)
+            ).fetchall()
+        return {row[0] for row in rows}
 
     def mark_failed(self, item_id: int, reason: str) -> None:
         self._set_state(item_id, FAILED, reason, attempt=True)
@@ -377,3 +506,24 @@ class Checkpoint:
                 "DELETE FROM files WHERE sop_instance_uid = ?",
                 [(uid,) for uid in sop_instance_uids],
             )
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    uids = json.loads(row[8]) if row[8] else None
+    return Item(
+        row[0], reference_of(row[1], row[2], row[3]), row[4], row[5], row[6],
+        expected=Expectation(row[7], None if uids is None else tuple(uids)),
+        stored_instances=row[9],
+        missing_uids=tuple(json.loads(row[10])) if row[10] else (),
+        extra_instances=row[11] or 0,
+    )  # fmt: skip
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -32,7 +32,17 @@ from trolley_etl.core.storage import STATE_DIR
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.backends import describe_source
-from trolley_etl.runner.checkpoint import FAILED, PENDING, STALE, Checkpoint, now
+from trolley_etl.runner.checkpoint import (
+    DONE,
+    FAILED,
+    INCOMPLETE,
+    PENDING,
+    STALE,
+    Checkpoint,
+    Item,
+    now,
+)
+from trolley_etl.runner.cohort import allowed_unmatched, cohort_report
 from trolley_etl.runner.lockfile import lock_path_for
 
 REPORT_VERSION = 1
@@ -111,6 +121,15 @@ def build_report(
             "run_id": record.get("run_id") or "", "stored_at": record["stored_at"], "error": "",
         })  # fmt: skip
     for item in item_states.values():
+        if item.state == INCOMPLETE:  # one row per missing instance where they are named
+            ref = item.reference
+            for uid in item.missing_uids or ("",):
+                rows.append({
+                    **dict.fromkeys(CSV_COLUMNS, ""), "status": INCOMPLETE,
+                    "study_uid": ref.study_uid, "series_uid": getattr(ref, "series_uid", ""),
+                    "sop_instance_uid": uid, "query_set": query_sets.get(ref.study_uid, ""),
+                    "size": 0, "error": item.last_error or "",
+                })  # fmt: skip
         if item.state in (FAILED, PENDING):  # no instances known: one row for the item
             ref = item.reference
             rows.append({
@@ -152,9 +171,45 @@ def build_report(
         },
         "root": str(root),
         "runs": runs,
-        "summary": summarise(rows, checkpoint.counts()),
+        "summary": _with_unit_counts(summarise(rows, checkpoint.counts()), item_states),
+        "cohort": cohort_report(checkpoint, allowed_unmatched(manifest.queries)),
+        "units": [_unit_row(item, query_sets) for item in item_states.values()],
         "instances": rows,
     }
+
+
+def _unit_row(item: Item, query_sets: dict[str, str]) -> dict[str, Any]:
+    """One retrieval unit: what the archive said it holds and what was stored."""
+    ref = item.reference
+    return {
+        "state": item.state, "level": ref.level.value, "study_uid": ref.study_uid,
+        "series_uid": getattr(ref, "series_uid", ""),
+        "sop_instance_uid": getattr(ref, "instance_uid", ""),
+        "query_set": query_sets.get(ref.study_uid, ""),
+        "expected_instances": item.expected.count, "stored_instances": item.stored_instances,
+        "missing_uids": list(item.missing_uids), "extra_instances": item.extra_instances,
+        "attempts": item.attempts, "error": item.last_error or "",
+    }  # fmt: skip
+
+
+def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[str, Any]:
+    """Each study row gets `expected_instances` (None while any unit's count is unknown)
+    and `stored_instances`; the summary counts archive drift (instances beyond expected)."""
+    expected: dict[str, int | None] = {}
+    for item in items.values():
+        if item.state == STALE:
+            continue
+        uid = item.reference.study_uid
+        count = item.expected.count
+        known = expected.get(uid, 0)
+        expected[uid] = None if count is None or known is None else known + count
+    for uid, study in summary["by_study"].items():
+        study["expected_instances"] = expected.get(uid)
+        study["stored_instances"] = study["instances"]
+    summary["archive_drift_instances"] = sum(
+        i.extra_instances for i in items.values() if i.state == DONE
+    )
+    return summary
 
 
 def _file_status(path: Path, size: int, item_state: str | None) -> str:
