@@ -401,6 +401,14 @@ class RunSettings(StrictModel):
         "archive said; off: units without a known count are taken as they come",
     )
 
+    @field_validator("completeness", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false."""
+        if isinstance(value, bool):
+            return "strict" if value else "off"
+        return value
+
 
 class Manifest(StrictModel):
     """A trolley-etl manifest, version 1."""
