@@ -10,7 +10,7 @@ the runner must notice, in milliseconds instead of a real server's seconds.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
@@ -23,8 +23,10 @@ from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
     Reference,
+    Retrievable,
     SeriesReference,
     Study,
+    contained_references,
     tree_from_rows,
 )
 from trolley_etl.core.query import Query
@@ -44,6 +46,7 @@ class FakeArchive:
     lose: set[str] = field(default_factory=set)  # SOPInstanceUIDs the downloader never sends
     unlisted: set[str] = field(default_factory=set)  # held and sent, never found by search
     fail_first: int = 0  # fetches that fail (retryably) before any succeeds
+    instance_level: bool = False  # the downloader retrieves named instances (like RAD-69)
     searches: list[Query] = field(default_factory=list)
     fetches: list[Reference] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,11 +118,39 @@ def _key(instance: GeneratedInstance, level: QueryLevel) -> tuple[str, ...]:
     return uids[: level.depth + 1]
 
 
+@dataclass(frozen=True)
+class SeriesBatch(SeriesReference):
+    """Instances of one series fetched in one request (as RAD-69 batches them)."""
+
+    instance_uids: tuple[str, ...] = ()
+
+    def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        if max_level is QueryLevel.INSTANCE and self.instance_uids:
+            return [InstanceReference(self.study_uid, self.series_uid, u)
+                    for u in self.instance_uids]  # fmt: skip
+        return super().contained_references(max_level)
+
+
 class FakeDownloader(Downloader):
     retrieval_level = None
 
     def __init__(self, archive: FakeArchive) -> None:
         self.archive = archive
+        if archive.instance_level:
+            self.retrieval_level = QueryLevel.INSTANCE
+
+    def plan(self, objects: Sequence[Retrievable]) -> list[Reference]:
+        """Instance-level: one batch per series, like RAD-69."""
+        if not self.archive.instance_level:
+            return super().plan(objects)
+        batches: dict[tuple[str, str], list[str]] = {}
+        for ref in contained_references(objects, QueryLevel.INSTANCE):
+            for inner in ref.contained_references(QueryLevel.INSTANCE):
+                if isinstance(inner, InstanceReference):
+                    key = (inner.study_uid, inner.series_uid)
+                    batches.setdefault(key, []).append(inner.instance_uid)
+        return [SeriesBatch(study, series, tuple(dict.fromkeys(uids)))
+                for (study, series), uids in batches.items()]  # fmt: skip
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
         with self.archive._lock:
@@ -142,4 +173,6 @@ def _under(instances: Iterable[GeneratedInstance], ref: Reference) -> list[Gener
         found = [i for i in found if i.series_uid == ref.series_uid]
     if isinstance(ref, InstanceReference):
         found = [i for i in found if i.sop_uid == ref.instance_uid]
+    if isinstance(ref, SeriesBatch):
+        found = [i for i in found if i.sop_uid in ref.instance_uids]
     return found

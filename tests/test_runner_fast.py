@@ -169,3 +169,23 @@ def test_filter_query_finding_nothing_is_a_warning_in_the_report(tmp_path, insta
     result = run(manifest, archive)
     assert result.status == RunState.COMPLETE.value
     assert report(result)["cohort"]["nothing"]["empty_queries"] == 1
+
+
+def test_instance_level_units_execute_from_the_stored_plan(tmp_path, instances) -> None:
+    archive = FakeArchive(instances, instance_level=True)
+    manifest = write_manifest(tmp_path, run="  cache_searches: false\n")  # every search counted
+    result = run(manifest, archive)
+    assert result.status == RunState.COMPLETE.value
+    planned = len(archive.searches)
+    assert all(len(u.expected.uids or ()) == u.expected.count for u in items(manifest))
+    # executing the units searched nothing more: the instance lists came from the plan
+    archive.searches.clear()
+    checkpoint = open_checkpoint(tmp_path / "data")
+    for unit in checkpoint.items():
+        checkpoint.mark_pending(unit.item_id)
+    checkpoint.close()
+    again = run(manifest, archive)
+    assert again.status == RunState.COMPLETE.value and planned > 0
+    assert archive.searches == []
+    assert {type(ref).__name__ for ref in archive.fetches} == {"SeriesBatch"}
+    assert {len(u.reference.series_uid) > 0 for u in items(manifest)} == {True}

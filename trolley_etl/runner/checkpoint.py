@@ -307,7 +307,9 @@ class Checkpoint:
         """
         refs = list(references)
         wanted = {_key(ref) for ref in refs}
-        expected = {_key(ref): exp for ref, exp in (expectations or {}).items()}
+        expected: dict[tuple[str, str, str], Expectation] = {}
+        for ref, exp in (expectations or {}).items():  # batches of one series add up
+            expected[_key(ref)] = _union(expected.get(_key(ref)), exp)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM studies")
@@ -517,6 +519,12 @@ def _item(row: tuple[Any, ...]) -> Item:
         missing_uids=tuple(json.loads(row[10])) if row[10] else (),
         extra_instances=row[11] or 0,
     )  # fmt: skip
+
+
+def _union(known: Expectation | None, more: Expectation) -> Expectation:
+    if known is not None and known.uids is not None and more.uids is not None:
+        return Expectation.of_uids([*known.uids, *more.uids])
+    return more
 
 
 def _process_alive(pid: int) -> bool:

@@ -265,6 +265,9 @@ def expectation_of(trolley: Trolley, study: Study, ref: Reference, *, strict: bo
     answer, else (strict) the next level down searched; unknown only when not strict."""
     if isinstance(ref, InstanceReference):
         return Expectation.of_uids([ref.instance_uid])
+    batch = getattr(ref, "instance_uids", None)  # a batch (RAD-69) names its instances
+    if batch:
+        return Expectation.of_uids(batch)
     if isinstance(ref, SeriesReference):
         series = next((s for s in study.all_series() if s.uid == ref.series_uid), None)
         if series is not None and series.instances is not None:

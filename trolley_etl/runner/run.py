@@ -23,6 +23,7 @@ from typing import Any
 from trolley_etl import __version__
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
@@ -458,7 +459,7 @@ class Runner:
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
                 # plan again: a downloader that batches (RAD-69) gets its instance lists
-                count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
+                count = sum(trolley.downloader.fetch(unit, sink) for unit in _units(trolley, item))
                 if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
@@ -599,6 +600,22 @@ class Runner:
                              **audit["summary"]["by_status"])  # fmt: skip
         self.log.logger.info("run.end", status=status, **counts, report=str(report_path))
         return RunResult(self.run_id, status, counts, failed, report_path, incomplete, unmatched)
+
+
+def _units(trolley: Trolley, item: Item) -> list[Any]:
+    """What to ask the downloader for: a series unit of an instance-level downloader
+    (RAD-69 batches) is executed from the instance list stored with the plan, without
+    searching again; everything else is the unit's own reference, planned by the Trolley."""
+    ref = item.reference
+    uids = item.expected.uids
+    if (
+        uids
+        and isinstance(ref, SeriesReference)
+        and trolley.downloader.retrieval_level is QueryLevel.INSTANCE
+    ):
+        listed = [InstanceReference(ref.study_uid, ref.series_uid, uid) for uid in uids]
+        return trolley.downloader.plan(listed)
+    return trolley.plan([ref])
 
 
 def _deeper_uids(ref: Any) -> dict[str, str]:
