@@ -220,3 +220,62 @@ def test_completeness_setting_is_accepted(orthanc, tmp_path, completeness) -> No
     assert units[0]["stored_instances"] == len(instances_of("ACC1005"))
     if completeness == "strict":
         assert units[0]["expected_instances"] == len(instances_of("ACC1005"))
+
+
+# --- DIMSE: the archive that retrieves holds less than the one that answered the search -----
+
+SHORT_ACCESSION = "ACC1004"
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """A second Orthanc holding ACC1004 without its last instance (an index out of sync)."""
+    from trolley_etl.testing.orthanc import OrthancServer
+
+    study_uid = COHORT_ACCESSIONS[SHORT_ACCESSION].study_uid
+    held = [c for c in COHORT if c.study_uid == study_uid]
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-partial"), aet="PARTIAL").start()
+    try:
+        server.upload_many(c.data for c in held[:-1])
+        yield server, held[-1].sop_uid
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_dimse_shortfall_is_incomplete_with_the_missing_uid(orthanc, partial, tmp_path,
+                                                           method) -> None:  # fmt: skip
+    from trolley_etl.testing.orthanc import free_port
+
+    server, lost = partial
+    download = (f'{{backend: {method}, host: 127.0.0.1, port: {server.dicom_port}, '
+                f'called_aet: {server.aet}, calling_aet: TROLLEY')  # fmt: skip
+    if method == "c-move":
+        port = free_port()
+        server.add_modality("TROLLEYDEST", "TROLLEYDEST", "127.0.0.1", port)
+        download += f", move_destination: {{aet: TROLLEYDEST, port: {port}}}"
+    manifest = tmp_path / "pull.yaml"
+    manifest.write_text(f"""\
+version: 1
+name: dimse-shortfall
+source:
+  search: {{backend: dicom-qr, host: 127.0.0.1, port: {orthanc.dicom_port},
+           called_aet: {orthanc.aet}, calling_aet: TROLLEY}}
+  download: {download}}}
+queries:
+  - name: one
+    filters: {{AccessionNumber: {SHORT_ACCESSION}}}
+storage:
+  root: ./data
+run:
+  retries: 0
+""")
+    run = trolley("run", str(manifest))
+    assert run.returncode == 1, run.stderr
+    [line] = [json.loads(x.removeprefix("incomplete: ")) for x in run.stderr.splitlines()
+              if x.startswith("incomplete: ")]  # fmt: skip
+    held = instances_of(SHORT_ACCESSION)
+    assert line["expected_instances"] == len(held)
+    assert line["stored_instances"] == len(held) - 1
+    assert line["missing_uids"] == [lost]
+    assert report_of(tmp_path / "data")["status"] == "incomplete"
