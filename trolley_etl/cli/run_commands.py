@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.core.constants import CHECKPOINT_NAME
@@ -137,7 +137,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def _print_plan(runner: Runner, style: str) -> None:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for found in runner.found:
         study = found.study
         rows.append({
@@ -149,8 +149,17 @@ def _print_plan(runner: Runner, style: str) -> None:
             "series": len(study.series) if study.series is not None else None,
             "instances": len(study.all_instances()) if study.series else None,
         })  # fmt: skip
+    expected: dict[str, int | None] = {}
+    for ref, expectation in runner.planned.expectations.items():
+        so_far = expected.get(ref.study_uid, 0)
+        count = expectation.count
+        expected[ref.study_uid] = None if so_far is None or count is None else so_far + count
+    for row in rows:
+        row["expected_instances"] = expected.get(row["study_uid"])
     if style == "json":
-        print(json.dumps({"studies": rows, "items": len(runner.references)}, indent=2))
+        cohort = {name: account.to_json() for name, account in runner.cohort.items()}
+        print(json.dumps({"studies": rows, "items": len(runner.references), "cohort": cohort},
+                         indent=2))  # fmt: skip
         return
     for row in rows:
         known = "".join(f"  {row[k]} {k}" for k in ("series", "instances") if row[k] is not None)
