@@ -195,17 +195,52 @@ def test_unreachable_archive_at_start_leaves_an_aborted_run_and_an_empty_root(tm
     assert shown["last_run"]["status"] == "aborted" and shown["empty"] is True
 
 
-def test_layout_change_is_refused_clearly_and_verify_stays_clean(orthanc, tmp_path) -> None:
-    manifest = write_manifest(tmp_path, orthanc.url, orthanc.url, ["ACC1004"])
+NEW_LAYOUT = '  layout: "{PatientID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"\n'
+
+
+def stored_paths(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*.dcm")
+            if ".trolley" not in p.parts}  # fmt: skip
+
+
+def test_layout_change_moves_stored_files_with_refresh(orthanc, tmp_path) -> None:
+    manifest = write_manifest(tmp_path, orthanc.url, orthanc.url, ["ACC1004", "ACC1005"])
     assert trolley("run", str(manifest)).returncode == 0
-    text = manifest.read_text().replace(
-        "  root: ./data\n", '  root: ./data\n  layout: "{PatientID}/{SOPInstanceUID}.dcm"\n'
-    )
-    manifest.write_text(text)
-    refused = trolley("run", str(manifest), "--refresh", "--log-format", "console")
-    assert refused.returncode == 2
-    assert "storage.layout changed" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    root = tmp_path / "data"
+    before = stored_paths(root)
+    manifest.write_text(manifest.read_text().replace("  root: ./data\n",
+                                                     "  root: ./data\n" + NEW_LAYOUT))  # fmt: skip
+    refused = trolley("run", str(manifest), "--log-format", "console")
+    assert refused.returncode == 2 and "--refresh" in refused.stderr
+    assert "Traceback" not in refused.stderr and stored_paths(root) == before
+
+    moved = trolley("run", str(manifest), "--refresh")
+    assert moved.returncode == 0, moved.stderr
+    relayout = [e for e in events(moved.stderr) if e["event"] == "storage.relayout"]
+    assert relayout and relayout[0]["moved"] == len(before)
+    assert not [e for e in events(moved.stderr) if e["event"] == "item.done"]  # nothing fetched
+    after = stored_paths(root)
+    assert len(after) == len(before) and after.isdisjoint(before)
+    assert all(path.startswith("TRL00") for path in after)
+    assert not (root / next(iter(before)).split("/")[0]).exists()  # old folders removed
+    assert trolley("verify", str(manifest)).returncode == 0
+
+
+def test_layout_move_killed_midway_resumes_with_refresh(orthanc, tmp_path) -> None:
+    manifest = write_manifest(tmp_path, orthanc.url, orthanc.url, ["ACC1001"])
+    assert trolley("run", str(manifest)).returncode == 0
+    root = tmp_path / "data"
+    count = len(stored_paths(root))
+    manifest.write_text(manifest.read_text().replace("  root: ./data\n",
+                                                     "  root: ./data\n" + NEW_LAYOUT))  # fmt: skip
+    killed = trolley("run", str(manifest), "--refresh",
+                     env={"TROLLEY_ETL_CRASH_AT": "after-move:3"})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert trolley("verify", str(manifest)).returncode == 1  # half moved: verify says so
+    resumed = trolley("run", str(manifest), "--refresh")
+    assert resumed.returncode == 0, resumed.stderr
+    after = stored_paths(root)
+    assert len(after) == count and all(path.startswith("TRL001/") for path in after)
     assert trolley("verify", str(manifest)).returncode == 0
 
 

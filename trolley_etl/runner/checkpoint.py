@@ -75,6 +75,7 @@ ADDED_COLUMNS = {
         "accession_number": "TEXT",
         "study_date": "TEXT",
         "run_id": "TEXT",
+        "new_path": "TEXT",  # where a layout change moves the file (see runner.relayout)
     },
 }
 
@@ -501,6 +502,41 @@ class Checkpoint:
             rows = cursor.fetchall()
         for row in rows:
             yield dict(zip(names, row, strict=True))
+
+    def file_paths(self) -> dict[str, str]:
+        """SOPInstanceUID -> recorded path of every stored file."""
+        with self._lock:
+            rows = self._db.execute("SELECT sop_instance_uid, path FROM files").fetchall()
+        return dict(rows)
+
+    def plan_moves(self, new_paths: Mapping[str, str]) -> None:
+        """Record, in one transaction, where each file goes under a new layout."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE files SET new_path = ? WHERE sop_instance_uid = ?",
+                [(path, sop) for sop, path in new_paths.items()],
+            )
+            self._db.execute("COMMIT")
+
+    def planned_moves(self) -> list[tuple[str, str, str]]:
+        """(SOPInstanceUID, recorded path, new path) of moves not finished yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, path, new_path FROM files WHERE new_path IS NOT NULL "
+                "ORDER BY path"
+            ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def finish_moves(self, moved: Iterable[tuple[str, str]]) -> None:
+        """The files are at their new paths: record them there."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE files SET path = ?, new_path = NULL WHERE sop_instance_uid = ?",
+                [(path, sop) for sop, path in moved],
+            )
+            self._db.execute("COMMIT")
 
     def forget_files(self, sop_instance_uids: Iterable[str]) -> None:
         with self._lock:

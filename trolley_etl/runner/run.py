@@ -27,7 +27,7 @@ from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReferenc
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
-from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner import lockfile, relayout, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import (
     FAILED,
@@ -268,7 +268,6 @@ class Runner:
                     planned.expectations,
                 )  # fmt: skip
                 checkpoint.set_meta("cohort", cohort_json(searched.cohort))
-                checkpoint.set_meta("layout", self.manifest.storage.layout)
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
                 checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, planned))
@@ -300,17 +299,26 @@ class Runner:
         return RunState.COMPLETE
 
     def _check_layout(self, checkpoint: Checkpoint) -> None:
-        """Files stored under another layout are never silently left where they are."""
-        recorded = checkpoint.get_meta("layout")
-        if recorded is None or recorded == self.manifest.storage.layout:
+        """Files stored under another layout are never silently left where they are:
+        `run --refresh` moves them (atomically, resumably); without it the run refuses."""
+        layout = self.manifest.storage.layout
+        if not relayout.needs_relayout(checkpoint, self.storage, layout):
+            checkpoint.set_meta("layout", layout)
             return
-        if next(iter(checkpoint.files()), None) is None:
-            return
-        raise LayoutChangedError(
-            f"storage.layout changed since files were stored in {self.root} (was "
-            f"{recorded!r}); trolley-etl does not move stored files: use a new storage root, "
-            "or restore the previous layout"
-        )
+        if not self.options.refresh:
+            raise LayoutChangedError(
+                f"storage.layout changed since files were stored in {self.root} (or a move "
+                "to a new layout was interrupted); run with --refresh to move them to the "
+                "new layout, or use another storage root"
+            )
+        with self.step("relayout", layout=layout) as outcome:
+
+            def on_move(old: str, new: str) -> None:
+                self.log.logger.debug("storage.moved", old=old, new=new)
+
+            outcome["moved"] = relayout.relayout(checkpoint, self.storage, on_move)
+        checkpoint.set_meta("layout", layout)
+        self.log.logger.info("storage.relayout", layout=layout, moved=outcome["moved"])
 
     # --- lock file ---------------------------------------------------------------------------
 
@@ -364,7 +372,6 @@ class Runner:
         expectations = self._locked_expectations(trolley, lock, by_uid)
         saved = checkpoint.save_resolution(wanted, rows, references, expectations)
         checkpoint.set_meta("cohort", cohort_json(searched.cohort))
-        checkpoint.set_meta("layout", self.manifest.storage.layout)
         crash_point("after-resolution")
         self.log.logger.info("checkpoint.resolved", items=saved, from_lock=str(self.lock_path))
 
