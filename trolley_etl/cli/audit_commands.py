@@ -200,7 +200,7 @@ def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
     """Repaired files whose bytes differ from the first download: the archive changed."""
     checkpoint = open_checkpoint(root)
     try:
-        now = {r["sop_instance_uid"]: r["sha256"] for r in checkpoint.files()}
+        now = {r.sop_instance_uid: r.sha256 for r in checkpoint.files()}
     finally:
         checkpoint.close()
     return sorted(

@@ -179,6 +179,47 @@ class StudyRow:
     modalities: str = ""
 
 
+@dataclass(frozen=True)
+class FileRecord:
+    """One stored file as the checkpoint records it."""
+
+    sop_instance_uid: str
+    item_id: int
+    study_uid: str
+    series_uid: str
+    path: str  # relative to the storage root, POSIX separators
+    size: int
+    sha256: str
+    transfer_syntax: str | None = None
+    sop_class_uid: str | None = None
+    source: str | None = None
+    stored_at: str = ""
+    modality: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    run_id: str | None = None
+    new_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # columns added by newer code
+
+    def __getitem__(self, key: str) -> Any:
+        """Read like the dict rows of earlier versions (`record["path"]`)."""
+        if key in _FILE_FIELDS:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in _FILE_FIELDS:
+            return getattr(self, key)
+        return self.extra.get(key, default)
+
+    @classmethod
+    def from_row(cls, names: list[str], row: tuple[Any, ...]) -> FileRecord:
+        values = dict(zip(names, row, strict=True))
+        known = {k: v for k, v in values.items() if k in _FILE_FIELDS}
+        return cls(**known, extra={k: v for k, v in values.items() if k not in _FILE_FIELDS})
+
+
 class Checkpoint:
     """One SQLite database per storage root. Safe to use from several threads."""
 
@@ -490,7 +531,7 @@ class Checkpoint:
                 (state, reason, now(), 1 if attempt else 0, item_id),
             )
 
-    def files(self, item_id: int | None = None) -> Iterator[dict[str, Any]]:
+    def files(self, item_id: int | None = None) -> Iterator[FileRecord]:
         query = "SELECT * FROM files"
         params: tuple[int, ...] = ()
         if item_id is not None:
@@ -501,7 +542,7 @@ class Checkpoint:
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
         for row in rows:
-            yield dict(zip(names, row, strict=True))
+            yield FileRecord.from_row(names, row)
 
     def file_paths(self) -> dict[str, str]:
         """SOPInstanceUID -> recorded path of every stored file."""
@@ -544,6 +585,9 @@ class Checkpoint:
                 "DELETE FROM files WHERE sop_instance_uid = ?",
                 [(uid,) for uid in sop_instance_uids],
             )
+
+
+_FILE_FIELDS = frozenset(f for f in FileRecord.__dataclass_fields__ if f != "extra")
 
 
 def _item(row: tuple[Any, ...]) -> Item:

@@ -39,6 +39,7 @@ from trolley_etl.runner.checkpoint import (
     PENDING,
     STALE,
     Checkpoint,
+    FileRecord,
     Item,
     now,
 )
@@ -104,21 +105,21 @@ def build_report(
     query_sets = {row.study_uid: row.query_set for row in checkpoint.study_rows()}
     rows: list[dict[str, Any]] = []
     for record in checkpoint.files():
-        item = item_states.get(record["item_id"])
+        item = item_states.get(record.item_id)
         rows.append({
-            "status": _file_status(root / record["path"], record["size"],
+            "status": _file_status(root / record.path, record.size,
                                    item.state if item else None),
-            "study_uid": record["study_uid"], "series_uid": record["series_uid"],
-            "sop_instance_uid": record["sop_instance_uid"],
-            "sop_class_uid": record["sop_class_uid"] or "",
-            "modality": record.get("modality") or "",
-            "patient_id": record.get("patient_id") or "",
-            "accession_number": record.get("accession_number") or "",
-            "study_date": record.get("study_date") or "",
-            "query_set": query_sets.get(record["study_uid"], ""),
-            "path": record["path"], "size": record["size"], "sha256": record["sha256"],
-            "transfer_syntax": record["transfer_syntax"] or "", "source": record["source"] or "",
-            "run_id": record.get("run_id") or "", "stored_at": record["stored_at"], "error": "",
+            "study_uid": record.study_uid, "series_uid": record.series_uid,
+            "sop_instance_uid": record.sop_instance_uid,
+            "sop_class_uid": record.sop_class_uid or "",
+            "modality": record.modality or "",
+            "patient_id": record.patient_id or "",
+            "accession_number": record.accession_number or "",
+            "study_date": record.study_date or "",
+            "query_set": query_sets.get(record.study_uid, ""),
+            "path": record.path, "size": record.size, "sha256": record.sha256,
+            "transfer_syntax": record.transfer_syntax or "", "source": record.source or "",
+            "run_id": record.run_id or "", "stored_at": record.stored_at, "error": "",
         })  # fmt: skip
     for item in item_states.values():
         if item.state == INCOMPLETE:  # one row per missing instance where they are named
@@ -292,10 +293,10 @@ def bag_path(path: str) -> str:
     return path.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def write_bag_manifests(root: Path, records: Iterable[dict[str, Any]], name: str) -> bool:
+def write_bag_manifests(root: Path, records: Iterable[FileRecord], name: str) -> bool:
     """Write `manifest-sha256.txt`; also `bagit.txt` and `bag-info.txt` when every file lies
     under `data/` (then the root is a valid bag). Returns whether it is a valid bag."""
-    entries = sorted((r["path"], r["sha256"], r["size"]) for r in records)
+    entries = sorted((r.path, r.sha256, r.size) for r in records)
     lines = "".join(f"{sha}  {bag_path(path)}\n" for path, sha, _ in entries)
     write_atomic(root / BAG_MANIFEST, lines)
     is_bag = bool(entries) and all(p.startswith(BAG_PAYLOAD_DIR + "/") for p, _, _ in entries)

@@ -563,19 +563,19 @@ class Runner:
         with self.step("verify") as outcome:
             checked = 0
             for record in checkpoint.files():
-                path = self.root / record["path"]
+                path = self.root / record.path
                 checked += 1
                 try:
                     size = path.stat().st_size
                 except FileNotFoundError:
                     size = -1
-                if size != record["size"]:
+                if size != record.size:
                     problems += 1
-                    reason = "missing" if size < 0 else f"size {size} != recorded {record['size']}"
-                    self.log.logger.error("verify.bad_file", path=record["path"], reason=reason,
-                                          sop_instance_uid=record["sop_instance_uid"])  # fmt: skip
-                    checkpoint.forget_files([record["sop_instance_uid"]])
-                    checkpoint.mark_pending(record["item_id"], f"file {reason}: {record['path']}")
+                    reason = "missing" if size < 0 else f"size {size} != recorded {record.size}"
+                    self.log.logger.error("verify.bad_file", path=record.path, reason=reason,
+                                          sop_instance_uid=record.sop_instance_uid)  # fmt: skip
+                    checkpoint.forget_files([record.sop_instance_uid])
+                    checkpoint.mark_pending(record.item_id, f"file {reason}: {record.path}")
             outcome.update(files=checked, problems=problems)
         return problems
 
