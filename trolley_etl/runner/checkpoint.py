@@ -89,6 +89,9 @@ class ItemState(str, Enum):
     FAILED = "failed"
     STALE = "stale"  # no longer part of the resolved cohort
 
+    def __str__(self) -> str:  # "done", not "ItemState.DONE", in messages and f-strings
+        return self.value
+
 
 class RunState(str, Enum):
     """How a run ended (or that it is still going)."""
@@ -99,6 +102,9 @@ class RunState(str, Enum):
     FAILED = "failed"
     INTERRUPTED = "interrupted"
     ABORTED = "aborted"  # its process died without saying how it ended
+
+    def __str__(self) -> str:
+        return self.value
 
 
 PENDING, DONE, FAILED, STALE = "pending", "done", "failed", "stale"
@@ -144,9 +150,11 @@ class Expectation:
 
 @dataclass(frozen=True)
 class Item:
+    """One retrieval unit of the plan, its expectation and how far it got."""
+
     item_id: int
     reference: Reference
-    state: str
+    state: ItemState  # a str enum: compares equal to "done", "pending", ...
     attempts: int
     last_error: str | None
     expected: Expectation = field(default_factory=Expectation)
@@ -593,7 +601,7 @@ _FILE_FIELDS = frozenset(f for f in FileRecord.__dataclass_fields__ if f != "ext
 def _item(row: tuple[Any, ...]) -> Item:
     uids = json.loads(row[8]) if row[8] else None
     return Item(
-        row[0], reference_of(row[1], row[2], row[3]), row[4], row[5], row[6],
+        row[0], reference_of(row[1], row[2], row[3]), ItemState(row[4]), row[5], row[6],
         expected=Expectation(row[7], None if uids is None else tuple(uids)),
         stored_instances=row[9],
         missing_uids=tuple(json.loads(row[10])) if row[10] else (),
