@@ -189,3 +189,32 @@ def test_instance_level_units_execute_from_the_stored_plan(tmp_path, instances) 
     assert archive.searches == []
     assert {type(ref).__name__ for ref in archive.fetches} == {"SeriesBatch"}
     assert {len(u.reference.series_uid) > 0 for u in items(manifest)} == {True}
+
+
+@pytest.mark.parametrize("counts_in_lock", [True, False])
+def test_locked_study_the_archive_lost_is_never_complete(tmp_path, instances,
+                                                         counts_in_lock) -> None:  # fmt: skip
+    from trolley_etl.runner import lockfile, resolve
+
+    archive = FakeArchive(instances)
+    manifest = write_manifest(tmp_path)
+    loaded = load_manifest(manifest)
+    log = RunLog(log_file=None, stderr_format="json", quiet=True)
+    runner = Runner(loaded, manifest, log, RunOptions(progress=False, quiet=True),
+                    backends=archive.backends)  # type: ignore[arg-type]  # fmt: skip
+    runner.plan_only()
+    log.close()
+    lock = lockfile.Lock.from_resolution(
+        loaded.name, resolve.resolution_hash(loaded),
+        [(f.query_set, f.study.uid) for f in runner.found], runner.references,
+        runner.planned.expectations if counts_in_lock else None,
+    )  # fmt: skip
+    lockfile.write_lock(lockfile.lock_path_for(manifest), lock)
+    locked = lock.to_json()["query_sets"]["cohort"]["studies"]
+    assert all(("expected_instances" in s) == counts_in_lock for s in locked)
+
+    gone = COHORT_ACCESSIONS["ACC1003"].study_uid
+    result = run(manifest, FakeArchive([i for i in instances if i.study_uid != gone]))
+    assert result.status == RunState.FAILED.value
+    assert [f["study_uid"] for f in result.failed] == [gone]
+    assert result.unmatched == [{"query_set": "cohort", "row": 3, "value": "ACC1003"}]

@@ -275,7 +275,7 @@ def expectation_of(trolley: Trolley, study: Study, ref: Reference, *, strict: bo
         count = _count(series.data, SERIES_COUNT) if series is not None else None
         if count is not None or not strict:
             return Expectation(count)
-        return Expectation.of_uids(_list_instances(trolley, ref))
+        return _listed(_list_instances(trolley, ref))
     if study.series is not None and all(s.instances is not None for s in study.series):
         return Expectation.of_uids(i.uid for i in study.all_instances())
     count = _count(study.data, STUDY_COUNT)
@@ -284,7 +284,13 @@ def expectation_of(trolley: Trolley, study: Study, ref: Reference, *, strict: bo
     counts = [_count(s.data, SERIES_COUNT) for s in _all_series(trolley, ref.study_uid)]
     if counts and all(c is not None for c in counts):
         return Expectation(sum(c for c in counts if c is not None))
-    return Expectation.of_uids(_list_instances(trolley, ref))
+    return _listed(_list_instances(trolley, ref))
+
+
+def _listed(uids: list[str]) -> Expectation:
+    """An empty listing says nothing (the archive may have lost the unit): unknown, so that
+    a unit the archive then sends nothing for fails instead of being "complete" at 0."""
+    return Expectation.of_uids(uids) if uids else Expectation()
 
 
 def _list_instances(trolley: Trolley, ref: StudyReference | SeriesReference) -> list[str]:
