@@ -107,8 +107,8 @@ class RunState(str, Enum):
         return self.value
 
 
-PENDING, DONE, FAILED, STALE = "pending", "done", "failed", "stale"
-INCOMPLETE = ItemState.INCOMPLETE.value
+#: The item states as plain strings (the names modules used before the enum).
+PENDING, DONE, INCOMPLETE, FAILED, STALE = (s.value for s in ItemState)
 #: Item states that a run still has work for.
 TODO_STATES = (PENDING, FAILED, INCOMPLETE)
 

@@ -23,7 +23,7 @@ from typing import Any
 from trolley_etl import __version__
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.errors import TrolleyError
-from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference
+from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
@@ -378,8 +378,6 @@ class Runner:
     def _locked_expectations(self, trolley: Trolley, lock: lockfile.Lock,
                              searched: dict[str, Found]) -> dict[Any, Any]:  # fmt: skip
         """What each locked unit holds: as the lock recorded it, else as the archive says."""
-        from trolley_etl.core.model import Study
-
         strict = self.manifest.run.completeness == "strict"
         expectations = lock.expectations()
         for ref in lock.references():
@@ -465,7 +463,7 @@ class Runner:
             started = time.monotonic()
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
-                # plan again: a downloader that batches (RAD-69) gets its instance lists
+                # the unit as planned: batches (RAD-69) from their stored instance lists
                 count = sum(trolley.downloader.fetch(unit, sink) for unit in _units(trolley, item))
                 if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
@@ -483,7 +481,9 @@ class Runner:
                 return
             except IncompleteUnitError as short:
                 retry = attempt < self.attempts_per_run
-                missing = short.missing or self._name_missing(trolley, checkpoint, item)
+                missing = short.missing
+                if not missing and not retry:  # only a count was known: ask which ones
+                    missing = self._name_missing(trolley, checkpoint, item)
                 self.log.logger.warning(
                     "item.retry" if retry else "item.incomplete", **uids, attempt=attempt,
                     expected_instances=short.expected, stored_instances=short.stored,
