@@ -15,13 +15,13 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.backend import Downloader, Searcher
+from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
 from trolley_etl.core.storage import StagedFile, StorageDir
@@ -420,38 +420,29 @@ class Runner:
         todo = checkpoint.items(TODO_STATES)
         with self.step("download", items=len(todo), workers=self.workers) as outcome:
             progress = Progress(len(todo), enabled=self.options.progress and not self.options.quiet)
-            pending = iter(todo)
-            running: dict[Future[None], Item] = {}
             committer = Committer(self.storage, checkpoint, progress, source=self.source,
                                   run_id=self.run_id)  # fmt: skip
-            with (
-                committer,
-                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool,
-            ):
+
+            def finished(item: Item, error: BaseException | None) -> None:
+                if error is not None:  # _fetch_item records failures; this is a bug
+                    raise error
+                progress.item_finished()
+
+            def interrupted(running: int) -> None:
+                self.log.logger.warning("run.interrupted", waiting_for=running)
+
+            with committer:
                 try:
-                    for item in pending:  # bounded: at most 2 x workers submitted at once
-                        running[
-                            pool.submit(self._fetch_item, trolley, checkpoint, item, committer)
-                        ] = item
-                        while len(running) >= 2 * self.workers:
-                            self._collect(running, progress)
-                    while running:
-                        self._collect(running, progress)
+                    execute(
+                        todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
+                        workers=self.workers, on_done=finished, stop=self.stop,
+                        on_interrupt=interrupted, name="item",
+                    )  # fmt: skip
                 except KeyboardInterrupt:
-                    self.stop.set()
-                    self.log.logger.warning("run.interrupted", waiting_for=len(running))
-                    wait(running)
                     progress.close()
                     raise
             progress.close()
             outcome.update(instances=progress.instances, bytes=progress.bytes)
-
-    def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
-        done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-        for future in done:
-            running.pop(future)
-            future.result()
-            progress.item_finished()
 
     def _fetch_item(self, trolley: Trolley, checkpoint: Checkpoint, item: Item,
                     committer: Committer) -> None:  # fmt: skip
