@@ -218,3 +218,17 @@ def test_locked_study_the_archive_lost_is_never_complete(tmp_path, instances,
     assert result.status == RunState.FAILED.value
     assert [f["study_uid"] for f in result.failed] == [gone]
     assert result.unmatched == [{"query_set": "cohort", "row": 3, "value": "ACC1003"}]
+
+
+def test_refresh_with_fewer_rows_makes_units_stale_not_fetched(tmp_path, instances) -> None:
+    archive = FakeArchive(instances)
+    manifest = write_manifest(tmp_path)
+    assert run(manifest, archive).status == RunState.COMPLETE.value
+    write_manifest(tmp_path, ("ACC1001",))
+    archive.fetches.clear()
+    result = run(manifest, archive, refresh=True)
+    assert result.status == RunState.COMPLETE.value and archive.fetches == []
+    states = {u.reference.study_uid: u.state for u in items(manifest)}
+    assert states[COHORT_ACCESSIONS["ACC1003"].study_uid] == ItemState.STALE
+    cohort = report(result)["cohort"]["cohort"]
+    assert (cohort["requested"], cohort["units_planned"], cohort["stored"]) == (1, 1, 1)
