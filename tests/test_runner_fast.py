@@ -94,6 +94,7 @@ def test_lost_instance_is_incomplete_then_rerun_completes_it_only(tmp_path, inst
     [short] = result.incomplete
     assert short["study_uid"] == lost.study_uid and short["missing_uids"] == [lost.sop_uid]
     assert short["expected_instances"] == short["stored_instances"] + 1
+    assert report(result)["incomplete"] == [short]
     [unit] = [u for u in items(manifest) if u.state == ItemState.INCOMPLETE.value]
     assert unit.missing_uids == (lost.sop_uid,)
 

@@ -589,7 +589,8 @@ class Runner:
         checkpoint.finish_run(self.run_id, status, counts)
         # the audit report of the whole root after this run, and the checksums beside the data
         audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
-        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
+        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed,
+                     incomplete=incomplete, unmatched=unmatched)  # fmt: skip
         report_path = report.save_report(self.root, report.report_json(audit),
                                          f"{self.run_id}.json")  # fmt: skip
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
