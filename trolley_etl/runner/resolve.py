@@ -1,9 +1,11 @@
-"""The search and expand steps: from a manifest's query sets to retrieval references.
+"""The resolve and plan steps: from a manifest's query sets to retrieval units.
 
 Search runs every query of every query set, unions the studies and drops duplicates (the
-first query set that found a study keeps it). Expand narrows studies to the series `select`
-asks for, then lets the Trolley plan the retrievals: a downloader that needs series or
-instances gets them searched, in parallel, only for the studies that lack them.
+first query set that found a study keeps it), and accounts for every CSV row or listed UID
+(matched or not). Plan narrows studies to the series `select` asks for (recording what it
+dropped), lets the Trolley plan the retrievals (a downloader that needs series or instances
+gets them searched, in parallel, only for the studies that lack them) and gives each unit
+its expectation: what the archive says it holds, so that completeness can be checked.
 """
 
 from __future__ import annotations
@@ -169,7 +171,10 @@ def search(
 def select_rule(manifest: Manifest) -> str:
     """`select.series` as one readable line, for the report of what it dropped."""
     filters = manifest.select.series if manifest.select else {}
-    shown = ", ".join(f"{k}={v}" for k, v in filters.items())
+    shown = ", ".join(
+        f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+        for k, v in filters.items()
+    )
     return f"select.series: {shown}"
 
 
@@ -185,9 +190,7 @@ def plan_units(trolley: Trolley, manifest: Manifest, searched: Searched, workers
     strict = manifest.run.completeness == "strict"
     rule = select_rule(manifest)
 
-    def one(
-        item: Found,
-    ) -> tuple[Found, list[Reference], list[Dropped], dict[Reference, Expectation]]:
+    def one(item: Found) -> _StudyPlan:
         study = item.study
         dropped: list[Dropped] = []
         if manifest.select is not None and manifest.select.series:
