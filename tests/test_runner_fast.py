@@ -233,3 +233,26 @@ def test_refresh_with_fewer_rows_makes_units_stale_not_fetched(tmp_path, instanc
     assert states[COHORT_ACCESSIONS["ACC1003"].study_uid] == ItemState.STALE
     cohort = report(result)["cohort"]["cohort"]
     assert (cohort["requested"], cohort["units_planned"], cohort["stored"]) == (1, 1, 1)
+
+
+def test_units_of_an_older_checkpoint_get_an_expectation_first(tmp_path, instances) -> None:
+    import sqlite3
+
+    archive = FakeArchive(instances)
+    manifest = write_manifest(tmp_path)
+    assert run(manifest, archive).status == RunState.COMPLETE.value
+    lost = instances[0]
+    database = tmp_path / "data" / ".trolley" / "checkpoint.sqlite"
+    db = sqlite3.connect(database)
+    with db:  # as an older trolley-etl left it: no expectations, and one file never stored
+        db.execute("UPDATE items SET state = 'pending', expected_instances = NULL, "
+                   "expected_uids = NULL, stored_instances = NULL")  # fmt: skip
+        (path,) = db.execute("SELECT path FROM files WHERE sop_instance_uid = ?",
+                             (lost.sop_uid,)).fetchone()  # fmt: skip
+        db.execute("DELETE FROM files WHERE sop_instance_uid = ?", (lost.sop_uid,))
+    db.close()
+    (tmp_path / "data" / path).unlink()
+    archive.lose.add(lost.sop_uid)
+    result = run(manifest, archive)
+    assert result.status == RunState.INCOMPLETE.value
+    assert [u["missing_uids"] for u in result.incomplete] == [[lost.sop_uid]]

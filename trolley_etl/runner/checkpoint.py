@@ -517,6 +517,15 @@ class Checkpoint:
                 (stored, json.dumps(list(missing)) if missing else None, extra, item_id),
             )
 
+    def set_expectation(self, item_id: int, expectation: Expectation) -> None:
+        """Give a unit its expectation after the fact (units of an older checkpoint)."""
+        uids = None if expectation.uids is None else json.dumps(list(expectation.uids))
+        with self._lock:
+            self._db.execute(
+                "UPDATE items SET expected_instances = ?, expected_uids = ? WHERE item_id = ?",
+                (expectation.count, uids, item_id),
+            )
+
     def stored_uids(self, item_id: int) -> set[str]:
         """SOPInstanceUIDs recorded as stored for one item."""
         with self._lock:

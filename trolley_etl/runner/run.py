@@ -448,6 +448,7 @@ class Runner:
                     committer: Committer) -> None:  # fmt: skip
         ref = item.reference
         uids = {"study_uid": ref.study_uid, **_deeper_uids(ref)}
+        item = self._with_expectation(trolley, checkpoint, item)
         for attempt in range(1, self.attempts_per_run + 1):
             if self.stop.is_set():
                 return
@@ -503,6 +504,21 @@ class Runner:
                     return
                 if self.stop.wait(backoff_delay(attempt, error)):
                     return
+
+    def _with_expectation(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> Item:
+        """A unit planned without an expectation (by an older trolley-etl) gets one now, from
+        the archive, unless `run.completeness` is off."""
+        if item.expected.count is not None or self.manifest.run.completeness != "strict":
+            return item
+        try:
+            found = resolve.expectation_of(trolley, Study(item.reference.study_uid),
+                                           item.reference, strict=True)  # fmt: skip
+        except Exception as error:  # the fetch itself will meet the same archive
+            self.log.logger.warning("item.expectation_unknown", study_uid=item.reference.study_uid,
+                                    error=str(error))  # fmt: skip
+            return item
+        checkpoint.set_expectation(item.item_id, found)
+        return dataclasses.replace(item, expected=found)
 
     def _check_complete(self, checkpoint: Checkpoint, item: Item) -> tuple[int, int]:
         """(stored, extra) when the unit holds at least what the archive said it holds.
