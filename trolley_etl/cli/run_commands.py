@@ -264,7 +264,8 @@ def run_status(args: argparse.Namespace) -> int:
     planned = sum(counts[state] for state in (*TODO_STATES, "done"))
     if args.format == "json":
         print(json.dumps({
-            "manifest": manifest.name, "root": str(root), "counts": counts, "last_run": last,
+            "manifest": manifest.name, "root": str(root), "counts": counts,
+            "last_run": last.to_json() if last else None,
             "failed": [{"reference": str(i.reference), "attempts": i.attempts,
                         "error": i.last_error} for i in failed],
             "incomplete": [{"reference": str(i.reference), "state": i.state,
@@ -283,8 +284,8 @@ def run_status(args: argparse.Namespace) -> int:
         if planned == 0:
             print(f"  {root} holds nothing: no unit was planned (nothing resolved yet)")
         if last:
-            print(f"last run {last['run_id']}: {last['status']}, started {last['started_at']}, "
-                  f"finished {last['finished_at'] or '-'}")  # fmt: skip
+            print(f"last run {last.run_id}: {last.status}, started {last.started_at}, "
+                  f"finished {last.finished_at or '-'}")  # fmt: skip
         for item in failed[:20]:
             print(f"  failed {item.reference} after {item.attempts} attempt(s): {item.last_error}")
         for item in incomplete[:20]:

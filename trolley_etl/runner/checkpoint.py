@@ -10,6 +10,7 @@ replaces the file with identical bytes, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -228,6 +229,26 @@ class FileRecord:
         return cls(**known, extra={k: v for k, v in values.items() if k not in _FILE_FIELDS})
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the checkpoint records it; `summary` and `provenance` are JSON text."""
+
+    run_id: str
+    started_at: str
+    finished_at: str | None
+    status: str  # a RunState value
+    manifest_hash: str
+    summary: str | None
+    provenance: str | None
+
+    def __getitem__(self, key: str) -> Any:
+        """Read like the dict rows of earlier versions (`run["status"]`)."""
+        return getattr(self, key)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class Checkpoint:
     """One SQLite database per storage root. Safe to use from several threads."""
 
@@ -327,15 +348,13 @@ class Checkpoint:
                 (now(), status, json.dumps(summary, sort_keys=True), run_id),
             )
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT run_id, started_at, finished_at, status, manifest_hash, summary, "
                 "provenance FROM runs ORDER BY started_at"
             ).fetchall()
-        keys = ("run_id", "started_at", "finished_at", "status", "manifest_hash", "summary",
-                "provenance")  # fmt: skip
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [RunRecord(*row) for row in rows]
 
     # --- the resolved work -----------------------------------------------------------------
 

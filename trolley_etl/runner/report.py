@@ -142,12 +142,12 @@ def build_report(
             })  # fmt: skip
     runs = []
     for run in checkpoint.runs():
-        provenance = json.loads(run["provenance"] or "{}")
+        provenance = json.loads(run.provenance or "{}")
         runs.append({
-            "run_id": run["run_id"], "started_at": run["started_at"],
-            "finished_at": run["finished_at"], "status": run["status"],
-            "manifest_sha256": run["manifest_hash"],
-            "counts": json.loads(run["summary"]) if run["summary"] else None,
+            "run_id": run.run_id, "started_at": run.started_at,
+            "finished_at": run.finished_at, "status": run.status,
+            "manifest_sha256": run.manifest_hash,
+            "counts": json.loads(run.summary) if run.summary else None,
             **{k: v for k, v in provenance.items() if k != "manifest_sha256"},
         })  # fmt: skip
     lock_path = lock_path_for(manifest_path)
