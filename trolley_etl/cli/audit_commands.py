@@ -88,6 +88,7 @@ def run_lock(args: argparse.Namespace) -> int:
             resolve.resolution_hash(manifest),
             [(found.query_set, found.study.uid) for found in runner.found],
             runner.references,
+            runner.planned.expectations,
         )
         lock.resolved_dates = resolved_ranges(manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(path, lock)
@@ -204,7 +205,7 @@ def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
     """Repaired files whose bytes differ from the first download: the archive changed."""
     checkpoint = open_checkpoint(root)
     try:
-        now = {r["sop_instance_uid"]: r["sha256"] for r in checkpoint.files()}
+        now = {r.sop_instance_uid: r.sha256 for r in checkpoint.files()}
     finally:
         checkpoint.close()
     return sorted(

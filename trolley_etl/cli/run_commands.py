@@ -19,7 +19,14 @@ from trolley_etl.cli import exit_codes
 from trolley_etl.core.constants import CHECKPOINT_NAME
 from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
-from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, state_dir
+from trolley_etl.runner.checkpoint import (
+    FAILED,
+    INCOMPLETE,
+    TODO_STATES,
+    open_checkpoint,
+    state_dir,
+)
+from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -144,8 +151,25 @@ def _print_plan(runner: Runner, style: str) -> None:
         finally:
             checkpoint.close()
     average = average_instance_size(counts)
-    rows = [plan_row(found.query_set, found.study, average) for found in runner.found]
-    sys.stdout.write(render_plan(rows, len(runner.references), style))
+    expected: dict[str, int | None] = {}  # what the plan's units say each study holds
+    for ref, expectation in runner.planned.expectations.items():
+        so_far = expected.get(ref.study_uid, 0)
+        count = expectation.count
+        expected[ref.study_uid] = None if so_far is None or count is None else so_far + count
+    rows = []
+    for found in runner.found:
+        row = plan_row(found.query_set, found.study, average)
+        if expected.get(found.study.uid) is not None:
+            row["instances"] = expected[found.study.uid]
+            if average:
+                row["estimated_bytes"] = round(row["instances"] * average)
+        rows.append(row)
+    text = render_plan(rows, len(runner.references), style)
+    if style == "json":  # the funnel of each query set before anything is downloaded
+        data = json.loads(text)
+        data["cohort"] = {name: account.to_json() for name, account in runner.cohort.items()}
+        text = json.dumps(data, indent=2) + "\n"
+    sys.stdout.write(text)
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -195,7 +219,11 @@ def execute_run(
     if result.status not in ("complete", "interrupted"):
         for failure in result.failed:
             print(f"failed: {json.dumps(failure)}", file=sys.stderr)
-    _closing_summary(args, root, result, time.monotonic() - started)
+        for short in result.incomplete:
+            print(f"incomplete: {json.dumps(short)}", file=sys.stderr)
+        for row in result.unmatched:
+            print(f"unmatched: {json.dumps(row)}", file=sys.stderr)
+    _closing_summary(args, root, result, time.monotonic() - started, people=log.style != "json")
     if result.status == "interrupted":
         return exit_codes.INTERRUPTED
     if result.status != "complete":
@@ -204,14 +232,16 @@ def execute_run(
 
 
 def _closing_summary(args: argparse.Namespace, root: Path, result: RunResult,
-                     seconds: float) -> None:  # fmt: skip
-    """What happened, for people (also with --quiet); the Markdown summary for a CI page."""
+                     seconds: float, *, people: bool) -> None:  # fmt: skip
+    """What happened, for people (also with --quiet; not among JSON log lines, where the
+    `run.end` event says it); the Markdown summary for a CI page."""
     from trolley_etl.reports.render import append_job_summary
     from trolley_etl.reports.summary import load_report, run_summary
 
     log_path = state_dir(root) / "logs" / f"{result.run_id}.jsonl"
-    sys.stderr.write(run_summary(args.manifest, root, result.status, result.counts, seconds,
-                                 result.report_path, log_path))  # fmt: skip
+    if people:
+        sys.stderr.write(run_summary(args.manifest, root, result.status, result.counts,
+                                     seconds, result.report_path, log_path))  # fmt: skip
     report = load_report(result.report_path)
     if report is not None:
         append_job_summary(report)
@@ -238,22 +268,44 @@ def manifest_with_checkpoint(
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """What the checkpoint says; exits 0 only when the cohort is complete on disk."""
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
     from trolley_etl.reports.status import build_status, render_status
 
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root)  # marks runs whose process died as aborted
     try:
         status = build_status(manifest.name, root, checkpoint)
+        failed = checkpoint.items([FAILED])
+        incomplete = checkpoint.items([INCOMPLETE])
+        cohort = cohort_report(checkpoint, allowed_unmatched(manifest.queries))
+        unmatched = refused_unmatched(checkpoint, allowed_unmatched(manifest.queries))
     finally:
         checkpoint.close()
     counts = status["counts"]
+    planned = sum(counts[state] for state in (*TODO_STATES, "done"))
+    status.update({
+        "failed": [{"reference": str(i.reference), "attempts": i.attempts,
+                    "error": i.last_error} for i in failed],
+        "incomplete": [{"reference": str(i.reference), "state": i.state,
+                        "expected_instances": i.expected.count,
+                        "stored_instances": i.stored_instances,
+                        "missing_uids": list(i.missing_uids)} for i in incomplete],
+        "unmatched": unmatched, "cohort": cohort, "empty": planned == 0,
+    })  # fmt: skip
     if args.format == "json":
         print(json.dumps(status, indent=2))
     else:
         sys.stdout.write(render_status(status))
-    return (
-        exit_codes.OK if counts[FAILED] == 0 and counts[PENDING] == 0 else exit_codes.ITEMS_FAILED
-    )
+        for item in incomplete[:20]:
+            missing = ", ".join(item.missing_uids[:5]) or "not named"
+            print(f"  incomplete {item.reference}: expected {item.expected.count}, stored "
+                  f"{item.stored_instances}; missing {missing}")  # fmt: skip
+        for row in unmatched[:20]:
+            print(f"  unmatched {row['query_set']} row {row['row']}: {row['value']}")
+        if planned == 0:
+            print(f"  {root} holds nothing: no unit was planned (nothing resolved yet)")
+    todo = any(counts[state] for state in TODO_STATES)
+    return exit_codes.ITEMS_FAILED if todo or unmatched or planned == 0 else exit_codes.OK

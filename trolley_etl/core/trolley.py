@@ -12,12 +12,13 @@ import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pydicom
 from pydicom import Dataset
 
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
+from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
     DownloadError,
     MissingReferencesError,
@@ -169,23 +170,25 @@ class Trolley:
         sink = _RecordingSink(storage, stored, lock)
         workers = workers or self.workers
 
-        planner = ThreadPoolExecutor(max_workers=min(2, workers), thread_name_prefix="plan")
-        fetcher = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
-        with planner, fetcher:
+        with ThreadPoolExecutor(max_workers=min(2, workers), thread_name_prefix="plan") as planner:
             plans = {planner.submit(self.plan, [obj]): obj for obj in items}
-            fetches: dict[Future[int], Reference] = {}
-            for done in as_completed(plans):
-                try:
-                    refs = done.result()
-                except Exception as exc:
-                    failures.append((plans[done], exc))
-                    continue
-                for ref in refs:
-                    fetches[fetcher.submit(self.downloader.fetch, ref, sink)] = ref
-            for fetched in as_completed(fetches):
-                error = fetched.exception()
+
+            def planned() -> Iterator[Reference]:
+                for done in as_completed(plans):
+                    try:
+                        refs = done.result()
+                    except Exception as exc:
+                        failures.append((plans[done], exc))
+                        continue
+                    yield from refs
+
+            def finished(ref: Reference, error: BaseException | None) -> None:
                 if error is not None:
-                    failures.append((fetches[fetched], error))
+                    failures.append((ref, error))
+
+            # the runner's engine: bounded, fetching while the other objects are planned
+            execute(planned(), lambda ref: self.downloader.fetch(ref, sink), workers=workers,
+                    on_done=finished)  # fmt: skip
         if failures:
             raise DownloadError(failures, stored)
         return stored

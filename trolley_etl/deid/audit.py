@@ -120,6 +120,25 @@ def file_hashes(database: Path) -> dict[str, tuple[str, str]]:
         db.close()
 
 
+def quarantined_in(database: Path, study_uid: str, series_uid: str = "") -> set[str]:
+    """Source SOP Instance UIDs of one study (or series) that the burned-in gate held back:
+    they count towards the unit's expected instances, as stored ones do."""
+    if not database.exists():
+        return set()
+    db = sqlite3.connect(database)
+    try:
+        if "deid_quarantine" not in _tables(db):
+            return set()
+        query = "SELECT sop_instance_uid FROM deid_quarantine WHERE study_uid = ?"
+        params: tuple[str, ...] = (study_uid,)
+        if series_uid:
+            query += " AND series_uid = ?"
+            params += (series_uid,)
+        return {row[0] for row in db.execute(query, params)}
+    finally:
+        db.close()
+
+
 def quarantined_uids(database: Path) -> set[str]:
     """Source SOP Instance UIDs the burned-in gate held back: received, deliberately not
     stored (for completeness accounting: expected = stored + quarantined)."""

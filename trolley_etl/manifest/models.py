@@ -318,8 +318,14 @@ class QuerySet(StrictModel):
     from_csv: CsvColumn | None = None
     study_uids: list[str] | None = Field(default=None, min_length=1)
     limit: int | None = Field(default=None, ge=1)
+    allow_unmatched: bool = Field(
+        default=False,
+        description="a CSV row or listed UID that matches no study is reported but does not "
+        "make the run fail",
+    )
 
     _csv_values: list[str] = PrivateAttr(default_factory=list)
+    _csv_rows: list[int] = PrivateAttr(default_factory=list)
 
     @field_validator("filters")
     @classmethod
@@ -374,12 +380,18 @@ class QuerySet(StrictModel):
             )
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise error("csv", shown + more, "from_csv", "path")
+        self._csv_rows = [row for row, _ in values]
         return [value for _, value in values]
 
     @property
     def csv_values(self) -> list[str]:
         """The values read from `from_csv` when the manifest was validated."""
         return list(self._csv_values)
+
+    @property
+    def csv_rows(self) -> list[tuple[int, str]]:
+        """`csv_values` with the row number of each in the file (the header is row 1)."""
+        return list(zip(self._csv_rows, self._csv_values, strict=True))
 
 
 class Select(StrictModel):
@@ -413,6 +425,19 @@ class RunSettings(StrictModel):
     cache_searches: bool = Field(
         default=True, description="remember search answers in the checkpoint during a run"
     )
+    completeness: Literal["strict", "off"] = Field(
+        default="strict",
+        description="strict: a unit is done only when it holds as many instances as the "
+        "archive said; off: units without a known count are taken as they come",
+    )
+
+    @field_validator("completeness", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false."""
+        if isinstance(value, bool):
+            return "strict" if value else "off"
+        return value
 
 
 # --- de-identification (issue 14) -----------------------------------------------------------

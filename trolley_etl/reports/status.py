@@ -107,7 +107,7 @@ def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, A
             "attempts": max(item.attempts, tries.get(keys[item.item_id], 0)),
             "error": item.last_error,
         })  # fmt: skip
-    runs = [decoded_run(r) for r in checkpoint.runs()]
+    runs = [decoded_run(r.to_json()) for r in checkpoint.runs()]
     return {
         "manifest": manifest_name,
         "root": str(root),

@@ -191,7 +191,8 @@ def build_view(report: dict[str, Any]) -> ReportView:
     stored = sum(1 for s in studies if s.status == "stored")
     failed = sum(1 for s in studies if s.status not in ("stored", "incomplete"))
     funnel: list[tuple[str, int | None]] = [
-        ("requested", _sum_cohort(cohort, "requested")),
+        # rows asked for by name (CSV rows, listed UIDs); filter queries ask for none
+        ("requested", _sum_cohort(cohort, "requested") or None),
         ("found", found),
         ("selected", found - dropped if found is not None and dropped is not None
          else len(studies)),

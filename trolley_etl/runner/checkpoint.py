@@ -10,12 +10,16 @@ replaces the file with identical bytes, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import os
+import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,17 +61,57 @@ CREATE INDEX IF NOT EXISTS files_item ON files (item_id);
 #: Columns added after the first release: created with ALTER TABLE when an older checkpoint
 #: lacks them, so existing checkpoints stay usable (their old rows read as NULL).
 ADDED_COLUMNS = {
-    "runs": {"provenance": "TEXT"},
+    "runs": {"provenance": "TEXT", "pid": "INTEGER", "host": "TEXT"},
+    # what the archive said a unit holds: a count, and the SOPInstanceUIDs where listed
+    "items": {
+        "expected_instances": "INTEGER",
+        "expected_uids": "TEXT",
+        "stored_instances": "INTEGER",
+        "missing_uids": "TEXT",
+        "extra_instances": "INTEGER",
+    },
     "files": {
         "modality": "TEXT",
         "patient_id": "TEXT",
         "accession_number": "TEXT",
         "study_date": "TEXT",
         "run_id": "TEXT",
+        "new_path": "TEXT",  # where a layout change moves the file (see runner.relayout)
     },
 }
 
-PENDING, DONE, FAILED, STALE = "pending", "done", "failed", "stale"
+
+class ItemState(str, Enum):
+    """The state of a retrieval unit (one checkpoint item)."""
+
+    PENDING = "pending"
+    DONE = "done"  # stored, and what was stored matches what the archive said it holds
+    INCOMPLETE = "incomplete"  # stored fewer instances than expected, after retries
+    FAILED = "failed"
+    STALE = "stale"  # no longer part of the resolved cohort
+
+    def __str__(self) -> str:  # "done", not "ItemState.DONE", in messages and f-strings
+        return self.value
+
+
+class RunState(str, Enum):
+    """How a run ended (or that it is still going)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    ABORTED = "aborted"  # its process died without saying how it ended
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The item states as plain strings (the names modules used before the enum).
+PENDING, DONE, INCOMPLETE, FAILED, STALE = (s.value for s in ItemState)
+#: Item states that a run still has work for.
+TODO_STATES = (PENDING, FAILED, INCOMPLETE)
 
 
 def state_dir(root: Path) -> Path:
@@ -76,8 +120,13 @@ def state_dir(root: Path) -> Path:
 
 
 def open_checkpoint(root: Path) -> Checkpoint:
-    """The checkpoint of a storage root (created if there is none)."""
-    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+    """The checkpoint of a storage root (created if there is none).
+
+    Runs whose process died while `running` are marked `aborted` on the way.
+    """
+    checkpoint = Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+    checkpoint.mark_abandoned_runs()
+    return checkpoint
 
 
 def now() -> str:
@@ -85,12 +134,34 @@ def now() -> str:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """What the archive said a unit holds: a count, and the instance UIDs where listed.
+
+    `count` None means unknown (only with `run.completeness: off`).
+    """
+
+    count: int | None = None
+    uids: tuple[str, ...] | None = None
+
+    @classmethod
+    def of_uids(cls, uids: Iterable[str]) -> Expectation:
+        listed = tuple(sorted(set(uids)))
+        return cls(len(listed), listed)
+
+
+@dataclass(frozen=True)
 class Item:
+    """One retrieval unit of the plan, its expectation and how far it got."""
+
     item_id: int
     reference: Reference
-    state: str
+    state: ItemState  # a str enum: compares equal to "done", "pending", ...
     attempts: int
     last_error: str | None
+    expected: Expectation = field(default_factory=Expectation)
+    stored_instances: int | None = None
+    missing_uids: tuple[str, ...] = ()
+    extra_instances: int = 0
 
 
 def reference_of(study: str, series: str, instance: str) -> Reference:
@@ -115,6 +186,67 @@ class StudyRow:
     accession_number: str = ""
     study_date: str = ""
     modalities: str = ""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One stored file as the checkpoint records it."""
+
+    sop_instance_uid: str
+    item_id: int
+    study_uid: str
+    series_uid: str
+    path: str  # relative to the storage root, POSIX separators
+    size: int
+    sha256: str
+    transfer_syntax: str | None = None
+    sop_class_uid: str | None = None
+    source: str | None = None
+    stored_at: str = ""
+    modality: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    run_id: str | None = None
+    new_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # columns added by newer code
+
+    def __getitem__(self, key: str) -> Any:
+        """Read like the dict rows of earlier versions (`record["path"]`)."""
+        if key in _FILE_FIELDS:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in _FILE_FIELDS:
+            return getattr(self, key)
+        return self.extra.get(key, default)
+
+    @classmethod
+    def from_row(cls, names: list[str], row: tuple[Any, ...]) -> FileRecord:
+        values = dict(zip(names, row, strict=True))
+        known = {k: v for k, v in values.items() if k in _FILE_FIELDS}
+        return cls(**known, extra={k: v for k, v in values.items() if k not in _FILE_FIELDS})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the checkpoint records it; `summary` and `provenance` are JSON text."""
+
+    run_id: str
+    started_at: str
+    finished_at: str | None
+    status: str  # a RunState value
+    manifest_hash: str
+    summary: str | None
+    provenance: str | None
+
+    def __getitem__(self, key: str) -> Any:
+        """Read like the dict rows of earlier versions (`run["status"]`)."""
+        return getattr(self, key)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class Checkpoint:
@@ -158,11 +290,42 @@ class Checkpoint:
     ) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (run_id, now(), "running", manifest_hash,
-                 json.dumps(provenance or {}, sort_keys=True)),
+                "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance, pid, "
+                "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, now(), RunState.RUNNING.value, manifest_hash,
+                 json.dumps(provenance or {}, sort_keys=True), os.getpid(), socket.gethostname()),
             )  # fmt: skip
+
+    def mark_abandoned_runs(self) -> list[str]:
+        """Runs still `running` whose process is gone become `aborted`, with what they did.
+
+        Only runs started on this host are judged (a pid means nothing elsewhere); a run
+        with no pid (an older checkpoint) is aborted when another one has started since.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, pid, host FROM runs WHERE status = ? ORDER BY started_at",
+                (RunState.RUNNING.value,),
+            ).fetchall()
+        here = socket.gethostname()
+        aborted = []
+        for index, (run_id, pid, host) in enumerate(rows):
+            if pid is None:
+                dead = index < len(rows) - 1
+            else:
+                dead = host == here and not _process_alive(int(pid))
+            if dead:
+                aborted.append(run_id)
+        if aborted:
+            summary = json.dumps(self.counts(), sort_keys=True)
+            with self._lock:
+                self._db.executemany(
+                    "UPDATE runs SET status = ?, summary = COALESCE(summary, ?) "
+                    "WHERE run_id = ? AND status = ?",
+                    [(RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
+                     for run_id in aborted],
+                )  # fmt: skip
+        return aborted
 
     def add_run_provenance(self, run_id: str, **values: Any) -> None:
         """Facts learnt during a run (lock drift, the lock used) for its audit record."""
@@ -185,15 +348,13 @@ class Checkpoint:
                 (now(), status, json.dumps(summary, sort_keys=True), run_id),
             )
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT run_id, started_at, finished_at, status, manifest_hash, summary, "
                 "provenance FROM runs ORDER BY started_at"
             ).fetchall()
-        keys = ("run_id", "started_at", "finished_at", "status", "manifest_hash", "summary",
-                "provenance")  # fmt: skip
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        return [RunRecord(*row) for row in rows]
 
     # --- the resolved work -----------------------------------------------------------------
 
@@ -201,14 +362,23 @@ class Checkpoint:
         return self.get_meta("resolution_hash") is not None
 
     def save_resolution(
-        self, resolution_hash: str, studies: Iterable[StudyRow], references: Iterable[Reference]
+        self,
+        resolution_hash: str,
+        studies: Iterable[StudyRow],
+        references: Iterable[Reference],
+        expectations: Mapping[Reference, Expectation] | None = None,
     ) -> int:
         """Record what the manifest resolved to, in one transaction; return the item count.
 
         Items already present keep their state (done stays done); items no longer resolved
-        become stale, so a refresh never mixes two cohorts.
+        become stale, so a refresh never mixes two cohorts. Each item gets its expectation
+        (what the archive said it holds), which decides later whether it is complete.
         """
-        wanted = {_key(ref) for ref in references}
+        refs = list(references)
+        wanted = {_key(ref) for ref in refs}
+        expected: dict[tuple[str, str, str], Expectation] = {}
+        for ref, exp in (expectations or {}).items():  # batches of one series add up
+            expected[_key(ref)] = _union(expected.get(_key(ref)), exp)
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM studies")
@@ -240,6 +410,12 @@ class Checkpoint:
                 "VALUES (?, ?, ?, ?)",
                 [(*key, now()) for key in wanted if key not in existing],
             )
+            self._db.executemany(
+                "UPDATE items SET expected_instances = ?, expected_uids = ? "
+                "WHERE study_uid = ? AND series_uid = ? AND instance_uid = ?",
+                [(exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
+                 for key, exp in expected.items() if key in wanted],
+            )  # fmt: skip
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('resolution_hash', ?)", (resolution_hash,)
             )
@@ -248,7 +424,8 @@ class Checkpoint:
 
     def items(self, states: Iterable[str] | None = None) -> list[Item]:
         query = (
-            "SELECT item_id, study_uid, series_uid, instance_uid, state, attempts, last_error "
+            "SELECT item_id, study_uid, series_uid, instance_uid, state, attempts, last_error, "
+            "expected_instances, expected_uids, stored_instances, missing_uids, extra_instances "
             "FROM items"
         )
         params: tuple[str, ...] = ()
@@ -258,10 +435,7 @@ class Checkpoint:
             params = chosen
         with self._lock:
             rows = self._db.execute(query + " ORDER BY item_id", params).fetchall()
-        return [
-            Item(row[0], reference_of(row[1], row[2], row[3]), row[4], row[5], row[6])
-            for row in rows
-        ]
+        return [_item(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -269,7 +443,7 @@ class Checkpoint:
             files = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
             ).fetchone()
-        counts = {PENDING: 0, DONE: 0, FAILED: 0, STALE: 0}
+        counts = {state.value: 0 for state in ItemState}
         counts.update({state: count for state, count in rows})
         counts["files"], counts["bytes"] = files
         return counts
@@ -341,8 +515,43 @@ class Checkpoint:
             )
             self._db.execute("COMMIT")
 
-    def mark_done(self, item_id: int) -> None:
+    def mark_done(self, item_id: int, stored: int | None = None, extra: int = 0) -> None:
         self._set_state(item_id, DONE, None, attempt=True)
+        self._set_completeness(item_id, stored, (), extra)
+
+    def mark_incomplete(
+        self, item_id: int, stored: int, missing: Iterable[str], reason: str
+    ) -> None:
+        """Fewer instances stored than the archive said the unit holds."""
+        self._set_state(item_id, INCOMPLETE, reason, attempt=True)
+        self._set_completeness(item_id, stored, tuple(missing), 0)
+
+    def _set_completeness(
+        self, item_id: int, stored: int | None, missing: tuple[str, ...], extra: int
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE items SET stored_instances = ?, missing_uids = ?, extra_instances = ? "
+                "WHERE item_id = ?",
+                (stored, json.dumps(list(missing)) if missing else None, extra, item_id),
+            )
+
+    def set_expectation(self, item_id: int, expectation: Expectation) -> None:
+        """Give a unit its expectation after the fact (units of an older checkpoint)."""
+        uids = None if expectation.uids is None else json.dumps(list(expectation.uids))
+        with self._lock:
+            self._db.execute(
+                "UPDATE items SET expected_instances = ?, expected_uids = ? WHERE item_id = ?",
+                (expectation.count, uids, item_id),
+            )
+
+    def stored_uids(self, item_id: int) -> set[str]:
+        """SOPInstanceUIDs recorded as stored for one item."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid FROM files WHERE item_id = ?", (item_id,)
+            ).fetchall()
+        return {row[0] for row in rows}
 
     def mark_failed(self, item_id: int, reason: str) -> None:
         self._set_state(item_id, FAILED, reason, attempt=True)
@@ -358,7 +567,7 @@ class Checkpoint:
                 (state, reason, now(), 1 if attempt else 0, item_id),
             )
 
-    def files(self, item_id: int | None = None) -> Iterator[dict[str, Any]]:
+    def files(self, item_id: int | None = None) -> Iterator[FileRecord]:
         query = "SELECT * FROM files"
         params: tuple[int, ...] = ()
         if item_id is not None:
@@ -369,7 +578,42 @@ class Checkpoint:
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
         for row in rows:
-            yield dict(zip(names, row, strict=True))
+            yield FileRecord.from_row(names, row)
+
+    def file_paths(self) -> dict[str, str]:
+        """SOPInstanceUID -> recorded path of every stored file."""
+        with self._lock:
+            rows = self._db.execute("SELECT sop_instance_uid, path FROM files").fetchall()
+        return dict(rows)
+
+    def plan_moves(self, new_paths: Mapping[str, str]) -> None:
+        """Record, in one transaction, where each file goes under a new layout."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE files SET new_path = ? WHERE sop_instance_uid = ?",
+                [(path, sop) for sop, path in new_paths.items()],
+            )
+            self._db.execute("COMMIT")
+
+    def planned_moves(self) -> list[tuple[str, str, str]]:
+        """(SOPInstanceUID, recorded path, new path) of moves not finished yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, path, new_path FROM files WHERE new_path IS NOT NULL "
+                "ORDER BY path"
+            ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def finish_moves(self, moved: Iterable[tuple[str, str]]) -> None:
+        """The files are at their new paths: record them there."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE files SET path = ?, new_path = NULL WHERE sop_instance_uid = ?",
+                [(path, sop) for sop, path in moved],
+            )
+            self._db.execute("COMMIT")
 
     def forget_files(self, sop_instance_uids: Iterable[str]) -> None:
         with self._lock:
@@ -377,3 +621,33 @@ class Checkpoint:
                 "DELETE FROM files WHERE sop_instance_uid = ?",
                 [(uid,) for uid in sop_instance_uids],
             )
+
+
+_FILE_FIELDS = frozenset(f for f in FileRecord.__dataclass_fields__ if f != "extra")
+
+
+def _item(row: tuple[Any, ...]) -> Item:
+    uids = json.loads(row[8]) if row[8] else None
+    return Item(
+        row[0], reference_of(row[1], row[2], row[3]), ItemState(row[4]), row[5], row[6],
+        expected=Expectation(row[7], None if uids is None else tuple(uids)),
+        stored_instances=row[9],
+        missing_uids=tuple(json.loads(row[10])) if row[10] else (),
+        extra_instances=row[11] or 0,
+    )  # fmt: skip
+
+
+def _union(known: Expectation | None, more: Expectation) -> Expectation:
+    if known is not None and known.uids is not None and more.uids is not None:
+        return Expectation.of_uids([*known.uids, *more.uids])
+    return more
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

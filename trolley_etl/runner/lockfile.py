@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from trolley_etl import __version__
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.model import InstanceReference, Reference, SeriesReference, StudyReference
 from trolley_etl.runner.atomic import write_atomic
+from trolley_etl.runner.checkpoint import Expectation
 
 LOCK_VERSION = 1
 LOCK_SUFFIX = ".lock.json"
@@ -48,6 +49,8 @@ class Lock:
     tool_version: str = __version__
     #: query set -> keyword -> the range a relative date (`{last: 7d}`) resolved to
     resolved_dates: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: What the archive said each study or series unit holds (`expected_instances`).
+    expected: dict[Reference, int] = field(default_factory=dict)
 
     @classmethod
     def from_resolution(
@@ -56,9 +59,13 @@ class Lock:
         manifest_hash: str,
         studies: Iterable[tuple[str, str]],
         references: Iterable[Reference],
+        expectations: Mapping[Reference, Expectation] | None = None,
     ) -> Lock:
         """From (query set, study UID) pairs and the retrieval references of those studies."""
         lock = cls(manifest_name, manifest_hash)
+        for ref, expectation in (expectations or {}).items():
+            if expectation.count is not None and not isinstance(ref, InstanceReference):
+                lock.expected[ref] = expectation.count
         owner: dict[str, str] = {}
         for query_set, study_uid in studies:
             lock.query_sets.setdefault(query_set, {}).setdefault(study_uid, [])
@@ -83,6 +90,16 @@ class Lock:
         return [ref for studies in self.query_sets.values() for refs in studies.values()
                 for ref in refs]  # fmt: skip
 
+    def expectations(self) -> dict[Reference, Expectation]:
+        """The expectation of each unit as locked: a count, or the listed instance."""
+        found: dict[Reference, Expectation] = {}
+        for ref in self.references():
+            if isinstance(ref, InstanceReference):
+                found[ref] = Expectation.of_uids([ref.instance_uid])
+            elif ref in self.expected:
+                found[ref] = Expectation(self.expected[ref])
+        return found
+
     # --- format ---------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -90,7 +107,7 @@ class Lock:
         for name, studies in self.query_sets.items():
             entries = []
             for study_uid, refs in studies.items():
-                entries.append(_study_entry(study_uid, refs))
+                entries.append(_study_entry(study_uid, refs, self.expected))
             query_sets[name] = {"studies": sorted(entries, key=lambda e: e["study_uid"])}
         return {
             "lock_version": LOCK_VERSION,
@@ -124,15 +141,24 @@ class Lock:
                 for entry in content["studies"]:
                     study_uid = str(entry["study_uid"])
                     studies[study_uid] = list(_entry_references(study_uid, entry))
+                    lock.expected.update(_entry_expectations(study_uid, entry))
         except (KeyError, TypeError, AttributeError) as exc:
             raise LockFileError(f"{where}: not a trolley-etl lock file ({exc!r})") from None
         return lock
 
 
-def _study_entry(study_uid: str, refs: list[Reference]) -> dict[str, Any]:
-    """`{"study_uid"}` for a whole study; with `series` (and `instances`) when finer."""
+def _study_entry(
+    study_uid: str, refs: list[Reference], expected: dict[Reference, int]
+) -> dict[str, Any]:
+    """`{"study_uid"}` for a whole study; with `series` (and `instances`) when finer.
+
+    Study and series units carry `expected_instances` where the archive gave a count.
+    """
     entry: dict[str, Any] = {"study_uid": study_uid}
     if not refs or any(isinstance(r, StudyReference) for r in refs):
+        count = expected.get(StudyReference(study_uid))
+        if count is not None:
+            entry["expected_instances"] = count
         return entry
     series: dict[str, list[str] | None] = {}
     for ref in refs:
@@ -143,11 +169,32 @@ def _study_entry(study_uid: str, refs: list[Reference]) -> dict[str, Any]:
         elif isinstance(ref, SeriesReference):
             series[ref.series_uid] = None  # the whole series
     entry["series"] = [
-        {"series_uid": uid} if instances is None
+        _series_entry(study_uid, uid, expected) if instances is None
         else {"series_uid": uid, "instances": sorted(instances)}
         for uid, instances in sorted(series.items())
     ]  # fmt: skip
     return entry
+
+
+def _series_entry(study_uid: str, series_uid: str, expected: dict[Reference, int]) -> dict:
+    entry: dict[str, Any] = {"series_uid": series_uid}
+    count = expected.get(SeriesReference(study_uid, series_uid))
+    if count is not None:
+        entry["expected_instances"] = count
+    return entry
+
+
+def _entry_expectations(study_uid: str, entry: dict[str, Any]) -> Iterable[tuple[Reference, int]]:
+    if "series" not in entry:
+        if "expected_instances" in entry:
+            yield StudyReference(study_uid), int(entry["expected_instances"])
+        return
+    for series in entry["series"]:
+        if "instances" not in series and "expected_instances" in series:
+            yield (
+                SeriesReference(study_uid, str(series["series_uid"])),
+                int(series["expected_instances"]),
+            )
 
 
 def _entry_references(study_uid: str, entry: dict[str, Any]) -> Iterable[Reference]:

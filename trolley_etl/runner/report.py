@@ -34,7 +34,18 @@ from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.backends import describe_source
-from trolley_etl.runner.checkpoint import FAILED, PENDING, STALE, Checkpoint, now
+from trolley_etl.runner.checkpoint import (
+    DONE,
+    FAILED,
+    INCOMPLETE,
+    PENDING,
+    STALE,
+    Checkpoint,
+    FileRecord,
+    Item,
+    now,
+)
+from trolley_etl.runner.cohort import allowed_unmatched, cohort_report
 from trolley_etl.runner.lockfile import lock_path_for
 
 REPORT_VERSION = 1
@@ -98,23 +109,32 @@ def build_report(
     query_sets = {uid: row.query_set for uid, row in study_rows.items()}
     rows: list[dict[str, Any]] = []
     for record in checkpoint.files():
-        item = item_states.get(record["item_id"])
+        item = item_states.get(record.item_id)
         rows.append({
-            "status": _file_status(root / record["path"], record["size"],
+            "status": _file_status(root / record.path, record.size,
                                    item.state if item else None),
-            "study_uid": record["study_uid"], "series_uid": record["series_uid"],
-            "sop_instance_uid": record["sop_instance_uid"],
-            "sop_class_uid": record["sop_class_uid"] or "",
-            "modality": record.get("modality") or "",
-            "patient_id": record.get("patient_id") or "",
-            "accession_number": record.get("accession_number") or "",
-            "study_date": record.get("study_date") or "",
-            "query_set": query_sets.get(record["study_uid"], ""),
-            "path": record["path"], "size": record["size"], "sha256": record["sha256"],
-            "transfer_syntax": record["transfer_syntax"] or "", "source": record["source"] or "",
-            "run_id": record.get("run_id") or "", "stored_at": record["stored_at"], "error": "",
+            "study_uid": record.study_uid, "series_uid": record.series_uid,
+            "sop_instance_uid": record.sop_instance_uid,
+            "sop_class_uid": record.sop_class_uid or "",
+            "modality": record.modality or "",
+            "patient_id": record.patient_id or "",
+            "accession_number": record.accession_number or "",
+            "study_date": record.study_date or "",
+            "query_set": query_sets.get(record.study_uid, ""),
+            "path": record.path, "size": record.size, "sha256": record.sha256,
+            "transfer_syntax": record.transfer_syntax or "", "source": record.source or "",
+            "run_id": record.run_id or "", "stored_at": record.stored_at, "error": "",
         })  # fmt: skip
     for item in item_states.values():
+        if item.state == INCOMPLETE:  # one row per missing instance where they are named
+            ref = item.reference
+            for uid in item.missing_uids or ("",):
+                rows.append({
+                    **dict.fromkeys(CSV_COLUMNS, ""), "status": INCOMPLETE,
+                    "study_uid": ref.study_uid, "series_uid": getattr(ref, "series_uid", ""),
+                    "sop_instance_uid": uid, "query_set": query_sets.get(ref.study_uid, ""),
+                    "size": 0, "error": item.last_error or "",
+                })  # fmt: skip
         if item.state in (FAILED, PENDING):  # no instances known: one row for the item
             ref = item.reference
             rows.append({
@@ -127,12 +147,12 @@ def build_report(
             })  # fmt: skip
     runs = []
     for run in checkpoint.runs():
-        provenance = json.loads(run["provenance"] or "{}")
+        provenance = json.loads(run.provenance or "{}")
         runs.append({
-            "run_id": run["run_id"], "started_at": run["started_at"],
-            "finished_at": run["finished_at"], "status": run["status"],
-            "manifest_sha256": run["manifest_hash"],
-            "counts": json.loads(run["summary"]) if run["summary"] else None,
+            "run_id": run.run_id, "started_at": run.started_at,
+            "finished_at": run.finished_at, "status": run.status,
+            "manifest_sha256": run.manifest_hash,
+            "counts": json.loads(run.summary) if run.summary else None,
             **{k: v for k, v in provenance.items() if k != "manifest_sha256"},
         })  # fmt: skip
     lock_path = lock_path_for(manifest_path)
@@ -158,7 +178,9 @@ def build_report(
         "root": str(root),
         "deid": deid_report_section(checkpoint.path),
         "runs": runs,
-        "summary": summarise(rows, checkpoint.counts()),
+        "summary": _with_unit_counts(summarise(rows, checkpoint.counts()), item_states),
+        "cohort": cohort_report(checkpoint, allowed_unmatched(manifest.queries)),
+        "units": [_unit_row(item, query_sets) for item in item_states.values()],
         "instances": rows,
     }
 
@@ -169,6 +191,40 @@ def _study_keys(row: Any) -> dict[str, str]:
         return {}
     return {"patient_id": row.patient_id or "", "accession_number": row.accession_number or "",
             "study_date": row.study_date or ""}  # fmt: skip
+
+
+def _unit_row(item: Item, query_sets: dict[str, str]) -> dict[str, Any]:
+    """One retrieval unit: what the archive said it holds and what was stored."""
+    ref = item.reference
+    return {
+        "state": item.state, "level": ref.level.value, "study_uid": ref.study_uid,
+        "series_uid": getattr(ref, "series_uid", ""),
+        "sop_instance_uid": getattr(ref, "instance_uid", ""),
+        "query_set": query_sets.get(ref.study_uid, ""),
+        "expected_instances": item.expected.count, "stored_instances": item.stored_instances,
+        "missing_uids": list(item.missing_uids), "extra_instances": item.extra_instances,
+        "attempts": item.attempts, "error": item.last_error or "",
+    }  # fmt: skip
+
+
+def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[str, Any]:
+    """Each study row gets `expected_instances` (None while any unit's count is unknown)
+    and `stored_instances`; the summary counts archive drift (instances beyond expected)."""
+    expected: dict[str, int | None] = {}
+    for item in items.values():
+        if item.state == STALE:
+            continue
+        uid = item.reference.study_uid
+        count = item.expected.count
+        known = expected.get(uid, 0)
+        expected[uid] = None if count is None or known is None else known + count
+    for uid, study in summary["by_study"].items():
+        study["expected_instances"] = expected.get(uid)
+        study["stored_instances"] = study["instances"]
+    summary["archive_drift_instances"] = sum(
+        i.extra_instances for i in items.values() if i.state == DONE
+    )
+    return summary
 
 
 def _file_status(path: Path, size: int, item_state: str | None) -> str:
@@ -251,10 +307,10 @@ def bag_path(path: str) -> str:
     return path.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def write_bag_manifests(root: Path, records: Iterable[dict[str, Any]], name: str) -> bool:
+def write_bag_manifests(root: Path, records: Iterable[FileRecord], name: str) -> bool:
     """Write `manifest-sha256.txt`; also `bagit.txt` and `bag-info.txt` when every file lies
     under `data/` (then the root is a valid bag). Returns whether it is a valid bag."""
-    entries = sorted((r["path"], r["sha256"], r["size"]) for r in records)
+    entries = sorted((r.path, r.sha256, r.size) for r in records)
     lines = "".join(f"{sha}  {bag_path(path)}\n" for path, sha, _ in entries)
     write_atomic(root / BAG_MANIFEST, lines)
     is_bag = bool(entries) and all(p.startswith(BAG_PAYLOAD_DIR + "/") for p, _, _ in entries)

@@ -14,37 +14,44 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.backend import Downloader, Searcher
+from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
+from trolley_etl.deid.audit import quarantined_in
 from trolley_etl.deid.engine import Deidentifier
 from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
 from trolley_etl.reports.run_report import run_report
-from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner import lockfile, relayout, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import (
     FAILED,
+    INCOMPLETE,
     PENDING,
+    TODO_STATES,
     Checkpoint,
     Item,
+    RunState,
     StudyRow,
     open_checkpoint,
     state_dir,
 )
+from trolley_etl.runner.cohort import Cohort, allowed_unmatched, cohort_json, refused_unmatched
 from trolley_etl.runner.committer import Committer, ItemFiles
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
-from trolley_etl.runner.resolve import Found
+from trolley_etl.runner.resolve import Found, Planned, Searched
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
 
@@ -65,6 +72,22 @@ class RootBusyError(TrolleyError):
     """Another run holds the lock on this storage root."""
 
 
+class LayoutChangedError(ManifestChangedError):
+    """`storage.layout` changed while files stored under the old one are recorded."""
+
+
+class IncompleteUnitError(TrolleyError):
+    """A unit stored fewer instances than the archive said it holds."""
+
+    def __init__(self, expected: int, stored: int, missing: list[str]) -> None:
+        self.expected, self.stored, self.missing = expected, stored, missing
+        super().__init__(f"expected {expected} instances, stored {stored}")
+
+
+#: Builds the searcher and downloader of a manifest (tests pass in-memory fakes).
+BackendFactory = Callable[[Manifest], tuple[Searcher | None, Downloader]]
+
+
 @dataclass
 class RunOptions:
     root: Path | None = None
@@ -81,10 +104,12 @@ class RunOptions:
 @dataclass
 class RunResult:
     run_id: str
-    status: str  # "complete", "failed", "interrupted", "dry-run"
+    status: str  # a RunState value, or "dry-run"
     counts: dict[str, int]
     failed: list[dict[str, Any]] = field(default_factory=list)
     report_path: Path | None = None
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    unmatched: list[dict[str, Any]] = field(default_factory=list)  # refused rows
 
 
 def new_run_id() -> str:
@@ -114,7 +139,8 @@ def root_lock(root: Path) -> Iterator[None]:
 
 class Runner:
     def __init__(self, manifest: Manifest, manifest_path: Path, log: RunLog,
-                 options: RunOptions) -> None:  # fmt: skip
+                 options: RunOptions, backends: BackendFactory | None = None) -> None:  # fmt: skip
+        self.backends: BackendFactory = backends or build_backends
         self.manifest = manifest
         self.manifest_path = manifest_path
         self.options = options
@@ -141,8 +167,8 @@ class Runner:
         self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
 
     def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
-        searcher, downloader = build_backends(self.manifest)
-        if checkpoint is not None and self.manifest.run.cache_searches:
+        searcher, downloader = self.backends(self.manifest)
+        if searcher is not None and checkpoint is not None and self.manifest.run.cache_searches:
             cache = CachingSearcher(searcher, checkpoint.path)
             if self.options.refresh:
                 cache.clear()
@@ -151,29 +177,55 @@ class Runner:
             searcher=searcher, downloader=downloader, storage=self.storage, workers=self.workers
         )
 
-    def resolve(self, trolley: Trolley) -> tuple[list[resolve.Found], list[Any]]:
+    def search(self, trolley: Trolley) -> Searched:
+        """Step 1: every query set searched, with what each row matched."""
         with self.step("search", query_sets=len(self.manifest.queries)) as outcome:
 
             def on_query(query_set: str, query: Any, count: int) -> None:
                 self.log.logger.info("search.query", query_set=query_set,
                                      filters=dict(query.filters), studies=count)  # fmt: skip
 
-            found = resolve.search(trolley, self.manifest, on_query)
+            searched = resolve.search_cohort(trolley, self.manifest, on_query)
             crash_point("after-search")
-            outcome["studies"] = len(found)
-        with self.step("expand", studies=len(found)) as outcome:
-            kept, references = resolve.expand(trolley, self.manifest, found, self.workers)
-            outcome.update(studies=len(kept), items=len(references),
-                           dropped=len(found) - len(kept))  # fmt: skip
-        return kept, references
+            outcome["studies"] = len(searched.found)
+        self._log_cohort(searched.cohort)
+        return searched
+
+    def _log_cohort(self, cohort: Cohort) -> None:
+        for name, account in cohort.items():
+            for miss in account.unmatched:
+                log = self.log.logger.info if account.allow_unmatched else self.log.logger.error
+                log("cohort.unmatched", query_set=name, row=miss.row, value=miss.value,
+                    allowed=account.allow_unmatched)  # fmt: skip
+            if account.empty_queries:
+                self.log.logger.warning("cohort.empty_query", query_set=name,
+                                        queries=account.empty_queries)  # fmt: skip
+
+    def plan(self, trolley: Trolley, searched: Searched) -> Planned:
+        """Step 2: `select` applied, the retrieval units and what each holds."""
+        with self.step("expand", studies=len(searched.found)) as outcome:
+            planned = resolve.plan_units(trolley, self.manifest, searched, self.workers)
+            outcome.update(studies=len(planned.kept), items=len(planned.references),
+                           dropped=len(searched.found) - len(planned.kept))  # fmt: skip
+        for name, account in searched.cohort.items():
+            for drop in account.dropped_by_select:
+                self.log.logger.info("select.dropped", query_set=name, **drop.to_json())
+        return planned
+
+    def resolve(self, trolley: Trolley) -> tuple[list[resolve.Found], list[Any]]:
+        planned = self.plan(trolley, self.search(trolley))
+        return planned.kept, planned.references
 
     def plan_only(self) -> RunResult:
         """Search and expand without writing anything (plan, run --dry-run)."""
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
         with self._trolley() as trolley:
-            kept, references = self.resolve(trolley)
-        self.found, self.references = kept, references
-        return RunResult(self.run_id, "dry-run", {"studies": len(kept), "items": len(references)})
+            searched = self.search(trolley)
+            planned = self.plan(trolley, searched)
+        self.found, self.references = planned.kept, planned.references
+        self.planned, self.cohort = planned, searched.cohort
+        counts = {"studies": len(planned.kept), "items": len(planned.references)}
+        return RunResult(self.run_id, "dry-run", counts)
 
     def run(self) -> RunResult:
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
@@ -200,6 +252,7 @@ class Runner:
                 "(what it pulls is different); run with --refresh to re-resolve it, or use "
                 "another storage root"
             )
+        self._check_layout(checkpoint)
         self._remove_stale_temp_files()
         provenance = report.run_provenance(
             self.manifest, self.manifest_path, self.root, purpose=self.options.purpose,
@@ -209,34 +262,75 @@ class Runner:
         self.log.logger.info("run.start", root=str(self.root), workers=self.workers,
                              source=self.source, version=__version__,
                              lock=str(self.lock_path) if lock is not None else None)  # fmt: skip
-        trolley = self._trolley(checkpoint)
+        try:
+            trolley = self._trolley(checkpoint)
+        except BaseException:
+            checkpoint.finish_run(self.run_id, RunState.ABORTED.value, checkpoint.counts())
+            raise
         try:
             locked_differently = lock is not None and checkpoint.get_meta("lock_hash") != lock_sha
             if lock is not None and (recorded is None or locked_differently):
                 self._resolve_from_lock(trolley, checkpoint, lock, wanted)
                 checkpoint.set_meta("lock_hash", lock_sha or "")
             elif recorded is None or self.options.refresh:
-                kept, references = self.resolve(trolley)
+                searched = self.search(trolley)
+                planned = self.plan(trolley, searched)
                 saved = checkpoint.save_resolution(
-                    wanted, [resolve.study_row(f) for f in kept], references
-                )
+                    wanted, [resolve.study_row(f) for f in planned.kept], planned.references,
+                    planned.expectations,
+                )  # fmt: skip
+                checkpoint.set_meta("cohort", cohort_json(searched.cohort))
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
-                checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, kept, references))
+                checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, planned))
             else:
                 self.log.logger.info("checkpoint.resume", **checkpoint.counts())
             self._download(trolley, checkpoint)
             failed_on_disk = self._verify(checkpoint)
         except KeyboardInterrupt:
             self.stop.set()
-            return self._finish(checkpoint, "interrupted")
+            return self._finish(checkpoint, RunState.INTERRUPTED)
         except RunInterrupted:
-            return self._finish(checkpoint, "interrupted")
+            return self._finish(checkpoint, RunState.INTERRUPTED)
+        except BaseException:
+            # the archive went away or refused us: say so in the checkpoint, not "running"
+            checkpoint.finish_run(self.run_id, RunState.ABORTED.value, checkpoint.counts())
+            raise
         finally:
             trolley.close()
-        status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \
-            else "failed"  # fmt: skip
-        return self._finish(checkpoint, status)
+        return self._finish(checkpoint, self._outcome(checkpoint, failed_on_disk))
+
+    def _outcome(self, checkpoint: Checkpoint, failed_on_disk: int) -> RunState:
+        """complete only when every unit holds what the archive said and every row matched."""
+        if failed_on_disk or checkpoint.items([FAILED, PENDING]):
+            return RunState.FAILED
+        if checkpoint.items([INCOMPLETE]) or refused_unmatched(
+            checkpoint, allowed_unmatched(self.manifest.queries)
+        ):
+            return RunState.INCOMPLETE
+        return RunState.COMPLETE
+
+    def _check_layout(self, checkpoint: Checkpoint) -> None:
+        """Files stored under another layout are never silently left where they are:
+        `run --refresh` moves them (atomically, resumably); without it the run refuses."""
+        layout = self.manifest.storage.layout
+        if not relayout.needs_relayout(checkpoint, self.storage, layout):
+            checkpoint.set_meta("layout", layout)
+            return
+        if not self.options.refresh:
+            raise LayoutChangedError(
+                f"storage.layout changed since files were stored in {self.root} (or a move "
+                "to a new layout was interrupted); run with --refresh to move them to the "
+                "new layout, or use another storage root"
+            )
+        with self.step("relayout", layout=layout) as outcome:
+
+            def on_move(old: str, new: str) -> None:
+                self.log.logger.debug("storage.moved", old=old, new=new)
+
+            outcome["moved"] = relayout.relayout(checkpoint, self.storage, on_move)
+        checkpoint.set_meta("layout", layout)
+        self.log.logger.info("storage.relayout", layout=layout, moved=outcome["moved"])
 
     # --- lock file ---------------------------------------------------------------------------
 
@@ -266,9 +360,11 @@ class Runner:
                 self.log.logger.info("search.query", query_set=query_set,
                                      filters=dict(query.filters), studies=count)  # fmt: skip
 
-            found = resolve.search(trolley, self.manifest, on_query)
+            searched = resolve.search_cohort(trolley, self.manifest, on_query)
+            found = searched.found
             crash_point("after-search")
             outcome["studies"] = len(found)
+        self._log_cohort(searched.cohort)
         current: dict[str, set[str]] = {}
         for item in found:
             current.setdefault(item.query_set, set()).add(item.study.uid)
@@ -278,24 +374,40 @@ class Runner:
         else:
             self.log.logger.info("lock.matches", lock=str(self.lock_path), studies=len(found))
         checkpoint.add_run_provenance(self.run_id, lock_drift=drift.to_json())
-        searched = {item.study.uid: item for item in found}
+        by_uid = {item.study.uid: item for item in found}
         rows = []
         for study_uid, query_set in sorted(lock.study_owners().items()):
-            seen = searched.get(study_uid)
+            seen = by_uid.get(study_uid)
             row = resolve.study_row(seen) if seen else StudyRow(study_uid, query_set)
             rows.append(StudyRow(study_uid, query_set, *dataclasses.astuple(row)[2:]))
-        saved = checkpoint.save_resolution(wanted, rows, lock.references())
+        references = lock.references()
+        expectations = self._locked_expectations(trolley, lock, by_uid)
+        saved = checkpoint.save_resolution(wanted, rows, references, expectations)
+        checkpoint.set_meta("cohort", cohort_json(searched.cohort))
         crash_point("after-resolution")
         self.log.logger.info("checkpoint.resolved", items=saved, from_lock=str(self.lock_path))
 
-    def _rewrite_lock(self, checkpoint: Checkpoint, kept: list[Found],
-                      references: list[Any]) -> str:  # fmt: skip
+    def _locked_expectations(self, trolley: Trolley, lock: lockfile.Lock,
+                             searched: dict[str, Found]) -> dict[Any, Any]:  # fmt: skip
+        """What each locked unit holds: as the lock recorded it, else as the archive says."""
+        strict = self.manifest.run.completeness == "strict"
+        expectations = lock.expectations()
+        for ref in lock.references():
+            if ref in expectations:
+                continue
+            seen = searched.get(ref.study_uid)
+            study = seen.study if seen is not None else Study(ref.study_uid)
+            expectations[ref] = resolve.expectation_of(trolley, study, ref, strict=strict)
+        return expectations
+
+    def _rewrite_lock(self, checkpoint: Checkpoint, planned: Planned) -> str:
         """`run --refresh` rewrites an existing lock; returns its hash ("" for no lock)."""
         if not (self.options.refresh and self.lock_path.exists()):
             return ""
         fresh = lockfile.Lock.from_resolution(
             self.manifest.name, resolve.resolution_hash(self.manifest),
-            [(f.query_set, f.study.uid) for f in kept], references,
+            [(f.query_set, f.study.uid) for f in planned.kept], planned.references,
+            planned.expectations,
         )  # fmt: skip
         fresh.resolved_dates = resolved_ranges(self.manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(self.lock_path, fresh)
@@ -318,7 +430,7 @@ class Runner:
     # --- download ----------------------------------------------------------------------------
 
     def _download(self, trolley: Trolley, checkpoint: Checkpoint) -> None:
-        todo = checkpoint.items([PENDING, FAILED])
+        todo = checkpoint.items(TODO_STATES)
         with self.step("download", items=len(todo), workers=self.workers) as outcome:
             progress = Progress(
                 len(todo),
@@ -326,27 +438,25 @@ class Runner:
                 lines=self.options.progress_lines and not self.options.quiet,
             )
             self.log.show_status_in(progress)  # retries and waits: the display's status line
-            pending = iter(todo)
-            running: dict[Future[None], Item] = {}
             committer = Committer(self.storage, checkpoint, progress, source=self.source,
                                   run_id=self.run_id)  # fmt: skip
-            with (
-                committer,
-                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool,
-            ):
+
+            def finished(item: Item, error: BaseException | None) -> None:
+                if error is not None:  # _fetch_item records failures; this is a bug
+                    raise error
+                progress.item_finished()
+
+            def interrupted(running: int) -> None:
+                self.log.logger.warning("run.interrupted", waiting_for=running)
+
+            with committer:
                 try:
-                    for item in pending:  # bounded: at most 2 x workers submitted at once
-                        running[
-                            pool.submit(self._fetch_item, trolley, checkpoint, item, committer)
-                        ] = item
-                        while len(running) >= 2 * self.workers:
-                            self._collect(running, progress)
-                    while running:
-                        self._collect(running, progress)
+                    execute(
+                        todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
+                        workers=self.workers, on_done=finished, stop=self.stop,
+                        on_interrupt=interrupted, name="item",
+                    )  # fmt: skip
                 except KeyboardInterrupt:
-                    self.stop.set()
-                    self.log.logger.warning("run.interrupted", waiting_for=len(running))
-                    wait(running)
                     progress.close()
                     self.log.show_status_in(None)
                     raise
@@ -354,37 +464,54 @@ class Runner:
             self.log.show_status_in(None)
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
-    def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
-        done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-        for future in done:
-            running.pop(future)
-            future.result()
-            progress.item_finished()
-
     def _fetch_item(self, trolley: Trolley, checkpoint: Checkpoint, item: Item,
                     committer: Committer) -> None:  # fmt: skip
         ref = item.reference
         uids = {"study_uid": ref.study_uid, **_deeper_uids(ref)}
+        item = self._with_expectation(trolley, checkpoint, item)
         for attempt in range(1, self.attempts_per_run + 1):
             if self.stop.is_set():
                 return
             started = time.monotonic()
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
-                # plan again: a downloader that batches (RAD-69) gets its instance lists
-                count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
-                if count == 0:
+                # the unit as planned: batches (RAD-69) from their stored instance lists
+                count = sum(trolley.downloader.fetch(unit, sink) for unit in _units(trolley, item))
+                if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
+                stored, extra = self._check_complete(checkpoint, item)
                 crash_point("before-item-done")
-                checkpoint.mark_done(item.item_id)
+                checkpoint.mark_done(item.item_id, stored, extra)
                 self.log.logger.info("item.done", **uids, instances=count, bytes=sink.bytes,
-                                     attempt=attempt,
+                                     attempt=attempt, expected_instances=item.expected.count,
+                                     stored_instances=stored,
                                      duration_s=round(time.monotonic() - started, 3))  # fmt: skip
                 return
             except _Stopped:
                 sink.wait_quietly()
                 return
+            except IncompleteUnitError as short:
+                retry = attempt < self.attempts_per_run
+                missing = short.missing
+                if not missing and not retry:  # only a count was known: ask which ones
+                    missing = self._name_missing(trolley, checkpoint, item)
+                self.log.logger.warning(
+                    "item.retry" if retry else "item.incomplete", **uids, attempt=attempt,
+                    expected_instances=short.expected, stored_instances=short.stored,
+                    missing_instances=short.expected - short.stored,
+                    missing_uids=missing[:50],
+                )  # fmt: skip
+                if not retry:
+                    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                    checkpoint.mark_incomplete(
+                        item.item_id, short.stored, missing,
+                        f"incomplete: expected {short.expected} instances, stored "
+                        f"{short.stored}" + (f"; missing {shown}" if missing else ""),
+                    )  # fmt: skip
+                    return
+                if self.stop.wait(backoff_delay(attempt)):
+                    return
             except Exception as error:
                 sink.wait_quietly()
                 retry = is_retryable(error) and attempt < self.attempts_per_run
@@ -398,6 +525,67 @@ class Runner:
                 if self.stop.wait(backoff_delay(attempt, error)):
                     return
 
+    def _with_expectation(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> Item:
+        """A unit planned without an expectation (by an older trolley-etl) gets one now, from
+        the archive, unless `run.completeness` is off."""
+        if item.expected.count is not None or self.manifest.run.completeness != "strict":
+            return item
+        try:
+            found = resolve.expectation_of(trolley, Study(item.reference.study_uid),
+                                           item.reference, strict=True)  # fmt: skip
+        except Exception as error:  # the fetch itself will meet the same archive
+            self.log.logger.warning("item.expectation_unknown", study_uid=item.reference.study_uid,
+                                    error=str(error))  # fmt: skip
+            return item
+        checkpoint.set_expectation(item.item_id, found)
+        return dataclasses.replace(item, expected=found)
+
+    def _check_complete(self, checkpoint: Checkpoint, item: Item) -> tuple[int, int]:
+        """(stored, extra) when the unit holds at least what the archive said it holds.
+
+        Raises IncompleteUnitError on a shortfall; more than expected is archive drift
+        (new instances since the search): stored, logged and counted.
+        """
+        stored = checkpoint.stored_uids(item.item_id)
+        if self.deid is not None:  # held back by the burned-in gate: received, not exported
+            deeper = _deeper_uids(item.reference)
+            held = quarantined_in(
+                checkpoint.path, item.reference.study_uid, deeper.get("series_uid", "")
+            )
+            if "instance_uid" in deeper:
+                held &= {deeper["instance_uid"]}
+            stored = stored | held
+        expected = item.expected
+        if expected.uids is not None:
+            wanted = set(expected.uids)
+            missing = sorted(wanted - stored)
+            extra = len(stored - wanted)
+            if missing:
+                raise IncompleteUnitError(len(wanted), len(wanted) - len(missing), missing)
+        elif expected.count is not None:
+            if len(stored) < expected.count:
+                raise IncompleteUnitError(expected.count, len(stored), [])
+            extra = len(stored) - expected.count
+        else:
+            return len(stored), 0
+        if extra:
+            ref = item.reference
+            self.log.logger.warning(
+                "archive.drift", study_uid=ref.study_uid, **_deeper_uids(ref),
+                expected_instances=expected.count, stored_instances=len(stored),
+                extra_instances=extra,
+            )  # fmt: skip
+        return len(stored), extra
+
+    def _name_missing(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> list[str]:
+        """The unit's instances the searcher lists that are not stored ([] if unknown)."""
+        try:
+            listed = resolve.list_instances(trolley, item.reference)
+        except Exception as error:  # naming is a courtesy; the shortfall stands regardless
+            self.log.logger.warning("item.missing_unknown", error=str(error))
+            return []
+        return sorted(set(listed) - checkpoint.stored_uids(item.item_id))
+
     # --- verify and report -----------------------------------------------------------------
 
     def _verify(self, checkpoint: Checkpoint) -> int:
@@ -410,36 +598,45 @@ class Runner:
         with self.step("verify") as outcome:
             checked = 0
             for record in checkpoint.files():
-                path = self.root / record["path"]
+                path = self.root / record.path
                 checked += 1
                 try:
                     size = path.stat().st_size
                 except FileNotFoundError:
                     size = -1
-                if size != record["size"]:
+                if size != record.size:
                     problems += 1
-                    reason = "missing" if size < 0 else f"size {size} != recorded {record['size']}"
-                    self.log.logger.error("verify.bad_file", path=record["path"], reason=reason,
-                                          sop_instance_uid=record["sop_instance_uid"])  # fmt: skip
-                    checkpoint.forget_files([record["sop_instance_uid"]])
-                    checkpoint.mark_pending(record["item_id"], f"file {reason}: {record['path']}")
+                    reason = "missing" if size < 0 else f"size {size} != recorded {record.size}"
+                    self.log.logger.error("verify.bad_file", path=record.path, reason=reason,
+                                          sop_instance_uid=record.sop_instance_uid)  # fmt: skip
+                    checkpoint.forget_files([record.sop_instance_uid])
+                    checkpoint.mark_pending(record.item_id, f"file {reason}: {record.path}")
             outcome.update(files=checked, problems=problems)
         return problems
 
-    def _finish(self, checkpoint: Checkpoint, status: str) -> RunResult:
+    def _finish(self, checkpoint: Checkpoint, state: RunState) -> RunResult:
+        status = state.value
         counts = checkpoint.counts()
         failed = [
             {"study_uid": i.reference.study_uid, **_deeper_uids(i.reference),
              "attempts": i.attempts, "error": i.last_error}
             for i in checkpoint.items([FAILED])
         ]  # fmt: skip
+        incomplete = [
+            {"study_uid": i.reference.study_uid, **_deeper_uids(i.reference),
+             "expected_instances": i.expected.count, "stored_instances": i.stored_instances,
+             "missing_uids": list(i.missing_uids)}
+            for i in checkpoint.items([INCOMPLETE])
+        ]  # fmt: skip
+        unmatched = refused_unmatched(checkpoint, allowed_unmatched(self.manifest.queries))
         self.log.bind(step="report")
         checkpoint.finish_run(self.run_id, status, counts)
         if self.deid is not None:
             self.deid.close()  # its counts and settings go into the report
         # the audit report of the whole root after this run, and the checksums beside the data
         audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
-        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed)
+        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed,
+                     incomplete=incomplete, unmatched=unmatched)  # fmt: skip
         small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
         report_path = report.save_report(self.root, report.report_json(small),
                                          f"{self.run_id}.json")  # fmt: skip
@@ -448,7 +645,23 @@ class Runner:
                              bag_manifest=str(self.root / report.BAG_MANIFEST), bagit=bag,
                              **audit["summary"]["by_status"])  # fmt: skip
         self.log.logger.info("run.end", status=status, **counts, report=str(report_path))
-        return RunResult(self.run_id, status, counts, failed, report_path)
+        return RunResult(self.run_id, status, counts, failed, report_path, incomplete, unmatched)
+
+
+def _units(trolley: Trolley, item: Item) -> list[Any]:
+    """What to ask the downloader for: a series unit of an instance-level downloader
+    (RAD-69 batches) is executed from the instance list stored with the plan, without
+    searching again; everything else is the unit's own reference, planned by the Trolley."""
+    ref = item.reference
+    uids = item.expected.uids
+    if (
+        uids
+        and isinstance(ref, SeriesReference)
+        and trolley.downloader.retrieval_level is QueryLevel.INSTANCE
+    ):
+        listed = [InstanceReference(ref.study_uid, ref.series_uid, uid) for uid in uids]
+        return trolley.downloader.plan(listed)
+    return trolley.plan([ref])
 
 
 def _deeper_uids(ref: Any) -> dict[str, str]:

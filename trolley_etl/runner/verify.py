@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl.core.storage import STATE_DIR
-from trolley_etl.runner.checkpoint import Checkpoint
+from trolley_etl.runner.checkpoint import Checkpoint, FileRecord
 from trolley_etl.runner.report import ROOT_TAG_FILES
 
 CHUNK = 1 << 20
@@ -85,25 +85,25 @@ def hash_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _check(root: Path, record: dict[str, Any]) -> Problem | None:
-    path = root / record["path"]
-    known = {
-        "path": record["path"],
-        "sop_instance_uid": record["sop_instance_uid"],
-        "item_id": record["item_id"],
-        "expected_size": record["size"],
-        "expected_sha256": record["sha256"],
+def _check(root: Path, record: FileRecord) -> Problem | None:
+    path = root / record.path
+    known: dict[str, Any] = {
+        "path": record.path,
+        "sop_instance_uid": record.sop_instance_uid,
+        "item_id": record.item_id,
+        "expected_size": record.size,
+        "expected_sha256": record.sha256,
     }
     try:
         if path.is_symlink() or not path.is_file():
             return Problem(MISSING, **known)
         size = path.stat().st_size
-        if size != record["size"]:  # no need to read it
+        if size != record.size:  # no need to read it
             return Problem(CHANGED, **known, actual_size=size)
         size, sha = hash_file(path)
     except FileNotFoundError:
         return Problem(MISSING, **known)
-    if sha != record["sha256"] or size != record["size"]:
+    if sha != record.sha256 or size != record.size:
         return Problem(CHANGED, **known, actual_size=size, actual_sha256=sha)
     return None
 
@@ -125,12 +125,12 @@ def walk_payload(root: Path) -> Iterator[str]:
 def verify_root(root: Path, checkpoint: Checkpoint, workers: int = 4) -> VerifyResult:
     """Re-hash every recorded file; list missing, changed and unexpected ones."""
     records = list(checkpoint.files())
-    result = VerifyResult(checked=len(records), bytes=sum(r["size"] for r in records))
+    result = VerifyResult(checked=len(records), bytes=sum(r.size for r in records))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
         for problem in pool.map(lambda r: _check(root, r), records):
             if problem is not None:
                 result.problems.append(problem)
-    known = {r["path"] for r in records}
+    known = {r.path for r in records}
     result.problems.extend(
         Problem(UNEXPECTED, path) for path in sorted(walk_payload(root)) if path not in known
     )

@@ -1,9 +1,10 @@
 """A small HTTP proxy in front of a real archive, for failure tests.
 
 It forwards GET requests to the upstream server, streaming the answer, and can be told to
-answer some requests itself first (503 with Retry-After, 502 when the upstream is down) or to
-slow every answer down, so that retries, backoff and interruption can be tested against a
-real Orthanc.
+answer some requests itself first (503 with Retry-After, 502 when the upstream is down), to
+slow every answer down, or to drop the last part of every multipart answer (a well-formed
+answer with one instance fewer: the silent loss that completeness checks exist for), so
+that retries, backoff, interruption and completeness can be tested against a real Orthanc.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class FaultProxy:
         self.failures: list[tuple[int, dict[str, str]]] = []  # answered instead of forwarding
         self.fail_prefix = ""  # only requests whose path starts with this fail
         self.requests: list[tuple[str, int]] = []  # (path, status) of every answer
+        self.drop_one_part = False  # drop the last part of each multipart/related answer
+        self.drop_prefix = ""  # only answers to paths starting with this lose a part
+        self.dropped: list[str] = []  # paths whose answer lost a part
         self._lock = threading.Lock()
         proxy = self
 
@@ -70,6 +74,17 @@ class FaultProxy:
             self._answer(handler, 502, {}, b"upstream unreachable\n")
             return
         with upstream:
+            content_type = upstream.headers.get("Content-Type", "")
+            if (
+                self.drop_one_part
+                and handler.path.startswith(self.drop_prefix)
+                and upstream.status_code == 200
+                and "multipart" in content_type
+            ):
+                self._answer(handler, 200, {"Content-Type": content_type},
+                             self._without_last_part(upstream.content, content_type))  # fmt: skip
+                self.dropped.append(handler.path)
+                return
             body = upstream.raw.read(decode_content=False) if upstream.status_code >= 400 else None
             handler.send_response(upstream.status_code)
             for key, value in upstream.headers.items():
@@ -86,6 +101,20 @@ class FaultProxy:
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 handler.wfile.write(b"0\r\n\r\n")
         self.requests.append((handler.path, upstream.status_code))
+
+    @staticmethod
+    def _without_last_part(body: bytes, content_type: str) -> bytes:
+        """The same multipart body, well formed, with its last part left out."""
+        boundary = next(
+            p.split("=", 1)[1].strip().strip('"')
+            for p in content_type.split(";")
+            if p.strip().lower().startswith("boundary=")
+        )
+        delimiter = b"--" + boundary.encode()
+        pieces = body.split(delimiter)  # preamble, parts..., "--" epilogue
+        if len(pieces) < 4:  # fewer than two parts: keep the answer as it is
+            return body
+        return delimiter.join([*pieces[:-2], pieces[-1]])
 
     def _answer(self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str],
                 body: bytes) -> None:  # fmt: skip
