@@ -75,3 +75,182 @@ def test_json_answer_into_part10_storage_is_a_clear_error(orthanc, tmp_path):
     with Trolley(downloader=downloader, storage=StorageDir(tmp_path)) as trolley:
         with pytest.raises(Exception, match="file_format='json'"):
             trolley.download(StudyReference(STUDY.study_uid))
+
+
+class CountingSink:
+    """Receives instances and forgets them (the memory test measures the parser alone)."""
+
+    def __init__(self) -> None:
+        self.instances = 0
+        self.bytes = 0
+
+    def open_instance(self) -> CountingSink:
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+
+    def commit(self) -> None:
+        self.instances += 1
+
+    def abort(self) -> None:
+        pass
+
+
+def test_a_large_answer_streams_in_bounded_memory():
+    """About 20 MB of metadata for 4,000 instances, parsed in 64 KiB reads: memory holds one
+    instance and the UIDs seen, never the answer (the reference library loads the whole
+    array). The bound is per instance, so 100,000 instances behave the same (README)."""
+    count = 4_000
+    padding = {"00204000": {"vr": "LT", "Value": ["p" * 5000]}}  # ImageComments
+
+    def chunks() -> Iterator[bytes]:
+        yield b"["
+        for number in range(count):
+            text = json.dumps({**vendor_instance(number, structured_un=False), **padding})
+            yield (text if number == 0 else "," + text).encode()
+        yield b"]"
+
+    sink = CountingSink()
+    writer = metadata.MetadataWriter("json")
+    tracemalloc.start()
+    try:
+        stored = writer.stream(chunks(), "http://archive/metadata", sink)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stored == sink.instances == count
+    assert sink.bytes > 20_000_000
+    assert peak < 3_000_000, peak
+
+
+# --- a Vitrea-like archive and hostile answers ------------------------------------------------
+
+VENDOR_STUDY = "1.2.826.0.1.3680043.10.1234.1"
+VENDOR_SERIES = "1.2.826.0.1.3680043.10.1234.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: Vitrea answers private elements it does not know as `UN` whose value is a list of objects.
+STRUCTURED_UN = {"vr": "UN", "Value": [{"00291011": {"vr": "LO", "Value": ["vendor"]}}]}
+
+
+def vendor_instance(number: int, *, structured_un: bool = True) -> dict:
+    item = {
+        "00080016": {"vr": "UI", "Value": [CT_IMAGE]},
+        "00080018": {"vr": "UI", "Value": [f"{VENDOR_SERIES}.{number}"]},
+        "00080060": {"vr": "CS", "Value": ["CT"]},
+        "0008103E": {"vr": "LO", "Value": ["AXIAL 1.25"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+        "00100020": {"vr": "LO", "Value": ["PAT-7"]},
+        "00180050": {"vr": "DS", "Value": [1.25]},
+        "0020000D": {"vr": "UI", "Value": [VENDOR_STUDY]},
+        "0020000E": {"vr": "UI", "Value": [VENDOR_SERIES]},
+        "00200013": {"vr": "IS", "Value": [number]},
+        "00290010": {"vr": "LO", "Value": ["VITREA"]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": f"http://127.0.0.1/bulk/{number}"},
+    }
+    if structured_un:
+        item["00291010"] = STRUCTURED_UN
+    return item
+
+
+def serve_metadata(server: HTTPServer, body: bytes | Iterator[bytes], status: int = 200) -> str:
+    def handler(request: Request) -> Response:
+        chunks = [body] if isinstance(body, bytes) else body
+        return Response(chunks, status=status, content_type="application/dicom+json")
+
+    server.expect_request(f"/dicom-web/studies/{VENDOR_STUDY}/metadata").respond_with_handler(
+        handler
+    )
+    return server.url_for("/dicom-web")
+
+
+def test_structured_un_kept_in_json_and_dropped_with_a_count_in_part10(httpserver, tmp_path):
+    items = [vendor_instance(n) for n in (1, 2, 3)]
+    url = serve_metadata(httpserver, json.dumps(items).encode())
+
+    as_json = WadoRS(url, metadata_only=True, format="json")
+    with Trolley(downloader=as_json, storage=StorageDir(tmp_path / "j", file_format="json")) as t:
+        stored = t.download(StudyReference(VENDOR_STUDY))
+    assert len(stored) == 3
+    for item in stored:
+        kept = json.loads(item.path.read_bytes())
+        assert kept["00291010"] == STRUCTURED_UN  # exactly as the archive sent it
+        assert kept["7FE00010"]["BulkDataURI"].startswith("http://127.0.0.1/bulk/")
+    assert as_json.drain_warnings() == []
+
+    as_dicom = WadoRS(url, metadata_only=True)
+    with Trolley(downloader=as_dicom, storage=StorageDir(tmp_path / "d")) as t:
+        stored = t.download(StudyReference(VENDOR_STUDY))
+    assert len(stored) == 3
+    for item in stored:
+        header = pydicom.dcmread(item.path)
+        assert (0x0029, 0x1010) not in header
+        assert "PixelData" not in header
+        assert header.SliceThickness == 1.25
+        assert header.SeriesDescription == "AXIAL 1.25"
+        assert str(header.PatientName) == "Doe^Jane"
+        assert header[0x0029, 0x0010].value == "VITREA"  # the private creator survives
+    assert as_dicom.metadata_writer is not None
+    assert as_dicom.metadata_writer.dropped_elements == {"00291010": 3}
+    warnings = as_dicom.drain_warnings()
+    assert warnings == [
+        ("metadata.values_dropped", {"values": 3, "tags": {"00291010": 3},
+                                     "reason": warnings[0][1]["reason"]})
+    ]  # fmt: skip
+    assert as_dicom.drain_warnings() == []  # each drop is reported once
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'[{"00080018": {"vr": "UI", "Value": ["1.2.3"]}}, {"0008', "not valid JSON"),
+        (b'{"error": "no such study"}', "expected a DICOM JSON array"),
+        (b"<html>Service unavailable</html>", "expected a DICOM JSON array"),
+        (b"", "empty"),
+        (b"[1, 2]", "expected a DICOM JSON object per instance"),
+        (b'[{"00080060": {"vr": "CS", "Value": ["CT"]}}]', "no SOPInstanceUID"),
+        (b'[{"not a tag": {"vr": "CS"}}]', "not a DICOM JSON element"),
+    ],
+)
+def test_bad_answers_are_response_format_errors(httpserver, tmp_path, body, message):
+    url = serve_metadata(httpserver, body)
+    downloader = WadoRS(url, metadata_only=True, format="json")
+    storage = StorageDir(tmp_path, file_format="json")
+    with pytest.raises(ResponseFormatError, match=message) as caught:
+        downloader.fetch(StudyReference(VENDOR_STUDY), storage)
+    assert f"{url}/studies/{VENDOR_STUDY}/metadata" in str(caught.value)
+
+
+def test_an_instance_too_large_to_hold_is_refused(httpserver, tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_INSTANCE_BYTES", 20_000)
+    huge = vendor_instance(1)
+    huge["00081030"] = {"vr": "LO", "Value": ["x" * 60] * 3_000}  # 200 kB in one instance
+    url = serve_metadata(httpserver, json.dumps([vendor_instance(2), huge]).encode())
+    downloader = WadoRS(url, metadata_only=True, format="json")
+    with pytest.raises(ResponseFormatError, match="larger than"):
+        downloader.fetch(StudyReference(VENDOR_STUDY), StorageDir(tmp_path, file_format="json"))
+
+
+def test_duplicate_instances_count_once(httpserver, tmp_path):
+    url = serve_metadata(httpserver, json.dumps([vendor_instance(1)] * 2).encode())
+    downloader = WadoRS(url, metadata_only=True, format="json")
+    count = downloader.fetch(StudyReference(VENDOR_STUDY), StorageDir(tmp_path, file_format="json"))
+    assert count == 1
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="dicom, json"):
+        WadoRS("http://127.0.0.1:1/dicom-web", metadata_only=True, format="xml")  # type: ignore[arg-type]
+
+
+def test_reference_path_for_instance_level(httpserver, tmp_path):
+    """Objects known down to instances are asked for one by one at instance level."""
+    from trolley_etl.core.model import InstanceReference
+
+    uid = f"{VENDOR_SERIES}.5"
+    path = f"/dicom-web/studies/{VENDOR_STUDY}/series/{VENDOR_SERIES}/instances/{uid}/metadata"
+    httpserver.expect_request(path).respond_with_json([vendor_instance(5)])
+    downloader = WadoRS(httpserver.url_for("/dicom-web"), metadata_only=True)
+    storage = StorageDir(tmp_path)
+    assert downloader.fetch(InstanceReference(VENDOR_STUDY, VENDOR_SERIES, uid), storage) == 1
+    assert (tmp_path / VENDOR_STUDY / VENDOR_SERIES / f"{uid}.dcm").exists()

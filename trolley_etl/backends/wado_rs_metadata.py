@@ -99,6 +99,8 @@ def iter_instances(chunks: Iterator[bytes], url: str) -> Iterator[dict[str, Any]
         try:
             item = next(items, _END)
         except ijson.JSONError as exc:
+            if not reader._started:
+                raise ResponseFormatError(f"{url}: the metadata answer is empty", url=url) from None
             raise ResponseFormatError(
                 f"{url}: the metadata answer is not valid JSON (near byte {reader.position}): "
                 f"{_short(exc)}",
