@@ -8,7 +8,6 @@ import io
 import json
 import tracemalloc
 from collections.abc import Iterator
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -19,7 +18,7 @@ from werkzeug import Request, Response
 from trolley_etl import StorageDir, Trolley
 from trolley_etl.backends import WadoRS
 from trolley_etl.backends import wado_rs_metadata as metadata
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import DownloadError, ResponseFormatError
 from trolley_etl.core.model import SeriesReference, StudyReference
 from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 
@@ -72,9 +71,9 @@ def test_json_files_from_orthanc(orthanc, cohort, tmp_path):
 
 def test_json_answer_into_part10_storage_is_a_clear_error(orthanc, tmp_path):
     downloader = WadoRS(orthanc.dicomweb_url, metadata_only=True, format="json")
-    with Trolley(downloader=downloader, storage=StorageDir(tmp_path)) as trolley:
-        with pytest.raises(Exception, match="file_format='json'"):
-            trolley.download(StudyReference(STUDY.study_uid))
+    trolley = Trolley(downloader=downloader, storage=StorageDir(tmp_path))
+    with trolley, pytest.raises(DownloadError, match="file_format='json'"):
+        trolley.download(StudyReference(STUDY.study_uid))
 
 
 class CountingSink:

@@ -78,8 +78,7 @@ class _BoundedReader:
         self._started = True
         if not text.startswith(b"["):
             raise ResponseFormatError(
-                f"{self._url}: expected a DICOM JSON array of instances, got "
-                f"{_preview(text)!r}",
+                f"{self._url}: expected a DICOM JSON array of instances, got {_preview(text)!r}",
                 url=self._url,
             )
 
