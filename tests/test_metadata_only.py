@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -253,3 +257,120 @@ def test_reference_path_for_instance_level(httpserver, tmp_path):
     storage = StorageDir(tmp_path)
     assert downloader.fetch(InstanceReference(VENDOR_STUDY, VENDOR_SERIES, uid), storage) == 1
     assert (tmp_path / VENDOR_STUDY / VENDOR_SERIES / f"{uid}.dcm").exists()
+
+
+# --- through the runner: manifest, checkpoint, completeness, report ------------------------
+
+
+def write_manifest(folder: Path, search_url: str, download: str, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "headers.yaml"
+    path.write_text(
+        f"""\
+version: 1
+name: headers-only
+source:
+  search: {{backend: qido-rs, url: "{search_url}"}}
+  download: {download}
+queries:
+  - name: chest
+    filters: {{AccessionNumber: ACC1001}}
+storage:
+  root: ./data
+run:
+  workers: 2
+  retries: 1
+{extra}"""
+    )
+    return path
+
+
+def trolley_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+
+
+def events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_run_metadata_only_part10_is_complete_and_resumable(orthanc, cohort, tmp_path):
+    expected = study_instances(cohort)
+    url = orthanc.dicomweb_url
+    manifest = write_manifest(
+        tmp_path, url, f'{{backend: wado-rs, url: "{url}", metadata_only: true}}'
+    )
+    first = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert first.returncode == 0, first.stderr
+    files = sorted((tmp_path / "data").rglob("*.dcm"))
+    assert {pydicom.dcmread(f).SOPInstanceUID for f in files} == set(expected)
+    assert all("PixelData" not in pydicom.dcmread(f) for f in files)
+    download = [e for e in events(first.stderr) if e.get("event") == "step.end"
+                and e.get("step") == "download"]  # fmt: skip
+    assert download[0]["instances"] == len(expected)
+    again = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert again.returncode == 0, again.stderr
+    assert not [e for e in events(again.stderr) if e.get("event") == "item.done"]
+    status = trolley_cli("status", str(manifest))
+    assert status.returncode == 0, status.stderr
+
+
+def test_run_metadata_only_json(orthanc, cohort, tmp_path):
+    expected = study_instances(cohort)
+    url = orthanc.dicomweb_url
+    manifest = write_manifest(
+        tmp_path, url, f'{{backend: wado-rs, url: "{url}", metadata_only: true, format: json}}'
+    )
+    result = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    files = [f for f in (tmp_path / "data").rglob("*.json") if ".trolley" not in f.parts]
+    assert {f.stem for f in files} == set(expected)
+    assert not list((tmp_path / "data").rglob("*.dcm"))
+    verify = trolley_cli("verify", str(manifest))
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_run_with_a_broken_metadata_answer_fails_the_item_without_traceback(
+    orthanc, httpserver, tmp_path
+):
+    """The search finds the study on Orthanc; the metadata archive answers truncated JSON."""
+    path = f"/dicom-web/studies/{STUDY.study_uid}/metadata"
+    httpserver.expect_request(path).respond_with_data(
+        b'[{"00080018": {"vr": "UI", "Value": ["1.2', content_type="application/dicom+json"
+    )
+    broken = httpserver.url_for("/dicom-web")
+    manifest = write_manifest(
+        tmp_path, orthanc.dicomweb_url,
+        f'{{backend: wado-rs, url: "{broken}", metadata_only: true}}',
+    )  # fmt: skip
+    result = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    failed = [e for e in events(result.stderr) if e.get("event") == "item.failed"]
+    assert failed and "not valid JSON" in failed[0]["error"]
+    assert failed[0]["error_type"] == "ResponseFormatError"
+
+
+def test_format_json_needs_metadata_only(tmp_path):
+    manifest = write_manifest(
+        tmp_path, "http://127.0.0.1:1/dicom-web",
+        '{backend: wado-rs, url: "http://127.0.0.1:1/dicom-web", format: json}',
+    )  # fmt: skip
+    result = trolley_cli("validate", str(manifest))
+    assert result.returncode == 2
+    assert "format: json applies to metadata_only: true" in result.stdout + result.stderr
+
+
+def test_full_pull_manifests_resolve_as_before():
+    """The new fields are left out of a full pull's dump, so existing checkpoints still match."""
+    from trolley_etl.manifest.models import WadoRsDownload
+
+    full = WadoRsDownload(backend="wado-rs", url="http://127.0.0.1/dicom-web")
+    assert "metadata_only" not in full.model_dump(mode="json")
+    headers = WadoRsDownload(backend="wado-rs", url="http://x/d", metadata_only=True)
+    assert headers.model_dump(mode="json")["format"] == "dicom"

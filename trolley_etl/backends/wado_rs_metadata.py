@@ -37,6 +37,8 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 SOP_INSTANCE_UID_TAG = "00080018"
 _PIXEL_TAGS = frozenset({"7FE00008", "7FE00009", "7FE00010"})
 _END = object()
+#: The SOP class given to an instance whose metadata names none.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 class _BoundedReader:
@@ -110,6 +112,7 @@ def iter_instances(chunks: Iterator[bytes], url: str) -> Iterator[dict[str, Any]
         if item is _END:
             return
         check_instance(item, url)
+        assert isinstance(item, dict)
         yield item
         reader.mark = reader.position
 
@@ -203,10 +206,10 @@ def _encode(dataset: Any) -> None:
 def _write(dataset: Any) -> bytes:
     from pydicom.dataset import FileMetaDataset
     from pydicom.filewriter import dcmwrite
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = dataset.get("SOPClassUID") or "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPClassUID = UID(dataset.get("SOPClassUID") or SECONDARY_CAPTURE)
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset.file_meta = meta

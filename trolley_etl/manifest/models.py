@@ -22,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -176,6 +177,33 @@ SearchBackend = Annotated[SearchConfig, Field(discriminator="backend")]
 
 class WadoRsDownload(HttpBackend):
     backend: Literal["wado-rs"]
+    metadata_only: bool = Field(
+        default=False,
+        description="only each instance's header, from WADO-RS /metadata, without pixel data",
+    )
+    format: Literal["dicom", "json"] = Field(
+        default="dicom",
+        description="metadata_only files: Part 10 without pixel data (dicom) or DICOM JSON (json)",
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> WadoRsDownload:
+        if self.format != "dicom" and not self.metadata_only:
+            raise error(
+                "format_needs_metadata_only",
+                "format: json applies to metadata_only: true (full pulls store Part 10 as sent)",
+                "format",
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_metadata_defaults(self, handler: Any) -> Any:
+        """Full pulls dump as before these fields existed, so their checkpoints still match."""
+        data = handler(self)
+        if not self.metadata_only and isinstance(data, dict):
+            data.pop("metadata_only", None)
+            data.pop("format", None)
+        return data
 
 
 class WadoUriDownload(HttpBackend):
@@ -246,6 +274,14 @@ class Source(StrictModel):
                 "backend",
             )
         return self
+
+    @property
+    def file_format(self) -> Literal["dicom", "json"]:
+        """What the stored files are: Part 10, or DICOM JSON (metadata-only with format json)."""
+        download = self.effective_download
+        if isinstance(download, WadoRsDownload) and download.metadata_only:
+            return download.format
+        return "dicom"
 
     @property
     def effective_download(self) -> DownloadConfig:

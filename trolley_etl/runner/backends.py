@@ -95,7 +95,12 @@ def _downloader(config: DownloadConfig) -> Downloader:
     if isinstance(config, WadoRsDownload):
         from trolley_etl.backends.wado_rs import WadoRS
 
-        return WadoRS(config.url, **_http_options(config))
+        return WadoRS(
+            config.url,
+            metadata_only=config.metadata_only,
+            format=config.format,
+            **_http_options(config),
+        )
     if isinstance(config, WadoUriDownload):
         from trolley_etl.backends.wado_uri import WadoURI
 

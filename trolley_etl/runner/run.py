@@ -119,7 +119,8 @@ class Runner:
         self.run_id = options.run_id or new_run_id()
         self.log = log
         self.stop = threading.Event()
-        self.storage = StorageDir(self.root, manifest.storage.layout)
+        self.storage = StorageDir(self.root, manifest.storage.layout,
+                                  file_format=manifest.source.file_format)  # fmt: skip
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
 
@@ -333,6 +334,8 @@ class Runner:
                     progress.close()
                     raise
             progress.close()
+            for event, fields in getattr(trolley.downloader, "drain_warnings", list)():
+                self.log.logger.warning(event, **fields)  # e.g. values Part 10 cannot hold
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
     def _collect(self, running: dict[Future[None], Item], progress: Progress) -> None:
