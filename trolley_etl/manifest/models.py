@@ -111,7 +111,46 @@ class BearerAuth(StrictModel):
     token_env: EnvName
 
 
-Auth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
+def _check_login_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise error("url", f"not an http(s) URL: {url!r}")
+    if parts.username or parts.password:
+        raise PydanticCustomError(
+            "url_credentials", "credentials in the URL are not allowed: use username_env"
+        )
+    return url
+
+
+class VitreaAuth(StrictModel):
+    """Vitrea Connection session login (X-Userid/X-Password/X-Realm), renewed when it ends."""
+
+    type: Literal["vitrea"]
+    login_url: str = Field(description="the login address, e.g. https://vitrea/login")
+    username_env: EnvName
+    password_env: EnvName
+    realm: str = Field(default="DefaultSystemRealm", min_length=1, max_length=200)
+
+    _url = field_validator("login_url")(_check_login_url)
+
+
+class ImpaxAuth(StrictModel):
+    """AGFA IMPAX Data Center form login (j_security_check), renewed when the session ends."""
+
+    type: Literal["impax"]
+    login_url: str = Field(
+        description="the web application the session is opened at (the WADO endpoint); the "
+        "form is posted to its j_security_check"
+    )
+    username_env: EnvName
+    password_env: EnvName
+
+    _url = field_validator("login_url")(_check_login_url)
+
+
+Auth = Annotated[
+    NoAuth | BasicAuth | BearerAuth | VitreaAuth | ImpaxAuth, Field(discriminator="type")
+]
 
 
 # --- backends ----------------------------------------------------------------------------------

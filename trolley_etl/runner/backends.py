@@ -18,12 +18,14 @@ from trolley_etl.manifest.models import (
     DicomQrSearch,
     DownloadConfig,
     HttpBackend,
+    ImpaxAuth,
     LocalDownload,
     MintSearch,
     NoAuth,
     QidoRsSearch,
     Rad69Download,
     SearchConfig,
+    VitreaAuth,
     WadoRsDownload,
     WadoUriDownload,
 )
@@ -39,7 +41,23 @@ def http_auth(config: HttpBackend) -> AuthBase | None:
         )
     if isinstance(auth, BearerAuth):
         return auth_from_env("bearer", token_env=auth.token_env)
+    if isinstance(auth, (VitreaAuth, ImpaxAuth)):
+        return _session_auth(auth, config)
     raise TrolleyError(f"unsupported auth {auth!r}")
+
+
+def _session_auth(auth: VitreaAuth | ImpaxAuth, config: HttpBackend) -> AuthBase:
+    """Vendor session login, shared by backends with the same login; done now, so that a
+    refused login stops the command before it searches or downloads anything."""
+    from trolley_etl.backends.session_auth import session_auth_from_env
+
+    session = session_auth_from_env(
+        auth.type, login_url=auth.login_url, username_env=auth.username_env,
+        password_env=auth.password_env, realm=getattr(auth, "realm", "DefaultSystemRealm"),
+        verify=config.verify_tls,
+    )  # fmt: skip
+    session.ensure_login()
+    return session
 
 
 def _http_options(config: HttpBackend) -> dict[str, Any]:
