@@ -374,3 +374,62 @@ def test_full_pull_manifests_resolve_as_before():
     assert "metadata_only" not in full.model_dump(mode="json")
     headers = WadoRsDownload(backend="wado-rs", url="http://x/d", metadata_only=True)
     assert headers.model_dump(mode="json")["format"] == "dicom"
+
+
+# --- DICOM Query/Retrieve archives: an instance-level C-FIND ---------------------------------
+
+
+def test_c_find_metadata_from_orthanc(orthanc, cohort, tmp_path):
+    """The same kind of files from a DICOM archive: one per instance, with the asked keys."""
+    from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
+
+    expected = study_instances(cohort)
+    downloader = DicomQRMetadata(
+        "127.0.0.1", orthanc.dicom_port, orthanc.aet,
+        keywords=["SeriesDescription", "Modality", "PatientID", "Rows", "SOPClassUID"],
+    )  # fmt: skip
+    with Trolley(downloader=downloader, storage=StorageDir(tmp_path)) as trolley:
+        stored = trolley.download(StudyReference(STUDY.study_uid))
+    assert {s.sop_instance_uid for s in stored} == set(expected)
+    for item in stored:
+        original = pydicom.dcmread(io.BytesIO(expected[item.sop_instance_uid].data))
+        header = pydicom.dcmread(item.path)
+        for keyword in ("SeriesDescription", "Modality", "PatientID", "SOPClassUID"):
+            assert header.get(keyword) == original.get(keyword), keyword
+        assert "QueryRetrieveLevel" not in header
+        assert "PixelData" not in header
+
+    as_json = DicomQRMetadata("127.0.0.1", orthanc.dicom_port, orthanc.aet, format="json")
+    storage = StorageDir(tmp_path / "json", file_format="json")
+    with Trolley(downloader=as_json, storage=storage) as trolley:
+        stored = trolley.download(StudyReference(STUDY.study_uid))
+    assert {s.sop_instance_uid for s in stored} == set(expected)
+    assert all(s.path.suffix == ".json" for s in stored)
+
+
+def test_run_c_find_metadata_through_the_runner(orthanc, cohort, tmp_path):
+    expected = study_instances(cohort)
+    download = (
+        f"{{backend: dicom-qr, metadata_only: true, host: 127.0.0.1, port: {orthanc.dicom_port}, "
+        f"called_aet: {orthanc.aet}, keywords: [SeriesDescription, Modality, Rows], format: json}}"
+    )
+    manifest = write_manifest(tmp_path, orthanc.dicomweb_url, download)
+    result = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    files = [f for f in (tmp_path / "data").rglob("*.json") if ".trolley" not in f.parts]
+    assert {f.stem for f in files} == set(expected)
+    row = json.loads(files[0].read_bytes())
+    assert row["00080060"]["Value"] == ["CT"]  # Modality, asked for
+    assert "00080052" not in row  # QueryRetrieveLevel belongs to the answer, not the instance
+
+
+def test_c_find_metadata_needs_metadata_only_and_known_keywords(tmp_path):
+    base = "backend: dicom-qr, host: 127.0.0.1, port: 104, called_aet: PACS"
+    for download, message in [
+        (f"{{{base}}}", "metadata_only"),
+        (f"{{{base}, metadata_only: true, keywords: [SliceThicknes]}}", "SliceThickness"),
+    ]:
+        manifest = write_manifest(tmp_path, "http://127.0.0.1:1/dicom-web", download)
+        result = trolley_cli("validate", str(manifest))
+        assert result.returncode == 2
+        assert message in result.stdout + result.stderr

@@ -169,12 +169,13 @@ def part10_bytes(item: dict[str, Any]) -> tuple[bytes, list[str]]:
         if tag.startswith("0002") or tag in _PIXEL_TAGS or "BulkDataURI" in element:
             continue  # file meta is rebuilt below; bulk data is what metadata-only leaves out
         keys = [key for key in _VALUE_KEYS if key in element]
-        value_key = keys[0] if keys else None
-        value = element[value_key] if value_key else [""]
         try:
+            if not keys:  # present without a value (a C-FIND key the archive left empty)
+                dataset.add(DataElement(int(tag, 16), element["vr"], None))
+                continue
             dataset.add(
                 DataElement.from_json(
-                    Dataset, tag, element["vr"], value, value_key, _ignore_bulk_data
+                    Dataset, tag, element["vr"], element[keys[0]], keys[0], _ignore_bulk_data
                 )
             )
         except Exception:  # whatever pydicom refuses is dropped and counted, never fatal

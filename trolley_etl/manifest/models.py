@@ -27,9 +27,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS
 from trolley_etl.core.errors import QueryError
 from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
-from trolley_etl.core.query import FilterValue, normalise_filter
+from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
 from trolley_etl.manifest.csv_list import CsvProblem, read_column
 
 MANIFEST_VERSION = 1
@@ -276,6 +277,31 @@ class CMoveDownload(DimseBackend):
     )
 
 
+class DicomQrMetadataDownload(DimseBackend):
+    """Headers only, from an instance-level C-FIND: metadata-only pulls from DICOM archives."""
+
+    backend: Literal["dicom-qr"]
+    metadata_only: Literal[True] = Field(description="must be true: a C-FIND gives headers only")
+    keywords: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_METADATA_KEYWORDS),
+        min_length=1,
+        description="DICOM keywords to ask for at instance level (the UIDs always come)",
+    )
+    format: Literal["dicom", "json"] = Field(
+        default="dicom", description="Part 10 without pixel data (dicom) or DICOM JSON (json)"
+    )
+
+    @field_validator("keywords")
+    @classmethod
+    def _check_keywords(cls, keywords: list[str]) -> list[str]:
+        for index, keyword in enumerate(keywords):
+            try:
+                check_keyword(keyword)
+            except QueryError as exc:
+                raise error("keyword", str(exc), index) from None
+        return keywords
+
+
 class LocalDownload(StrictModel):
     """Copies from the folder the local search indexed."""
 
@@ -283,7 +309,13 @@ class LocalDownload(StrictModel):
 
 
 DownloadConfig = (
-    WadoRsDownload | WadoUriDownload | CGetDownload | CMoveDownload | Rad69Download | LocalDownload
+    WadoRsDownload
+    | WadoUriDownload
+    | CGetDownload
+    | CMoveDownload
+    | Rad69Download
+    | LocalDownload
+    | DicomQrMetadataDownload
 )
 DownloadBackend = Annotated[DownloadConfig, Field(discriminator="backend")]
 
@@ -319,6 +351,8 @@ class Source(StrictModel):
         """What the stored files are: Part 10, or DICOM JSON (metadata-only with format json)."""
         download = self.effective_download
         if isinstance(download, WadoRsDownload) and download.metadata_only:
+            return download.format
+        if isinstance(download, DicomQrMetadataDownload):
             return download.format
         return "dicom"
 

@@ -15,6 +15,7 @@ from trolley_etl.manifest.models import (
     BearerAuth,
     CGetDownload,
     CMoveDownload,
+    DicomQrMetadataDownload,
     DicomQrSearch,
     DownloadConfig,
     HttpBackend,
@@ -132,6 +133,11 @@ def _downloader(config: DownloadConfig) -> Downloader:
             batch_size=config.batch_size,
             **_http_options(config),
         )
+    if isinstance(config, DicomQrMetadataDownload):
+        from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
+
+        return DicomQRMetadata(**_dimse_options(config), keywords=config.keywords,
+                               format=config.format)  # fmt: skip
     if isinstance(config, CGetDownload):
         from trolley_etl.backends.c_get import CGet
 
