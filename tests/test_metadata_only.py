@@ -433,3 +433,22 @@ def test_c_find_metadata_needs_metadata_only_and_known_keywords(tmp_path):
         result = trolley_cli("validate", str(manifest))
         assert result.returncode == 2
         assert message in result.stdout + result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the SS text
+@pytest.mark.parametrize(
+    "element",
+    [
+        {"vr": "US", "Value": [70000]},  # pydicom builds it, writing it fails
+        {"vr": "SQ", "Value": [{"00291010": STRUCTURED_UN}]},  # unwritable inside a sequence
+        {"vr": "SS", "Value": ["abc"]},  # pydicom refuses to build it
+    ],
+)
+def test_any_unwritable_value_is_dropped_and_counted(element):
+    item = {**vendor_instance(1, structured_un=False), "00291020": element}
+    data, dropped = metadata.part10_bytes(item)
+    assert dropped == ["00291020"]
+    header = pydicom.dcmread(io.BytesIO(data))
+    assert (0x0029, 0x1020) not in header
+    assert header.SOPInstanceUID == f"{VENDOR_SERIES}.1"
+    assert header.SliceThickness == 1.25

@@ -173,11 +173,13 @@ def part10_bytes(item: dict[str, Any]) -> tuple[bytes, list[str]]:
             if not keys:  # present without a value (a C-FIND key the archive left empty)
                 dataset.add(DataElement(int(tag, 16), element["vr"], None))
                 continue
-            dataset.add(
-                DataElement.from_json(
-                    Dataset, tag, element["vr"], element[keys[0]], keys[0], _ignore_bulk_data
-                )
+            converted = DataElement.from_json(
+                Dataset, tag, element["vr"], element[keys[0]], keys[0], _ignore_bulk_data
             )
+            if converted.VR == "UN" and not isinstance(converted.value, (bytes, str)):
+                dropped.append(tag)  # Vitrea's UN holding objects: known unwritable, skip early
+                continue
+            dataset.add(converted)
         except Exception:  # whatever pydicom refuses is dropped and counted, never fatal
             dropped.append(tag)
     try:
