@@ -452,3 +452,13 @@ def test_any_unwritable_value_is_dropped_and_counted(element):
     assert (0x0029, 0x1020) not in header
     assert header.SOPInstanceUID == f"{VENDOR_SERIES}.1"
     assert header.SliceThickness == 1.25
+
+
+@pytest.mark.parametrize("file_format", ["dicom", "json"])
+def test_fetch_all_datasets_yields_headers_in_both_formats(orthanc, cohort, file_format):
+    expected = study_instances(cohort)
+    downloader = WadoRS(orthanc.dicomweb_url, metadata_only=True, format=file_format)
+    with Trolley(downloader=downloader) as trolley:
+        datasets = list(trolley.fetch_all_datasets(StudyReference(STUDY.study_uid)))
+    assert {ds.SOPInstanceUID for ds in datasets} == set(expected)
+    assert all(ds.PatientID == STUDY.patient_id for ds in datasets)
