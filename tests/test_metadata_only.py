@@ -462,3 +462,38 @@ def test_fetch_all_datasets_yields_headers_in_both_formats(orthanc, cohort, file
         datasets = list(trolley.fetch_all_datasets(StudyReference(STUDY.study_uid)))
     assert {ds.SOPInstanceUID for ds in datasets} == set(expected)
     assert all(ds.PatientID == STUDY.patient_id for ds in datasets)
+
+
+def test_run_reports_values_part10_dropped_once(orthanc, cohort, httpserver, tmp_path):
+    """A Vitrea-like archive: Orthanc's own metadata with a structured `UN` added to every
+    instance. The run is complete, and the log says once how many values were dropped."""
+    import re
+
+    import requests
+
+    def vitrea_like(request: Request) -> Response:
+        upstream = requests.get(orthanc.url + request.path, timeout=30,
+                                headers={"Accept": "application/dicom+json"})  # fmt: skip
+        items = upstream.json()
+        for item in items:
+            item["00290010"] = {"vr": "LO", "Value": ["VITREA"]}
+            item["00291010"] = STRUCTURED_UN
+        return Response(json.dumps(items), content_type="application/dicom+json")
+
+    httpserver.expect_request(re.compile(r"/dicom-web/.*/metadata$")).respond_with_handler(
+        vitrea_like
+    )
+    vendor = httpserver.url_for("/dicom-web")
+    download = f'{{backend: wado-rs, url: "{vendor}", metadata_only: true}}'
+    manifest = write_manifest(tmp_path, orthanc.dicomweb_url, download)
+    result = trolley_cli("run", str(manifest), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    expected = study_instances(cohort)
+    files = sorted((tmp_path / "data").rglob("*.dcm"))
+    assert len(files) == len(expected)
+    assert all((0x0029, 0x1010) not in pydicom.dcmread(f) for f in files)
+    dropped = [e for e in events(result.stderr) if e.get("event") == "metadata.values_dropped"]
+    assert len(dropped) == 1
+    assert dropped[0]["values"] == len(expected)
+    assert dropped[0]["tags"] == {"00291010": len(expected)}
+    assert dropped[0]["level"] == "warning"
