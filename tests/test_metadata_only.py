@@ -206,7 +206,7 @@ def test_structured_un_kept_in_json_and_dropped_with_a_count_in_part10(httpserve
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b'[{"00080018": {"vr": "UI", "Value": ["1.2.3"]}}, {"0008', "not valid JSON"),
+        (b"[" + json.dumps(vendor_instance(1)).encode() + b', {"0008', "not valid JSON"),
         (b'{"error": "no such study"}', "expected a DICOM JSON array"),
         (b"<html>Service unavailable</html>", "expected a DICOM JSON array"),
         (b"", "empty"),
@@ -497,3 +497,13 @@ def test_run_reports_values_part10_dropped_once(orthanc, cohort, httpserver, tmp
     assert dropped[0]["values"] == len(expected)
     assert dropped[0]["tags"] == {"00291010": len(expected)}
     assert dropped[0]["level"] == "warning"
+
+
+def test_instances_of_another_study_are_refused(httpserver, tmp_path):
+    """An archive that answers a study's /metadata with another study's instances."""
+    stranger = vendor_instance(1)
+    stranger["0020000D"] = {"vr": "UI", "Value": ["1.2.3.999"]}
+    url = serve_metadata(httpserver, json.dumps([vendor_instance(2), stranger]).encode())
+    downloader = WadoRS(url, metadata_only=True, format="json")
+    with pytest.raises(ResponseFormatError, match="another object"):
+        downloader.fetch(StudyReference(VENDOR_STUDY), StorageDir(tmp_path, file_format="json"))

@@ -14,7 +14,12 @@ from typing import Any
 
 from trolley_etl.backends.dicom_qr import DicomQR
 from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS, MetadataFormat
-from trolley_etl.backends.wado_rs_metadata import SOP_INSTANCE_UID_TAG, MetadataWriter
+from trolley_etl.backends.wado_rs_metadata import (
+    SOP_INSTANCE_UID_TAG,
+    MetadataWriter,
+    check_belongs,
+    expected_uids,
+)
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import ResponseFormatError
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
@@ -61,6 +66,7 @@ class DicomQRMetadata(Downloader):
                       include_fields=self.keywords)  # fmt: skip
         seen: set[str] = set()
         url = self.finder.settings.url
+        expect = expected_uids(reference)
         for row in self.finder.iter_rows(query):
             item = row.to_json_dict(bulk_data_threshold=1 << 30)
             for tag in _RESPONSE_ONLY_TAGS:
@@ -68,6 +74,7 @@ class DicomQRMetadata(Downloader):
             uid = (item.get(SOP_INSTANCE_UID_TAG, {}).get("Value") or [""])[0]
             if not uid:
                 raise ResponseFormatError(f"{url}: a C-FIND answer has no SOPInstanceUID", url=url)
+            check_belongs(item, expect, url)
             self.metadata_writer.write(item, sink)
             seen.add(uid)
         return len(seen)

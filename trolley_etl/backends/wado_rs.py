@@ -103,8 +103,12 @@ class WadoRS(Downloader):
         path = f"{resource_path(reference)}/metadata"
         response = self.http.get(path, headers={"Accept": "application/dicom+json"}, stream=True)
         url = self.http.url(path)
+        from trolley_etl.backends.wado_rs_metadata import expected_uids
+
         with response:
-            return self.metadata_writer.stream(iter_body(response, url), url, sink)
+            return self.metadata_writer.stream(
+                iter_body(response, url), url, sink, expected_uids(reference)
+            )
 
     def drain_warnings(self) -> list[tuple[str, dict[str, Any]]]:
         """Warnings for the run log (values Part 10 could not hold), each reported once."""

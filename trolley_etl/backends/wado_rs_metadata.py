@@ -49,7 +49,7 @@ class _BoundedReader:
         self._chunks = chunks
         self._url = url
         self._pending = b""
-        self._started = False
+        self.started = False
         self.position = 0
         self.mark = 0  # where the instance being parsed started, roughly
 
@@ -65,7 +65,7 @@ class _BoundedReader:
             if chunk is None:
                 return b""
             self._pending = chunk
-            if not self._started:
+            if not self.started:
                 self._check_start()
         size = len(self._pending) if size is None or size < 0 else size
         data, self._pending = self._pending[:size], self._pending[size:]
@@ -77,7 +77,7 @@ class _BoundedReader:
         if not text:
             self._pending = b""
             return
-        self._started = True
+        self.started = True
         if not text.startswith(b"["):
             raise ResponseFormatError(
                 f"{self._url}: expected a DICOM JSON array of instances, got {_preview(text)!r}",
@@ -100,14 +100,14 @@ def iter_instances(chunks: Iterator[bytes], url: str) -> Iterator[dict[str, Any]
         try:
             item = next(items, _END)
         except ijson.JSONError as exc:
-            if not reader._started:
+            if not reader.started:
                 raise ResponseFormatError(f"{url}: the metadata answer is empty", url=url) from None
             raise ResponseFormatError(
                 f"{url}: the metadata answer is not valid JSON (near byte {reader.position}): "
                 f"{_short(exc)}",
                 url=url,
             ) from None
-        if item is _END and not reader._started:
+        if item is _END and not reader.started:
             raise ResponseFormatError(f"{url}: the metadata answer is empty", url=url)
         if item is _END:
             return
@@ -137,6 +137,29 @@ def check_instance(item: Any, url: str) -> None:
     uid = instance_uid(item)
     if not uid:
         raise ResponseFormatError(f"{url}: an instance has no SOPInstanceUID", url=url)
+
+
+def check_belongs(item: dict[str, Any], expect: dict[str, str], url: str) -> None:
+    """The instance has the UIDs of the reference it was asked for."""
+    for tag, uid in expect.items():
+        value = item.get(tag, {}).get("Value")
+        if not (isinstance(value, list) and value == [uid]):
+            raise ResponseFormatError(
+                f"{url}: the archive answered with an instance of another object "
+                f"({tag} is {value!r}, expected {uid})",
+                url=url,
+            )
+
+
+#: Tags of the UIDs a reference names, from the study down.
+REFERENCE_TAGS = ("0020000D", "0020000E", SOP_INSTANCE_UID_TAG)
+
+
+def expected_uids(reference: Any) -> dict[str, str]:
+    """What every instance answered for `reference` must carry, as tag -> UID."""
+    uids = [reference.study_uid, getattr(reference, "series_uid", ""),
+            getattr(reference, "instance_uid", "")]  # fmt: skip
+    return {tag: uid for tag, uid in zip(REFERENCE_TAGS, uids, strict=True) if uid}
 
 
 def instance_uid(item: dict[str, Any]) -> str:
@@ -250,13 +273,22 @@ class MetadataWriter:
                 self.instances_with_drops += 1
         write_instance(sink, data)
 
-    def stream(self, chunks: Iterator[bytes], url: str, sink: InstanceSink) -> int:
+    def stream(
+        self,
+        chunks: Iterator[bytes],
+        url: str,
+        sink: InstanceSink,
+        expect: dict[str, str] | None = None,
+    ) -> int:
         """Every instance of a `/metadata` answer into the sink; how many there were.
 
+        `expect` maps tags to the UIDs every instance must have (those of the reference asked
+        for): an archive answering with another study's instances is a ResponseFormatError.
         An instance listed twice counts once (it is stored once, under its UID).
         """
         seen: set[str] = set()
         for item in iter_instances(chunks, url):
+            check_belongs(item, expect or {}, url)
             self.write(item, sink)
             seen.add(instance_uid(item))
         return len(seen)
