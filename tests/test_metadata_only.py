@@ -507,3 +507,17 @@ def test_instances_of_another_study_are_refused(httpserver, tmp_path):
     downloader = WadoRS(url, metadata_only=True, format="json")
     with pytest.raises(ResponseFormatError, match="another object"):
         downloader.fetch(StudyReference(VENDOR_STUDY), StorageDir(tmp_path, file_format="json"))
+
+
+def test_stored_json_files_read_back_as_datasets(httpserver, tmp_path):
+    """What readers of stored files (the metadata table, de-identification) use for JSON."""
+    from trolley_etl.core.json_header import is_json_file, read_json_dataset
+
+    url = serve_metadata(httpserver, json.dumps([vendor_instance(1)]).encode())
+    storage = StorageDir(tmp_path, file_format="json")
+    WadoRS(url, metadata_only=True, format="json").fetch(StudyReference(VENDOR_STUDY), storage)
+    (path,) = [p for p in tmp_path.rglob("*.json") if ".trolley" not in p.parts]
+    assert is_json_file(path)
+    dataset = read_json_dataset(path)
+    assert dataset.SliceThickness == 1.25
+    assert dataset.SOPInstanceUID == f"{VENDOR_SERIES}.1"

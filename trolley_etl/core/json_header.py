@@ -69,3 +69,22 @@ def _texts(element: Any) -> list[str]:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             texts.append(str(value))
     return texts
+
+
+def read_json_dataset(path: Path) -> Any:
+    """A stored DICOM JSON file as a pydicom Dataset (bulk data references left empty), for
+    readers of stored files (`metadata`, de-identification) that also meet metadata-only pulls."""
+    from pydicom import Dataset
+
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise StorageError(f"DICOM JSON file larger than {MAX_JSON_BYTES >> 20} MiB: {path}")
+    try:
+        return Dataset.from_json(path.read_text("utf-8"), lambda *_: b"")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StorageError(f"{path}: not a DICOM JSON object: {exc}") from None
+
+
+def is_json_file(path: Path) -> bool:
+    """True for a stored DICOM JSON file (metadata-only pull with format json)."""
+    with path.open("rb") as handle:
+        return looks_like_json(handle.read(64))
