@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +204,17 @@ def test_cli_run_survives_session_expiry_and_never_logs_secrets(product, orthanc
         assert session_ids
         assert PASSWORD not in logs
         assert not [s for s in session_ids if s in logs]
+
+
+@pytest.mark.parametrize("product", ["vitrea", "impax"])
+def test_an_expired_session_cookie_is_renewed_before_the_request(product, orthanc):
+    """The session cookie says when it ends (Max-Age): the next request logs in first instead
+    of being answered as logged out."""
+    with VendorLoginProxy(orthanc.url, product, USERS, cookie_max_age=1) as proxy:
+        auth = auth_for(proxy)
+        qido = QidoRS(f"{proxy.url}/dicom-web", auth=auth)
+        assert qido.search(Query(AccessionNumber="ACC1001"))
+        time.sleep(1.2)
+        assert qido.search(Query(AccessionNumber="ACC1002"))
+        assert auth.logins == 2 == len(proxy.logins)
+        assert proxy.unauthenticated == 0

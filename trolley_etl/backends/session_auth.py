@@ -4,7 +4,8 @@ Both products authenticate a session, not each request: one login gives a sessio
 the archive answers as if logged out once that session ends. These auth objects log in once
 (under a lock, on the first request), give the cookie to every request of every thread that
 uses them, and when the archive says the session ended they log in again, once, and resend
-that request. Neither the credentials nor the cookie is ever logged, printed or put in an error.
+that request (a session cookie past its expiry time is renewed before the request instead).
+Neither the credentials nor the cookie is ever logged, printed or put in an error.
 
 Recorded behaviour of the products (the tests' servers answer the same way):
 
@@ -117,6 +118,10 @@ class SessionAuth(AuthBase):
 
     def _current(self) -> tuple[int, RequestsCookieJar]:
         with self._lock:
+            if self._cookies is not None:
+                self._cookies.clear_expired_cookies()
+                if not len(self._cookies):
+                    self._cookies = None  # the session cookie expired: log in before sending
             if self._cookies is None:
                 self._renew()
             assert self._cookies is not None

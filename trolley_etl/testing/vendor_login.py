@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
@@ -38,7 +39,8 @@ class VendorLoginProxy:
     """
 
     def __init__(self, upstream: str, product: str, users: dict[str, str], *,
-                 realm: str = "DefaultSystemRealm", session_requests: int = 0) -> None:  # fmt: skip
+                 realm: str = "DefaultSystemRealm", session_requests: int = 0,
+                 cookie_max_age: int | None = None) -> None:  # fmt: skip
         if product not in ("vitrea", "impax"):
             raise ValueError(product)
         self.upstream = upstream.rstrip("/")
@@ -46,11 +48,14 @@ class VendorLoginProxy:
         self.users = dict(users)
         self.realm = realm
         self.session_requests = session_requests
+        self.cookie_max_age = cookie_max_age  # Max-Age of session cookies; they end with it
+        self.unauthenticated = 0  # requests answered as logged out (401 or the login page)
         self.logins: list[str] = []  # user of each successful login
         self.refused_logins = 0
         self.ended_sessions = 0
         self.seen_headers: list[dict[str, str]] = []  # headers of every forwarded request
         self._sessions: dict[str, int] = {}  # session id -> forwarded requests
+        self._opened: dict[str, float] = {}  # session id -> when it was opened
         self._anonymous: set[str] = set()  # IMPAX sessions opened but not logged in
         self._lock = threading.Lock()
         proxy = self
@@ -111,8 +116,10 @@ class VendorLoginProxy:
         elif self._valid(session):
             self._forward(handler)
         elif self.product == "vitrea":
+            self.unauthenticated += 1
             _answer(handler, 401, VITREA_401)
         else:
+            self.unauthenticated += 1
             new = secrets.token_hex(16)
             with self._lock:
                 self._anonymous.add(new)
@@ -132,7 +139,7 @@ class VendorLoginProxy:
             return
         session = self._open_session(user)
         _answer(handler, 200, b'{"token": "ignored by the server"}', cookie=session,
-                content_type="application/json")  # fmt: skip
+                content_type="application/json", max_age=self.cookie_max_age)  # fmt: skip
 
     def _impax_login(self, handler: BaseHTTPRequestHandler, session: str | None,
                      form: dict[str, str]) -> None:  # fmt: skip
@@ -147,12 +154,13 @@ class VendorLoginProxy:
         with self._lock:
             self._anonymous.discard(session or "")
         new = self._open_session(user)  # the servlet changes the session id on login
-        _answer(handler, 403, IMPAX_DENIED, cookie=new)
+        _answer(handler, 403, IMPAX_DENIED, cookie=new, max_age=self.cookie_max_age)
 
     def _open_session(self, user: str) -> str:
         session = secrets.token_hex(16)
         with self._lock:
             self._sessions[session] = 0
+            self._opened[session] = time.monotonic()
             self.logins.append(user)
         return session
 
@@ -161,7 +169,13 @@ class VendorLoginProxy:
             if session is None or session not in self._sessions:
                 return False
             self._sessions[session] += 1
-            if self.session_requests and self._sessions[session] > self.session_requests:
+            too_old = self.cookie_max_age is not None and (
+                time.monotonic() - self._opened[session] > self.cookie_max_age
+            )
+            used_up = bool(self.session_requests) and (
+                self._sessions[session] > self.session_requests
+            )
+            if too_old or used_up:
                 del self._sessions[session]
                 self.ended_sessions += 1
                 return False
@@ -200,11 +214,13 @@ def _cookie(header: str, name: str) -> str | None:
 
 
 def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes, *,
-            cookie: str | None = None, content_type: str = "text/html") -> None:  # fmt: skip
+            cookie: str | None = None, content_type: str = "text/html",
+            max_age: int | None = None) -> None:  # fmt: skip
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
     if cookie is not None:
-        handler.send_header("Set-Cookie", f"JSESSIONID={cookie}; Path=/; HttpOnly")
+        age = f"; Max-Age={max_age}" if max_age is not None else ""
+        handler.send_header("Set-Cookie", f"JSESSIONID={cookie}; Path=/; HttpOnly{age}")
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
