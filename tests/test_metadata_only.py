@@ -305,8 +305,12 @@ def test_run_metadata_only_part10_is_complete_and_resumable(orthanc, cohort, tmp
     manifest = write_manifest(
         tmp_path, url, f'{{backend: wado-rs, url: "{url}", metadata_only: true}}'
     )
+    locked = trolley_cli("lock", str(manifest))
+    assert locked.returncode == 0, locked.stderr
     first = trolley_cli("run", str(manifest), "--log-format", "json")
     assert first.returncode == 0, first.stderr
+    assert [e for e in events(first.stderr) if e.get("event") == "checkpoint.resolved"
+            and e.get("from_lock")]  # fmt: skip
     files = sorted((tmp_path / "data").rglob("*.dcm"))
     assert {pydicom.dcmread(f).SOPInstanceUID for f in files} == set(expected)
     assert all("PixelData" not in pydicom.dcmread(f) for f in files)
@@ -318,6 +322,9 @@ def test_run_metadata_only_part10_is_complete_and_resumable(orthanc, cohort, tmp
     assert not [e for e in events(again.stderr) if e.get("event") == "item.done"]
     status = trolley_cli("status", str(manifest))
     assert status.returncode == 0, status.stderr
+    report = trolley_cli("report", str(manifest), "--format", "json")
+    assert report.returncode == 0, report.stderr
+    assert all(uid in report.stdout for uid in expected)  # every instance is in the audit
 
 
 def test_run_metadata_only_json(orthanc, cohort, tmp_path):
