@@ -22,7 +22,7 @@ from werkzeug import Request, Response
 from trolley_etl import StorageDir, Trolley
 from trolley_etl.backends import WadoRS
 from trolley_etl.backends import wado_rs_metadata as metadata
-from trolley_etl.core.errors import DownloadError, ResponseFormatError
+from trolley_etl.core.errors import DownloadError, ResponseFormatError, StorageError
 from trolley_etl.core.model import SeriesReference, StudyReference
 from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 
@@ -528,3 +528,10 @@ def test_stored_json_files_read_back_as_datasets(httpserver, tmp_path):
     dataset = read_json_dataset(path)
     assert dataset.SliceThickness == 1.25
     assert dataset.SOPInstanceUID == f"{VENDOR_SERIES}.1"
+
+
+def test_json_layout_mapping_two_instances_to_one_file_is_an_error(httpserver, tmp_path):
+    url = serve_metadata(httpserver, json.dumps([vendor_instance(1), vendor_instance(2)]).encode())
+    storage = StorageDir(tmp_path, "{PatientID}.json", file_format="json")
+    with pytest.raises(StorageError, match="maps two instances"):
+        WadoRS(url, metadata_only=True, format="json").fetch(StudyReference(VENDOR_STUDY), storage)

@@ -171,7 +171,14 @@ class StorageDir:
         target = stored.path
         self._make_parent(target)
         if target.exists():
-            existing = read_header_or_none(target, ["SOPInstanceUID"])
+            existing: HeaderFacts | Dataset | None
+            if self.file_format == "json":
+                try:
+                    existing = json_header_facts(target, ["SOPInstanceUID"])
+                except (StorageError, OSError):
+                    existing = None
+            else:
+                existing = read_header_or_none(target, ["SOPInstanceUID"])
             if existing is not None and str(existing.get("SOPInstanceUID", "")) != (
                 stored.sop_instance_uid
             ):
