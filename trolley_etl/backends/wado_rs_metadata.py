@@ -49,6 +49,7 @@ class _BoundedReader:
         self._chunks = chunks
         self._url = url
         self._pending = b""
+        self._offset = 0  # how much of _pending was read
         self.started = False
         self.position = 0
         self.mark = 0  # where the instance being parsed started, roughly
@@ -60,15 +61,16 @@ class _BoundedReader:
                 f"{MAX_INSTANCE_BYTES >> 20} MiB; refusing to hold it in memory",
                 url=self._url,
             )
-        while not self._pending:
+        while self._offset >= len(self._pending):
             chunk = next(self._chunks, None)
             if chunk is None:
                 return b""
-            self._pending = chunk
+            self._pending, self._offset = chunk, 0
             if not self.started:
                 self._check_start()
-        size = len(self._pending) if size is None or size < 0 else size
-        data, self._pending = self._pending[:size], self._pending[size:]
+        end = len(self._pending) if size is None or size < 0 else self._offset + size
+        data = self._pending[self._offset : end]  # one copy of what is read, not of the rest
+        self._offset += len(data)
         self.position += len(data)
         return data
 
