@@ -175,14 +175,27 @@ def test_implicit_vr_files_keep_their_syntax_and_pixels(tmp_path: Path) -> None:
     ],
 )
 def test_manifest_checks_the_deid_section(tmp_path: Path, deid: dict, message: str) -> None:
+    _check_refused(tmp_path, {"deid": deid}, message)
+
+
+def test_deid_refuses_metadata_only_json_files(tmp_path: Path) -> None:
+    download = {"backend": "wado-rs", "url": "http://127.0.0.1:9", "metadata_only": True,
+                "format": "json"}  # fmt: skip
+    _check_refused(tmp_path, {"deid": {"secret_env": "S"}, "download": download},
+                   "de-identification works on Part 10 files")  # fmt: skip
+
+
+def _check_refused(tmp_path: Path, extra: dict, message: str) -> None:
     from trolley_etl.manifest import ManifestError, load_manifest
 
     path = tmp_path / "m.yaml"
+    source: dict = {"search": {"backend": "qido-rs", "url": "http://127.0.0.1:9"}}
+    if "download" in extra:
+        source["download"] = extra["download"]
     path.write_text(json.dumps({
-        "version": 1, "name": "d", "source": {"search": {"backend": "qido-rs",
-                                                          "url": "http://127.0.0.1:9"}},
+        "version": 1, "name": "d", "source": source,
         "queries": [{"name": "q", "filters": {"PatientID": "X"}}],
-        "storage": {"root": "data"}, "deid": deid,
+        "storage": {"root": "data"}, "deid": extra["deid"],
     }))  # fmt: skip
     with pytest.raises(ManifestError, match=re.escape(message)):
         load_manifest(path)

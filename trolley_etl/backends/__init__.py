@@ -14,11 +14,13 @@ if TYPE_CHECKING:
     from trolley_etl.backends.c_get import CGet
     from trolley_etl.backends.c_move import CMove
     from trolley_etl.backends.dicom_qr import DicomQR
+    from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
     from trolley_etl.backends.http import BearerAuth, auth_from_env
     from trolley_etl.backends.local_folder import LocalFolder
     from trolley_etl.backends.mint import Mint
     from trolley_etl.backends.qido_rs import QidoRS
     from trolley_etl.backends.rad69 import Rad69
+    from trolley_etl.backends.session_auth import ImpaxAuth, VitreaAuth
     from trolley_etl.backends.wado_rs import WadoRS
     from trolley_etl.backends.wado_uri import WadoURI
 
@@ -27,10 +29,13 @@ _MODULES = {
     "CGet": "c_get",
     "CMove": "c_move",
     "DicomQR": "dicom_qr",
+    "DicomQRMetadata": "dicom_qr_metadata",
+    "ImpaxAuth": "session_auth",
     "LocalFolder": "local_folder",
     "Mint": "mint",
     "QidoRS": "qido_rs",
     "Rad69": "rad69",
+    "VitreaAuth": "session_auth",
     "WadoRS": "wado_rs",
     "WadoURI": "wado_uri",
     "auth_from_env": "http",
@@ -41,10 +46,13 @@ __all__ = [
     "CGet",
     "CMove",
     "DicomQR",
+    "DicomQRMetadata",
+    "ImpaxAuth",
     "LocalFolder",
     "Mint",
     "QidoRS",
     "Rad69",
+    "VitreaAuth",
     "WadoRS",
     "WadoURI",
     "auth_from_env",

@@ -40,6 +40,10 @@ SERIES_RETURN_KEYS = (
     "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances",
 )  # fmt: skip
 INSTANCE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "NumberOfFrames")
+#: VRs whose empty value is None rather than "" (pydicom warns about "" for them).
+_BINARY_VRS = frozenset(
+    ["AT", "FD", "FL", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SS", "SV", "UL", "UN", "US", "UV"]
+)
 #: More OR combinations than this is almost certainly a mistake (each is one C-FIND).
 MAX_FINDS = 256
 
@@ -176,6 +180,7 @@ def _identifier(level: QueryLevel, values: dict[str, str], return_keys: list[str
         ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = level_name(level)
     for keyword in dict.fromkeys([*values, *return_keys]):
-        empty: str | list = [] if dictionary_VR(keyword_dict[keyword]) == "SQ" else ""
+        vr = dictionary_VR(keyword_dict[keyword]).split(" or ")[0]
+        empty: str | list | None = [] if vr == "SQ" else None if vr in _BINARY_VRS else ""
         setattr(ds, keyword, values.get(keyword, empty))
     return ds

@@ -3,12 +3,18 @@
 Objects are asked for in their original transfer syntax (`transfer-syntax=*`), so the files
 on disk are byte for byte what the archive holds. The multipart answer is parsed as it
 arrives and each part goes straight to the sink.
+
+With `metadata_only=True` each instance's header comes from `/metadata` instead, without
+pixel data (see `wado_rs_metadata`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from trolley_etl.backends.dicom_json import datasets_from_json
 from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
+from trolley_etl.backends.metadata_types import MetadataFormat
 from trolley_etl.backends.multipart import (
     boundary_from_content_type,
     stream_parts,
@@ -50,13 +56,31 @@ class WadoRS(Downloader):
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         transfer_syntax: str = "*",
         headers: dict[str, str] | None = None,
+        metadata_only: bool = False,
+        format: MetadataFormat = "dicom",
     ) -> None:
+        """`metadata_only`: headers only, from `/metadata`, stored as `format` ("dicom":
+        Part 10 without pixel data; "json": DICOM JSON, which needs a StorageDir made with
+        `file_format="json"`)."""
         self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
         self.accept = (
             f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         )
+        self.metadata_only = metadata_only
+        self.metadata_writer = None
+        if metadata_only:
+            from trolley_etl.backends.wado_rs_metadata import MetadataWriter
+
+            self.metadata_writer = MetadataWriter(format)
+
+    @property
+    def file_format(self) -> str:
+        """What the files this downloader stores are: "dicom" (Part 10) or "json"."""
+        return self.metadata_writer.file_format if self.metadata_writer else "dicom"
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        if self.metadata_writer is not None:
+            return self._fetch_metadata(reference, sink)
         path = resource_path(reference)
         response = self.http.get(path, headers={"Accept": self.accept}, stream=True)
         url = self.http.url(path)
@@ -72,6 +96,23 @@ class WadoRS(Downloader):
                     url=url,
                 )
             return stream_parts(chunks, boundary, sink, url=url)
+
+    def _fetch_metadata(self, reference: Reference, sink: InstanceSink) -> int:
+        """Each instance's header from `/metadata`, streamed into the sink."""
+        assert self.metadata_writer is not None
+        path = f"{resource_path(reference)}/metadata"
+        response = self.http.get(path, headers={"Accept": "application/dicom+json"}, stream=True)
+        url = self.http.url(path)
+        from trolley_etl.backends.wado_rs_metadata import expected_uids
+
+        with response:
+            return self.metadata_writer.stream(
+                iter_body(response, url), url, sink, expected_uids(reference)
+            )
+
+    def drain_warnings(self) -> list[tuple[str, dict[str, Any]]]:
+        """Warnings for the run log (values Part 10 could not hold), each reported once."""
+        return self.metadata_writer.drain_warnings() if self.metadata_writer else []
 
     def metadata_tree(self, reference: Reference) -> Study:
         """The whole tree under a study or series, from WADO-RS `/metadata`."""

@@ -6,6 +6,8 @@ writes files, which loads pydicom.
 
 #: The folder layout when a manifest gives none.
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+#: The default layout of metadata-only pulls stored as DICOM JSON.
+JSON_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.json"
 #: Folder under the root that trolley-etl owns (temp files, checkpoint, logs, reports).
 STATE_DIR = ".trolley"
 #: The checkpoint's file name in the state folder.

@@ -24,9 +24,10 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from trolley_etl.core.constants import STATE_DIR
+from trolley_etl.core.constants import JSON_LAYOUT, STATE_DIR
 from trolley_etl.core.errors import StorageError
 from trolley_etl.core.header_scan import HeaderFacts, facts_from_dataset, scan_header
+from trolley_etl.core.json_header import json_header_facts, looks_like_json
 from trolley_etl.core.layout import (  # noqa: F401 - part of this module's interface
     DEFAULT_LAYOUT,
     MAX_COMPONENT_LENGTH,
@@ -73,14 +74,25 @@ class StoredInstance:
 
 
 class StorageDir:
-    """Stores DICOM objects under `root` in `layout`. Safe to share between threads."""
+    """Stores DICOM objects under `root` in `layout`. Safe to share between threads.
+
+    `file_format="json"` stores DICOM JSON files (metadata-only pulls) instead of Part 10;
+    the default layout then ends in `.json`.
+    """
 
     def __init__(
         self,
         root: str | os.PathLike[str],
         layout: str = DEFAULT_LAYOUT,
         deid: Deidentifier | None = None,
+        *,
+        file_format: str = "dicom",
     ) -> None:
+        if file_format not in ("dicom", "json"):
+            raise StorageError(f"unknown file format {file_format!r} (dicom or json)")
+        self.file_format = file_format
+        if file_format == "json" and layout == DEFAULT_LAYOUT:
+            layout = JSON_LAYOUT
         self.root = Path(root).absolute()
         #: De-identifies each file before `StagedFile.commit` puts it in place (Python API).
         self.deid = deid
@@ -131,7 +143,15 @@ class StorageDir:
         `header_prefix` is the file's first bytes, if the caller kept them (saves reading the
         header back from disk). Nothing on disk changes.
         """
-        header = read_header_facts(staged, self.header_keywords, header_prefix, size)
+        if self.file_format == "json":
+            header = json_header_facts(staged, self.header_keywords, header_prefix, size)
+        elif looks_like_json(header_prefix):
+            raise StorageError(
+                "received DICOM JSON where Part 10 was expected (a metadata-only download "
+                "with format json needs storage made with file_format='json')"
+            )
+        else:
+            header = read_header_facts(staged, self.header_keywords, header_prefix, size)
         target = self.path_for(header)
         return StoredInstance(
             path=target,
@@ -160,7 +180,14 @@ class StorageDir:
         target = stored.path
         self._make_parent(target)
         if target.exists():
-            existing = read_header_or_none(target, ["SOPInstanceUID"])
+            existing: HeaderFacts | Dataset | None
+            if self.file_format == "json":
+                try:
+                    existing = json_header_facts(target, ["SOPInstanceUID"])
+                except (StorageError, OSError):
+                    existing = None
+            else:
+                existing = read_header_or_none(target, ["SOPInstanceUID"])
             in_file = stored.file_sop_instance_uid or stored.sop_instance_uid
             if existing is not None and str(existing.get("SOPInstanceUID", "")) != in_file:
                 raise StorageError(

@@ -199,7 +199,9 @@ class Trolley:
                 raise TrolleyError("download needs an output_dir or a Trolley with a storage")
             return self.storage
         layout = self.storage.layout.template if self.storage else DEFAULT_LAYOUT
-        return StorageDir(output_dir, layout, deid=self.storage.deid if self.storage else None)
+        file_format = getattr(self.downloader, "file_format", "dicom")  # metadata-only json
+        deid = self.storage.deid if self.storage else None
+        return StorageDir(output_dir, layout, deid, file_format=file_format)
 
     def fetch_all_datasets(self, objects: Iterable[Retrievable] | Retrievable) -> Iterator[Dataset]:
         """Yield each instance as a pydicom Dataset, as it arrives.
@@ -280,7 +282,10 @@ class _DatasetWriter:
 
     def commit(self) -> None:
         self._buffer.seek(0)
-        dataset = pydicom.dcmread(self._buffer)
+        if self._buffer.getbuffer()[:1] == b"{":  # DICOM JSON of a metadata-only download
+            dataset = Dataset.from_json(self._buffer.getvalue(), lambda *_: b"")
+        else:
+            dataset = pydicom.dcmread(self._buffer)
         _put(self._sink.handover, dataset, self._sink.stop)
 
     def abort(self) -> None:

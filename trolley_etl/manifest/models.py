@@ -23,10 +23,12 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS
 from trolley_etl.core.errors import QueryError
 from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
 from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
@@ -127,7 +129,46 @@ class BearerAuth(StrictModel):
     token_env: EnvName
 
 
-Auth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
+def _check_login_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise error("url", f"not an http(s) URL: {url!r}")
+    if parts.username or parts.password:
+        raise PydanticCustomError(
+            "url_credentials", "credentials in the URL are not allowed: use username_env"
+        )
+    return url
+
+
+class VitreaAuth(StrictModel):
+    """Vitrea Connection session login (X-Userid/X-Password/X-Realm), renewed when it ends."""
+
+    type: Literal["vitrea"]
+    login_url: str = Field(description="the login address, e.g. https://vitrea/login")
+    username_env: EnvName
+    password_env: EnvName
+    realm: str = Field(default="DefaultSystemRealm", min_length=1, max_length=200)
+
+    _url = field_validator("login_url")(_check_login_url)
+
+
+class ImpaxAuth(StrictModel):
+    """AGFA IMPAX Data Center form login (j_security_check), renewed when the session ends."""
+
+    type: Literal["impax"]
+    login_url: str = Field(
+        description="the web application the session is opened at (the WADO endpoint); the "
+        "form is posted to its j_security_check"
+    )
+    username_env: EnvName
+    password_env: EnvName
+
+    _url = field_validator("login_url")(_check_login_url)
+
+
+Auth = Annotated[
+    NoAuth | BasicAuth | BearerAuth | VitreaAuth | ImpaxAuth, Field(discriminator="type")
+]
 
 
 # --- backends ----------------------------------------------------------------------------------
@@ -193,6 +234,33 @@ SearchBackend = Annotated[SearchConfig, Field(discriminator="backend")]
 
 class WadoRsDownload(HttpBackend):
     backend: Literal["wado-rs"]
+    metadata_only: bool = Field(
+        default=False,
+        description="only each instance's header, from WADO-RS /metadata, without pixel data",
+    )
+    format: Literal["dicom", "json"] = Field(
+        default="dicom",
+        description="metadata_only files: Part 10 without pixel data (dicom) or DICOM JSON (json)",
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> WadoRsDownload:
+        if self.format != "dicom" and not self.metadata_only:
+            raise error(
+                "format_needs_metadata_only",
+                "format: json applies to metadata_only: true (full pulls store Part 10 as sent)",
+                "format",
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_metadata_defaults(self, handler: Any) -> Any:
+        """Full pulls dump as before these fields existed, so their checkpoints still match."""
+        data = handler(self)
+        if not self.metadata_only and isinstance(data, dict):
+            data.pop("metadata_only", None)
+            data.pop("format", None)
+        return data
 
 
 class WadoUriDownload(HttpBackend):
@@ -226,6 +294,31 @@ class CMoveDownload(DimseBackend):
     )
 
 
+class DicomQrMetadataDownload(DimseBackend):
+    """Headers only, from an instance-level C-FIND: metadata-only pulls from DICOM archives."""
+
+    backend: Literal["dicom-qr"]
+    metadata_only: Literal[True] = Field(description="must be true: a C-FIND gives headers only")
+    keywords: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_METADATA_KEYWORDS),
+        min_length=1,
+        description="DICOM keywords to ask for at instance level (the UIDs always come)",
+    )
+    format: Literal["dicom", "json"] = Field(
+        default="dicom", description="Part 10 without pixel data (dicom) or DICOM JSON (json)"
+    )
+
+    @field_validator("keywords")
+    @classmethod
+    def _check_keywords(cls, keywords: list[str]) -> list[str]:
+        for index, keyword in enumerate(keywords):
+            try:
+                check_keyword(keyword)
+            except QueryError as exc:
+                raise error("keyword", str(exc), index) from None
+        return keywords
+
+
 class LocalDownload(StrictModel):
     """Copies from the folder the local search indexed."""
 
@@ -233,7 +326,13 @@ class LocalDownload(StrictModel):
 
 
 DownloadConfig = (
-    WadoRsDownload | WadoUriDownload | CGetDownload | CMoveDownload | Rad69Download | LocalDownload
+    WadoRsDownload
+    | WadoUriDownload
+    | CGetDownload
+    | CMoveDownload
+    | Rad69Download
+    | LocalDownload
+    | DicomQrMetadataDownload
 )
 DownloadBackend = Annotated[DownloadConfig, Field(discriminator="backend")]
 
@@ -263,6 +362,16 @@ class Source(StrictModel):
                 "backend",
             )
         return self
+
+    @property
+    def file_format(self) -> Literal["dicom", "json"]:
+        """What the stored files are: Part 10, or DICOM JSON (metadata-only with format json)."""
+        download = self.effective_download
+        if isinstance(download, WadoRsDownload) and download.metadata_only:
+            return download.format
+        if isinstance(download, DicomQrMetadataDownload):
+            return download.format
+        return "dicom"
 
     @property
     def effective_download(self) -> DownloadConfig:
@@ -586,6 +695,15 @@ class Manifest(StrictModel):
             if target == root or root in target.parents:
                 raise error("pseudonym_map", "must lie outside storage.root (the export)",
                             "deid", "pseudonym_map")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _check_deid_format(self) -> Manifest:
+        # the de-identification step rewrites Part 10 files; DICOM JSON files would leave as
+        # the archive sent them, so the two are refused together rather than half-applied
+        if self.deid is not None and self.source.file_format == "json":
+            raise error("deid", "de-identification works on Part 10 files: use the default "
+                        "`format: dicom` for metadata-only pulls with `deid`", "deid")  # fmt: skip
         return self
 
     @property

@@ -15,15 +15,18 @@ from trolley_etl.manifest.models import (
     BearerAuth,
     CGetDownload,
     CMoveDownload,
+    DicomQrMetadataDownload,
     DicomQrSearch,
     DownloadConfig,
     HttpBackend,
+    ImpaxAuth,
     LocalDownload,
     MintSearch,
     NoAuth,
     QidoRsSearch,
     Rad69Download,
     SearchConfig,
+    VitreaAuth,
     WadoRsDownload,
     WadoUriDownload,
 )
@@ -39,7 +42,23 @@ def http_auth(config: HttpBackend) -> AuthBase | None:
         )
     if isinstance(auth, BearerAuth):
         return auth_from_env("bearer", token_env=auth.token_env)
+    if isinstance(auth, (VitreaAuth, ImpaxAuth)):
+        return _session_auth(auth, config)
     raise TrolleyError(f"unsupported auth {auth!r}")
+
+
+def _session_auth(auth: VitreaAuth | ImpaxAuth, config: HttpBackend) -> AuthBase:
+    """Vendor session login, shared by backends with the same login; done now, so that a
+    refused login stops the command before it searches or downloads anything."""
+    from trolley_etl.backends.session_auth import session_auth_from_env
+
+    session = session_auth_from_env(
+        auth.type, login_url=auth.login_url, username_env=auth.username_env,
+        password_env=auth.password_env, realm=getattr(auth, "realm", "DefaultSystemRealm"),
+        verify=config.verify_tls,
+    )  # fmt: skip
+    session.ensure_login()
+    return session
 
 
 def _http_options(config: HttpBackend) -> dict[str, Any]:
@@ -95,7 +114,12 @@ def _downloader(config: DownloadConfig) -> Downloader:
     if isinstance(config, WadoRsDownload):
         from trolley_etl.backends.wado_rs import WadoRS
 
-        return WadoRS(config.url, **_http_options(config))
+        return WadoRS(
+            config.url,
+            metadata_only=config.metadata_only,
+            format=config.format,
+            **_http_options(config),
+        )
     if isinstance(config, WadoUriDownload):
         from trolley_etl.backends.wado_uri import WadoURI
 
@@ -109,6 +133,11 @@ def _downloader(config: DownloadConfig) -> Downloader:
             batch_size=config.batch_size,
             **_http_options(config),
         )
+    if isinstance(config, DicomQrMetadataDownload):
+        from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
+
+        return DicomQRMetadata(**_dimse_options(config), keywords=config.keywords,
+                               format=config.format)  # fmt: skip
     if isinstance(config, CGetDownload):
         from trolley_etl.backends.c_get import CGet
 

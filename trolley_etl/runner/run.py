@@ -150,7 +150,8 @@ class Runner:
         self.run_id = options.run_id or new_run_id()
         self.log = log
         self.stop = threading.Event()
-        self.storage = StorageDir(self.root, manifest.storage.layout)
+        self.storage = StorageDir(self.root, manifest.storage.layout,
+                                  file_format=manifest.source.file_format)  # fmt: skip
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
@@ -461,6 +462,8 @@ class Runner:
                     self.log.show_status_in(None)
                     raise
             progress.close()
+            for event, fields in getattr(trolley.downloader, "drain_warnings", list)():
+                self.log.logger.warning(event, **fields)  # e.g. values Part 10 cannot hold
             self.log.show_status_in(None)
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
