@@ -46,6 +46,7 @@ from trolley_etl.core.errors import (
     StorageError,
 )
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
+from trolley_etl.core.uids import check_uid
 
 #: Study Root Query/Retrieve information model SOP classes (PS3.4 C.6.2) and Verification.
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
@@ -257,11 +258,11 @@ def retrieve_identifier(reference: Reference) -> Dataset:
     """The C-GET/C-MOVE identifier for a reference: the level and its unique keys only."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level_name(reference.level)
-    identifier.StudyInstanceUID = reference.study_uid
+    identifier.StudyInstanceUID = check_uid(reference.study_uid, "StudyInstanceUID")
     if isinstance(reference, (SeriesReference, InstanceReference)):
-        identifier.SeriesInstanceUID = reference.series_uid
+        identifier.SeriesInstanceUID = check_uid(reference.series_uid, "SeriesInstanceUID")
     if isinstance(reference, InstanceReference):
-        identifier.SOPInstanceUID = reference.instance_uid
+        identifier.SOPInstanceUID = check_uid(reference.instance_uid, "SOPInstanceUID")
     return identifier
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 import pydicom
 from pydicom import Dataset
 
+from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
 from trolley_etl.core.errors import (
     DownloadError,
@@ -181,7 +182,9 @@ class Trolley:
                     failures.append((plans[done], exc))
                     continue
                 for ref in refs:
-                    fetches[fetcher.submit(self.downloader.fetch, ref, sink)] = ref
+                    fetches[fetcher.submit(self.downloader.fetch, ref, CheckedSink(sink, ref))] = (
+                        ref
+                    )
             for fetched in as_completed(fetches):
                 error = fetched.exception()
                 if error is not None:
@@ -213,7 +216,7 @@ class Trolley:
             try:
                 try:
                     for ref in self.plan(items):
-                        self.downloader.fetch(ref, sink)
+                        self.downloader.fetch(ref, CheckedSink(sink, ref))
                     _put(handover, _END, stop)
                 except _Stopped:
                     return

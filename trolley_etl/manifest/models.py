@@ -377,12 +377,39 @@ class Storage(StrictModel):
         return layout
 
 
+class Limits(StrictModel):
+    """Bounds on what an archive may make us hold, wait for or write (issue 13)."""
+
+    max_object_mb: int = Field(
+        default=4096, ge=1, le=1_048_576, description="largest DICOM object accepted, in MiB"
+    )
+    max_search_answer_mb: int = Field(
+        default=256, ge=1, le=65_536, description="largest search answer (one page), in MiB"
+    )
+    max_search_pages: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="pages one search may take, at most"
+    )
+    request_deadline: Seconds = Field(
+        default=7200,
+        description="seconds one request or association may take in total, however steadily "
+        "the server trickles (the backend's timeout is the wait between two reads)",
+    )
+
+
 class RunSettings(StrictModel):
     workers: int = Field(default=4, ge=1, le=64, description="parallel downloads")
     retries: int = Field(default=3, ge=0, le=20, description="retries per item after a failure")
     cache_searches: bool = Field(
         default=True, description="remember search answers in the checkpoint during a run"
     )
+    outage_wait: float = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="seconds to wait, probing with backoff, while the whole archive is down "
+        "(connection refused or 5xx on every request) before items are failed",
+    )
+    limits: Limits = Field(default_factory=Limits)
 
 
 class Manifest(StrictModel):

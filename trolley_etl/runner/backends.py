@@ -27,6 +27,7 @@ from trolley_etl.manifest.models import (
     WadoRsDownload,
     WadoUriDownload,
 )
+from trolley_etl.runner.bounds import apply_limits
 
 
 def http_auth(config: HttpBackend) -> AuthBase | None:
@@ -69,7 +70,9 @@ def build_backends(manifest: Manifest) -> tuple[Searcher, Downloader]:
     searcher = _searcher(search, manifest)
     if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
         return searcher, searcher
-    return searcher, _downloader(download)
+    downloader = _downloader(download)
+    apply_limits(manifest, searcher, downloader)  # issue 13: bounds from run.limits
+    return searcher, downloader
 
 
 def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:

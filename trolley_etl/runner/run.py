@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.backends.http import abort_transfers
+from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
+from trolley_etl.core.uids import rejected_rows
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
@@ -122,6 +125,7 @@ class Runner:
         self.storage = StorageDir(self.root, manifest.storage.layout)
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
+        self.max_object_bytes = manifest.run.limits.max_object_mb << 20
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -159,6 +163,8 @@ class Runner:
             kept, references = resolve.expand(trolley, self.manifest, found, self.workers)
             outcome.update(studies=len(kept), items=len(references),
                            dropped=len(found) - len(kept))  # fmt: skip
+        for row in rejected_rows.drain():  # issue 13: rows with bad UIDs are never fetched
+            self.log.logger.warning("search.invalid_row", **row)
         return kept, references
 
     def plan_only(self) -> RunResult:
@@ -328,6 +334,7 @@ class Runner:
                         self._collect(running, progress)
                 except KeyboardInterrupt:
                     self.stop.set()
+                    abort_transfers()  # reads blocked on a stalled server return now
                     self.log.logger.warning("run.interrupted", waiting_for=len(running))
                     wait(running)
                     progress.close()
@@ -353,7 +360,12 @@ class Runner:
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
                 # plan again: a downloader that batches (RAD-69) gets its instance lists
-                count = sum(trolley.downloader.fetch(unit, sink) for unit in trolley.plan([ref]))
+                count = sum(
+                    trolley.downloader.fetch(
+                        unit, CheckedSink(sink, unit, max_object_bytes=self.max_object_bytes)
+                    )
+                    for unit in trolley.plan([ref])
+                )  # each object is checked against the unit it was fetched for (issue 13)
                 if count == 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
