@@ -264,13 +264,15 @@ class Source(StrictModel):
 # --- what to pull ------------------------------------------------------------------------------
 
 
-def _validate_filters(filters: dict[str, Any]) -> dict[str, FilterValue]:
-    checked: dict[str, FilterValue] = {}
+def _validate_filters(filters: dict[str, Any]) -> dict[str, str | list[str]]:
+    checked: dict[str, str | list[str]] = {}
     for keyword, value in filters.items():
         try:
-            checked[str(keyword)] = normalise_filter(str(keyword), value)
+            normalised: FilterValue = normalise_filter(str(keyword), value)
         except QueryError as exc:
             raise error("filter", str(exc).removeprefix(f"{keyword}: "), keyword) from None
+        # a list, as the field is declared (a tuple made pydantic warn on every dump)
+        checked[str(keyword)] = list(normalised) if isinstance(normalised, tuple) else normalised
     return checked
 
 
