@@ -31,11 +31,14 @@ from trolley_etl.core.errors import (
     ObjectNotFoundError,
     ResponseFormatError,
 )
+from trolley_etl.core.outage import OutageGate
 
 #: (connect, read) seconds; the read timeout is between bytes, not for a whole study.
 DEFAULT_TIMEOUT = (10.0, 300.0)
 #: Seconds one streamed answer may take in total, however steadily the server trickles.
 DEFAULT_DEADLINE = 7200.0
+#: (connect, read) seconds for the probe that tells an outage from one failing request.
+PROBE_TIMEOUT = (5.0, 10.0)
 #: Largest answer read into memory (search pages, metadata), in bytes.
 DEFAULT_MAX_ANSWER_BYTES = 256 << 20
 DEFAULT_POOL_SIZE = 16
@@ -122,6 +125,8 @@ class HttpClient:
         self.timeout = timeout
         self.deadline = deadline
         self.max_answer_bytes = max_answer_bytes
+        #: Shared by the clients of one run to wait out an archive outage (core.outage).
+        self.outage: OutageGate | None = None
         self.session = session or requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
@@ -180,9 +185,43 @@ class HttpClient:
         `abort_transfers` is called (SIGINT/SIGTERM), its socket is shut down so that a
         read blocked on a stalled server returns at once.
         """
-        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                response = self._request(method, url, **kwargs)
+            except ConnectionFailedError as exc:
+                if self.outage is not None and self.outage.should_retry(
+                    self.probe, attempt, error=exc
+                ):
+                    continue  # the archive is down: wait for it (core.outage)
+                raise
+            status = response.status_code
+            if status >= 500 and self.outage is not None:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if self.outage.should_retry(
+                    self.probe, attempt, status=status, retry_after=retry_after
+                ):
+                    response.close()
+                    continue
+            elif self.outage is not None:
+                self.outage.answered()
+            if kwargs.get("stream") and self.deadline is not None:
+                WATCHDOG.watch(response, started + self.deadline, self.deadline)
+            return response
+
+    def probe(self) -> bool:
+        """Does the archive answer at all (any status below 500 at its base URL)?"""
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            with self.session.get(self.base_url + "/", timeout=PROBE_TIMEOUT, stream=True) as r:
+                return r.status_code < 500
+        except (requests.exceptions.RequestException, ValueError):
+            return False
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except UnicodeError:  # e.g. a header value (credentials) that is not Latin-1
             raise BackendError(
                 f"{redact_url(url)}: the credentials or headers cannot be sent: they must be "
@@ -209,9 +248,6 @@ class HttpClient:
             raise ConnectionFailedError(
                 f"cannot reach {redact_url(url)}: {_reason(exc)}", url=url
             ) from None
-        if kwargs.get("stream") and self.deadline is not None:
-            WATCHDOG.watch(response, started + self.deadline, self.deadline)
-        return response
 
     def get_bounded(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from requests.auth import AuthBase
@@ -27,7 +28,7 @@ from trolley_etl.manifest.models import (
     WadoRsDownload,
     WadoUriDownload,
 )
-from trolley_etl.runner.bounds import apply_limits
+from trolley_etl.runner.bounds import harden
 
 
 def http_auth(config: HttpBackend) -> AuthBase | None:
@@ -64,14 +65,16 @@ def _dimse_options(config: Any) -> dict[str, Any]:
     }
 
 
-def build_backends(manifest: Manifest) -> tuple[Searcher, Downloader]:
+def build_backends(
+    manifest: Manifest, stop: threading.Event | None = None
+) -> tuple[Searcher, Downloader]:
     """The searcher and the downloader the manifest names (one object for a local folder)."""
     search, download = manifest.source.search, manifest.source.effective_download
     searcher = _searcher(search, manifest)
     if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
         return searcher, searcher
     downloader = _downloader(download)
-    apply_limits(manifest, searcher, downloader)  # issue 13: bounds from run.limits
+    harden(manifest, searcher, downloader, stop)  # issue 13: bounds and the outage gate
     return searcher, downloader
 
 

@@ -30,6 +30,7 @@ from trolley_etl.core.uids import rejected_rows
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import lockfile, report, resolve
 from trolley_etl.runner.backends import build_backends, describe_source
+from trolley_etl.runner.bounds import retrying
 from trolley_etl.runner.checkpoint import (
     FAILED,
     PENDING,
@@ -139,7 +140,8 @@ class Runner:
         self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
 
     def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
-        searcher, downloader = build_backends(self.manifest)
+        searcher, downloader = build_backends(self.manifest, self.stop)
+        searcher = retrying(searcher, self.manifest, self.stop)  # issue 13: searches retry
         if checkpoint is not None and self.manifest.run.cache_searches:
             cache = CachingSearcher(searcher, checkpoint.path)
             if self.options.refresh:
