@@ -115,13 +115,16 @@ def run_report(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
         audit = report.build_report(checkpoint, manifest, args.manifest, root)
     finally:
         checkpoint.close()
     text = report.report_json(audit) if args.format == "json" else report.report_csv(audit)
-    saved = report.save_report(root, text, report.report_name(args.format))
+    try:
+        saved: Path | str = report.save_report(root, text, report.report_name(args.format))
+    except OSError as exc:  # a read-only root: the report is still printed
+        saved = f"nowhere ({exc.strerror or exc})"
     if args.output:
         write_atomic(args.output, text)
     else:
@@ -169,11 +172,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResult, set[int]]:
     """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
+    from trolley_etl.runner.readonly import reader_lock
     from trolley_etl.runner.run import root_lock
     from trolley_etl.runner.verify import prepare_repair, verify_root
 
-    with root_lock(root):
-        checkpoint = open_checkpoint(root)
+    with root_lock(root) if repair else reader_lock(root):  # issue 13: read-only roots
+        checkpoint = open_checkpoint(root, read_only=not repair)
         try:
             result = verify_root(root, checkpoint, workers)
             items = prepare_repair(root, checkpoint, result) if repair else set()

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from trolley_etl import __version__
-from trolley_etl.cli import audit_commands, exit_codes, manifest_commands, run_commands
+from trolley_etl.cli import (
+    audit_commands,
+    exit_codes,
+    failures,
+    manifest_commands,
+    run_commands,
+)
 from trolley_etl.core.errors import TrolleyError
 
 
@@ -24,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    failures.quiet_libraries()
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (`verify | head`)
+        failures.silence_stdout()
+        return failures.BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -40,3 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrolleyError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # ordinary failures (disk full, read-only root, ...): one line
+        described = failures.describe(exc)
+        if described is None or failures.debugging():
+            raise
+        message, code = described
+        if getattr(args, "log_format", None) == "json":  # stderr holds only JSON lines then
+            print(json.dumps({"level": "error", "event": "command.failed", "error": message}),
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"trolley-etl: {message}", file=sys.stderr)
+        return code

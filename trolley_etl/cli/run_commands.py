@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.core.constants import CHECKPOINT_NAME
-from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
+from trolley_etl.core.errors import (
+    AuthenticationError,
+    ConnectionFailedError,
+    DiskFullError,
+    TrolleyError,
+)
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
 from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, state_dir
 
@@ -84,6 +89,8 @@ def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None)
 def _backend_exit(error: TrolleyError) -> int:
     if isinstance(error, (ConnectionFailedError, AuthenticationError)):
         return exit_codes.BACKEND_UNAVAILABLE
+    if isinstance(error, DiskFullError):  # issue 13: the run stopped, incomplete
+        return exit_codes.ITEMS_FAILED
     return exit_codes.USAGE
 
 
@@ -228,7 +235,7 @@ def run_status(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
         counts = checkpoint.counts()
         runs = checkpoint.runs()

@@ -15,11 +15,15 @@ retrieval, so the unit is retried or marked failed, never done.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import shutil
+import sqlite3
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import DiskFullError, ResponseFormatError
 from trolley_etl.core.uids import InvalidUidError, single_uid
 
 if TYPE_CHECKING:
@@ -63,15 +67,20 @@ class CheckedSink:
         reference: Reference,
         *,
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        root: Path | None = None,
     ) -> None:
         self.sink = sink
+        self.root = root  # the storage root, named when its disk is full
         self.reference = reference
         self.expected = expected_uids(reference)
         self.max_object_bytes = max_object_bytes
         self._digests: dict[str, bytes] = {}  # SOPInstanceUID -> content digest, this retrieval
 
     def open_instance(self) -> CheckedWriter:
-        return CheckedWriter(self, self.sink.open_instance())
+        try:
+            return CheckedWriter(self, self.sink.open_instance())
+        except OSError as exc:
+            raise disk_full_error(exc, self.root) or exc from None
 
     def _admit(self, uids: dict[str, str], digest: bytes) -> None:
         """Raise UnexpectedInstanceError unless the object belongs to this retrieval."""
@@ -110,7 +119,10 @@ class CheckedWriter:
         if len(self._prefix) < PREFIX_BYTES:
             self._prefix += chunk[: PREFIX_BYTES - len(self._prefix)]
         self._hash.update(chunk)
-        self._inner.write(chunk)
+        try:
+            self._inner.write(chunk)
+        except OSError as exc:
+            raise disk_full_error(exc, self._sink.root) or exc from None
 
     def commit(self) -> None:
         try:
@@ -119,7 +131,10 @@ class CheckedWriter:
         except BaseException:
             self._inner.abort()
             raise
-        self._inner.commit()
+        try:
+            self._inner.commit()
+        except OSError as exc:
+            raise disk_full_error(exc, self._sink.root) or exc from None
 
     def abort(self) -> None:
         self._inner.abort()
@@ -151,3 +166,23 @@ def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:
     except Exception:  # truncated prefix, not DICOM at all: the check below names it
         return {}
     return {k: dataset.get(k) for k in _UID_KEYWORDS}
+
+
+def disk_full_error(error: BaseException, root: Path | None) -> DiskFullError | None:
+    """A DiskFullError naming the root and its free space, if `error` means the disk is
+    full (ENOSPC, EDQUOT, or SQLite's "database or disk is full"); None otherwise."""
+    if isinstance(error, DiskFullError):
+        return error
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error))
+    if not full:
+        return None
+    where = root or Path(getattr(error, "filename", None) or ".")
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"no space left on the disk holding {where} ({free}); free some space and run "
+        "again: everything stored so far is kept"
+    )

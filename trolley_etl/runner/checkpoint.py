@@ -26,6 +26,7 @@ from trolley_etl.core.model import (
     SeriesReference,
     StudyReference,
 )
+from trolley_etl.runner.sqlite_safety import connect_read_only, damaged_checkpoint_error
 
 if TYPE_CHECKING:  # core.storage loads pydicom, which reading a checkpoint does not need
     from trolley_etl.core.storage import StoredInstance
@@ -75,9 +76,9 @@ def state_dir(root: Path) -> Path:
     return root / STATE_DIR
 
 
-def open_checkpoint(root: Path) -> Checkpoint:
-    """The checkpoint of a storage root (created if there is none)."""
-    return Checkpoint(state_dir(root) / CHECKPOINT_NAME)
+def open_checkpoint(root: Path, *, read_only: bool = False) -> Checkpoint:
+    """The checkpoint of a storage root (created if there is none, unless `read_only`)."""
+    return Checkpoint(state_dir(root) / CHECKPOINT_NAME, read_only=read_only)
 
 
 def now() -> str:
@@ -120,16 +121,22 @@ class StudyRow:
 class Checkpoint:
     """One SQLite database per storage root. Safe to use from several threads."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        if read_only:  # issue 13: status, report, verify on a read-only root
+            self._db = connect_read_only(path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+        except sqlite3.DatabaseError as exc:
+            raise damaged_checkpoint_error(path, exc) from None
 
     def _add_missing_columns(self) -> None:
         for table, columns in ADDED_COLUMNS.items():

@@ -22,8 +22,8 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.backends.http import abort_transfers
-from trolley_etl.core.arrival import CheckedSink
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.arrival import CheckedSink, disk_full_error
+from trolley_etl.core.errors import DiskFullError, TrolleyError
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.core.uids import rejected_rows
@@ -229,6 +229,11 @@ class Runner:
             return self._finish(checkpoint, "interrupted")
         except RunInterrupted:
             return self._finish(checkpoint, "interrupted")
+        except DiskFullError:  # issue 13: not retried; the run is failed, the rerun resumes
+            self.stop.set()
+            with contextlib.suppress(Exception):  # the checkpoint may not be writable either
+                checkpoint.finish_run(self.run_id, "failed", checkpoint.counts())
+            raise
         finally:
             trolley.close()
         status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \
@@ -364,7 +369,10 @@ class Runner:
                 # plan again: a downloader that batches (RAD-69) gets its instance lists
                 count = sum(
                     trolley.downloader.fetch(
-                        unit, CheckedSink(sink, unit, max_object_bytes=self.max_object_bytes)
+                        unit,
+                        CheckedSink(
+                            sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
+                        ),
                     )
                     for unit in trolley.plan([ref])
                 )  # each object is checked against the unit it was fetched for (issue 13)
@@ -382,6 +390,10 @@ class Runner:
                 return
             except Exception as error:
                 sink.wait_quietly()
+                full = disk_full_error(error, self.root)  # issue 13: a full disk stops the run
+                if full is not None:
+                    self.stop.set()
+                    raise full from None
                 retry = is_retryable(error) and attempt < self.attempts_per_run
                 self.log.logger.warning(
                     "item.retry" if retry else "item.failed", **uids, attempt=attempt,
