@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pytest_httpserver import HTTPServer
 
 from trolley_etl.cli import main
 from trolley_etl.core.arrival import CheckedSink
@@ -204,3 +205,40 @@ def test_a_closed_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch, capsys) -> None
         stdout.close()
     assert code == 141
     assert capsys.readouterr().err == ""
+
+
+def test_json_logs_keep_stderr_json_even_when_pydicom_objects(
+    httpserver: HTTPServer, tmp_path: Path
+) -> None:
+    rows = [{"0020000D": {"vr": "UI", "Value": ["../../../../etc"]}},
+            {"0020000D": {"vr": "UI", "Value": ["1.2.3", "1.2.3.4"]}}]  # fmt: skip
+    httpserver.expect_request("/dicom-web/studies").respond_with_json(rows)
+    manifest = write_manifest(tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d",
+                              STUDIES[:1])  # fmt: skip
+    result = cli("plan", str(manifest), "--log-format", "json")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("{") for line in lines), result.stderr
+    invalid = [json.loads(line) for line in lines if '"search.invalid_row"' in line]
+    assert len(invalid) == 2 and "not a valid DICOM UID" in invalid[0]["reason"]
+
+
+def test_a_token_that_cannot_be_sent_is_never_printed(
+    httpserver: HTTPServer, tmp_path: Path
+) -> None:
+    manifest = write_manifest(tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d",
+                              STUDIES[:1])  # fmt: skip
+    text = manifest.read_text().replace(
+        '/dicom-web"}', '/dicom-web", auth: {type: bearer, token_env: T13_TOKEN}}'
+    )
+    manifest.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "trolley_etl", "plan", str(manifest), "--log-format", "json"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "T13_TOKEN": "tok-sekrit-value\r"},
+    )  # fmt: skip
+    no_traceback(result)
+    assert result.returncode == 3, result.stderr
+    assert "sekrit" not in result.stderr and "sekrit" not in result.stdout
+    assert "cannot be sent" in result.stderr
+    assert httpserver.log == []

@@ -223,7 +223,7 @@ class HttpClient:
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except UnicodeError:  # e.g. a header value (credentials) that is not Latin-1
-            raise BackendError(
+            raise CredentialsUnsendableError(
                 f"{redact_url(url)}: the credentials or headers cannot be sent: they must be "
                 "Latin-1 text without control characters",
                 url=url,
@@ -231,7 +231,7 @@ class HttpClient:
         except ValueError as exc:
             if "header" not in str(exc).lower():
                 raise
-            raise BackendError(
+            raise CredentialsUnsendableError(
                 f"{redact_url(url)}: the credentials or headers cannot be sent (a header value "
                 "holds a line break or control character)",
                 url=url,
@@ -371,6 +371,11 @@ def read_bounded(response: requests.Response, url: str, limit: int) -> bytes:
                 url=url,
             )
     return bytes(body)
+
+
+class CredentialsUnsendableError(AuthenticationError):
+    """The credentials cannot be put in a request (not Latin-1, a line break): never retried,
+    and the message never shows them."""
 
 
 class ResponseTooLargeError(ResponseFormatError):
