@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from trolley_etl import __version__
@@ -15,6 +16,7 @@ from trolley_etl.cli import (
     run_commands,
 )
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.privacy import private_umask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     failures.quiet_libraries()
+    umask = private_umask()  # what this process creates is owner-only (issue 13)
     try:
         return _main(argv)
     except BrokenPipeError:  # the reader of stdout went away (`verify | head`)
         failures.silence_stdout()
         return failures.BROKEN_PIPE
+    finally:
+        os.umask(umask)  # for callers of main() in the same process
 
 
 def _main(argv: list[str] | None) -> int:

@@ -368,6 +368,11 @@ class Select(StrictModel):
 class Storage(StrictModel):
     root: str = Field(min_length=1, description="output folder, relative to the manifest")
     layout: str = Field(default=DEFAULT_LAYOUT, description="path template of DICOM keywords")
+    permissions: Literal["private", "group"] = Field(
+        default="private",
+        description="private: everything owner-only (0700/0600) whatever the umask; group: "
+        "DICOM files and folders group-readable (0640/0750), .trolley stays owner-only",
+    )
 
     @field_validator("layout")
     @classmethod

@@ -24,6 +24,7 @@ from trolley_etl import __version__
 from trolley_etl.backends.http import abort_transfers
 from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.errors import DiskFullError, TrolleyError
+from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.core.uids import rejected_rows
@@ -179,6 +180,7 @@ class Runner:
 
     def run(self) -> RunResult:
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
