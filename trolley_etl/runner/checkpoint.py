@@ -378,6 +378,21 @@ class Checkpoint:
         for row in rows:
             yield dict(zip(names, row, strict=True))
 
+    def reopen_item(self, item_id: int, sop_instance_uids: Iterable[str], reason: str) -> None:
+        """Forget some files of an item and mark it pending, in one transaction (issue 13):
+        a crash leaves both changes or neither, never forgotten files of a `done` item."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "DELETE FROM files WHERE sop_instance_uid = ?",
+                [(uid,) for uid in sop_instance_uids],
+            )
+            self._db.execute(
+                "UPDATE items SET state = ?, last_error = ?, updated_at = ? WHERE item_id = ?",
+                (PENDING, reason, now(), item_id),
+            )
+            self._db.execute("COMMIT")
+
     def forget_files(self, sop_instance_uids: Iterable[str]) -> None:
         with self._lock:
             self._db.executemany(

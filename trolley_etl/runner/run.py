@@ -430,8 +430,8 @@ class Runner:
                     reason = "missing" if size < 0 else f"size {size} != recorded {record['size']}"
                     self.log.logger.error("verify.bad_file", path=record["path"], reason=reason,
                                           sop_instance_uid=record["sop_instance_uid"])  # fmt: skip
-                    checkpoint.forget_files([record["sop_instance_uid"]])
-                    checkpoint.mark_pending(record["item_id"], f"file {reason}: {record['path']}")
+                    checkpoint.reopen_item(record["item_id"], [record["sop_instance_uid"]],
+                                           f"file {reason}: {record['path']}")  # fmt: skip
             outcome.update(files=checked, problems=problems)
         return problems
 
