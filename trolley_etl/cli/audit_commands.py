@@ -65,7 +65,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 def run_lock(args: argparse.Namespace) -> int:
     from trolley_etl.runner import lockfile, resolve
-    from trolley_etl.runner.run import Runner
+    from trolley_etl.runner.run import RootBusyError, Runner, root_lock
 
     try:
         manifest = load_manifest(args.manifest)
@@ -81,14 +81,18 @@ def run_lock(args: argparse.Namespace) -> int:
     log = _log(args, None)
     runner = Runner(manifest, args.manifest, log, _options(args))
     try:
-        runner.plan_only()
-        lock = lockfile.Lock.from_resolution(
-            manifest.name,
-            resolve.resolution_hash(manifest),
-            [(found.query_set, found.study.uid) for found in runner.found],
-            runner.references,
-        )
-        changed = lockfile.write_lock(path, lock)
+        with root_lock(runner.root):  # issue 13: never beside a run of the same root
+            runner.plan_only()
+            lock = lockfile.Lock.from_resolution(
+                manifest.name,
+                resolve.resolution_hash(manifest),
+                [(found.query_set, found.study.uid) for found in runner.found],
+                runner.references,
+            )
+            changed = lockfile.write_lock(path, lock)
+    except RootBusyError as exc:
+        log.logger.error("lock.refused", error_type=type(exc).__name__, error=str(exc))
+        return exit_codes.USAGE
     except TrolleyError as exc:
         log.logger.error("lock.failed", error_type=type(exc).__name__, error=str(exc))
         return _backend_exit(exc)

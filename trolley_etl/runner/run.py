@@ -30,6 +30,7 @@ from trolley_etl.core.trolley import Trolley
 from trolley_etl.core.uids import rejected_rows
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner.atomic import remove_stale_temp_files
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.bounds import retrying
 from trolley_etl.runner.checkpoint import (
@@ -315,6 +316,8 @@ class Runner:
         for stale in self.storage.tmp_dir.glob("*.part") if self.storage.tmp_dir.exists() else []:
             stale.unlink(missing_ok=True)
             removed += 1
+        # issue 13: and those of an atomic write (reports, checksum files) killed half-way
+        removed += remove_stale_temp_files(self.root, state_dir(self.root) / "reports")
         if removed:
             self.log.logger.info("storage.temp_removed", files=removed)
 
