@@ -31,6 +31,7 @@ from trolley_etl.core.errors import (
     ObjectNotFoundError,
     ResponseFormatError,
 )
+from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.outage import OutageGate
 
 #: (connect, read) seconds; the read timeout is between bytes, not for a whole study.
@@ -470,3 +471,6 @@ WATCHDOG = _Watchdog()
 def abort_transfers() -> int:
     """Cut every streamed answer in flight (the run is stopping); see `_Watchdog`."""
     return WATCHDOG.abort_all()
+
+
+on_abort(abort_transfers)

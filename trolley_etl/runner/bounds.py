@@ -6,6 +6,7 @@ tighten or widen them without each backend's construction knowing about the sett
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from trolley_etl.core.backend import Downloader, Searcher
@@ -40,3 +41,11 @@ def apply_limits(manifest: Manifest, *backends: object, gate: OutageGate | None 
             http.outage = gate
         if hasattr(backend, "max_pages"):
             backend.max_pages = limits.max_search_pages
+        settings = getattr(backend, "settings", None)  # DIMSE backends
+        if settings is None:
+            continue
+        from trolley_etl.backends.dimse import DimseSettings  # pynetdicom: only when used
+
+        if isinstance(settings, DimseSettings):
+            setattr(backend, "settings",  # noqa: B010 - any backend with DIMSE settings
+                    dataclasses.replace(settings, deadline=limits.request_deadline))  # fmt: skip

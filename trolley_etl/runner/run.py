@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
-from trolley_etl.backends.http import abort_transfers
 from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.errors import DiskFullError, TrolleyError
+from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
