@@ -359,3 +359,41 @@ def test_a_non_latin1_password_is_a_clear_error(
     with pytest.raises(BackendError, match="cannot be sent") as info:
         client.get("/x")
     assert "sekrit" not in str(info.value)
+
+
+def test_sigterm_during_a_stalled_download_stops_the_run_within_seconds(
+    httpserver: HTTPServer, trickling: TricklingServer, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    trickling.interval = 30  # headers, then nothing
+    httpserver.expect_request("/dicom-web/studies").respond_with_json([_row([STUDY])])
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""\
+version: 1
+name: stalled
+source:
+  search: {{backend: qido-rs, url: "{httpserver.url_for("/dicom-web")}"}}
+  download: {{backend: wado-rs, url: "{trickling.url}/dicom-web"}}
+queries:
+  - name: q
+    study_uids: ["{STUDY}"]
+storage:
+  root: ./data
+""")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    for line in process.stderr:
+        if '"step": "download"' in line and '"step.start"' in line:
+            break
+    time.sleep(1.0)  # the worker is now blocked reading the stalled body
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert time.monotonic() - started < 5  # not the 300 s read timeout

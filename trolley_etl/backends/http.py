@@ -41,7 +41,7 @@ DEFAULT_DEADLINE = 7200.0
 #: (connect, read) seconds for the probe that tells an outage from one failing request.
 PROBE_TIMEOUT = (5.0, 10.0)
 #: Largest answer read into memory (search pages, metadata), in bytes.
-DEFAULT_MAX_ANSWER_BYTES = 256 << 20
+DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 DEFAULT_POOL_SIZE = 16
 #: Bytes read from the socket at a time; bounds the memory one retrieval uses.
 CHUNK_SIZE = 1 << 20

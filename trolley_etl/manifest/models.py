@@ -391,7 +391,7 @@ class Limits(StrictModel):
         default=4096, ge=1, le=1_048_576, description="largest DICOM object accepted, in MiB"
     )
     max_search_answer_mb: int = Field(
-        default=256, ge=1, le=65_536, description="largest search answer (one page), in MiB"
+        default=64, ge=1, le=65_536, description="largest search answer (one page), in MiB"
     )
     max_search_pages: int = Field(
         default=10_000, ge=1, le=1_000_000, description="pages one search may take, at most"
