@@ -397,3 +397,45 @@ storage:
     process.communicate(timeout=60)
     assert process.returncode == 130
     assert time.monotonic() - started < 5  # not the 300 s read timeout
+
+
+def test_a_run_with_rejected_rows_is_not_complete(httpserver: HTTPServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    good = instance(test_uid("run-good", 1))
+    httpserver.expect_request("/dicom-web/studies", method="GET").respond_with_json(
+        [_row([STUDY]), BAD_ROWS["traversal"]]
+    )
+    httpserver.expect_request(f"/dicom-web/studies/{STUDY}").respond_with_response(
+        multipart(good.data)
+    )
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""\
+version: 1
+name: rejected
+source:
+  search: {{backend: qido-rs, url: "{httpserver.url_for("/dicom-web")}"}}
+queries:
+  - name: q
+    filters: {{AccessionNumber: ACC}}
+storage:
+  root: ./data
+""")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 1, first.stderr  # the cohort is not complete: never exit 0
+    invalid = [json.loads(x) for x in first.stderr.splitlines() if "search.invalid_row" in x]
+    assert len(invalid) == 1 and "../../../../etc" in invalid[0]["StudyInstanceUID"]
+    assert len(stored_files(tmp_path / "data")) == 1
+    report = json.loads(sorted((tmp_path / "data" / ".trolley" / "reports").glob("*.json"))[-1]
+                        .read_text())  # fmt: skip
+    assert report["runs"][-1]["invalid_search_row_count"] == 1
+    again = run()
+    assert again.returncode == 1  # resumed without searching: still not complete

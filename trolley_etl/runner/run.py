@@ -27,9 +27,8 @@ from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
-from trolley_etl.core.uids import rejected_rows
 from trolley_etl.manifest import Manifest
-from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner import lockfile, rejections, report, resolve
 from trolley_etl.runner.atomic import remove_stale_temp_files
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.bounds import retrying
@@ -46,6 +45,7 @@ from trolley_etl.runner.committer import Committer, ItemFiles
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
+from trolley_etl.runner.rejections import log_rejected
 from trolley_etl.runner.resolve import Found
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
@@ -167,8 +167,7 @@ class Runner:
             kept, references = resolve.expand(trolley, self.manifest, found, self.workers)
             outcome.update(studies=len(kept), items=len(references),
                            dropped=len(found) - len(kept))  # fmt: skip
-        for row in rejected_rows.drain():  # issue 13: rows with bad UIDs are never fetched
-            self.log.logger.warning("search.invalid_row", **row)
+        self.invalid_rows = log_rejected(self.log.logger)  # issue 13: bad UIDs never fetched
         return kept, references
 
     def plan_only(self) -> RunResult:
@@ -222,6 +221,7 @@ class Runner:
                 )
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
+                rejections.remember(checkpoint, self.run_id, self.invalid_rows)  # issue 13
                 checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, kept, references))
             else:
                 self.log.logger.info("checkpoint.resume", **checkpoint.counts())
@@ -240,7 +240,7 @@ class Runner:
         finally:
             trolley.close()
         status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \
-            else "failed"  # fmt: skip
+            and not rejections.recorded(checkpoint) else "failed"  # fmt: skip
         return self._finish(checkpoint, status)
 
     # --- lock file ---------------------------------------------------------------------------
