@@ -312,7 +312,7 @@ def server_message(response: requests.Response, limit: int = 300) -> str:
     """The server's explanation of an error, short and on one line."""
     try:  # never more than 20 kB of it, whatever the server sends
         consumed = getattr(response, "_content_consumed", False)
-        raw = response.content if consumed else response.raw.read(20_000)
+        raw = response.content if consumed else response.raw.read(20_000, decode_content=True)
         body = (raw or b"")[:20_000].decode("utf-8", "replace")
     except (requests.exceptions.RequestException, OSError, ValueError):
         return ""
