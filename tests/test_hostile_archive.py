@@ -163,6 +163,7 @@ BAD_ROWS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom notices the bad values too
 def test_search_rows_with_invalid_uids_are_reported_and_never_fetched(
     httpserver: HTTPServer, tmp_path: Path
 ) -> None:
