@@ -255,7 +255,9 @@ def test_server_stopped_mid_run_then_restarted(tmp_path, expected) -> None:
     try:
         server.upload_many(c.data for c in expected.values())
         proxy.delay = 0.3
-        manifest = write_manifest(tmp_path / "pull", proxy.url, workers=1, retries=1)
+        # outage_wait 0: fail at once instead of waiting out the outage (test_outage.py)
+        manifest = write_manifest(tmp_path / "pull", proxy.url, workers=1, retries=1,
+                                  extra="  outage_wait: 0\n")  # fmt: skip
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,9 @@ from trolley_etl.core.errors import (
     ObjectNotFoundError,
     StorageError,
 )
+from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
+from trolley_etl.core.uids import check_uid
 
 #: Study Root Query/Retrieve information model SOP classes (PS3.4 C.6.2) and Verification.
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
@@ -114,6 +116,8 @@ class DimseSettings:
     dimse_timeout: float | None = 120.0
     network_timeout: float | None = 120.0
     max_pdu: int = 0  # 0: no limit on what we receive
+    #: Seconds one association may last in total (the timeouts above are idle waits).
+    deadline: float | None = 7200.0
 
     def __post_init__(self) -> None:
         for name in ("called_aet", "calling_aet"):
@@ -220,20 +224,75 @@ def association(
 ) -> Iterator[Association]:
     """An established association, released on success and aborted on error."""
     assoc = open_association(settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what)
+    watch = _watch(assoc, settings.deadline)  # issue 13: total deadline, abort on interrupt
     try:
         yield assoc
     except BaseException:
         if assoc.is_established:
             assoc.abort()
         raise
+    finally:
+        _unwatch(assoc, watch)
     if assoc.is_established:
         assoc.release()
+
+
+_open_lock = threading.Lock()
+_open: dict[int, Association] = {}
+#: Why an association was aborted by us (deadline, interrupt), by id; read by its error.
+_cut: dict[int, str] = {}
+
+
+def _watch(assoc: Association, deadline: float | None) -> threading.Timer | None:
+    with _open_lock:
+        _open[id(assoc)] = assoc
+    if deadline is None:
+        return None
+    reason = f"the association took longer than the deadline of {deadline:g} s"
+    timer = threading.Timer(deadline, _cut_association, (assoc, reason))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _unwatch(assoc: Association, timer: threading.Timer | None) -> None:
+    if timer is not None:
+        timer.cancel()
+    with _open_lock:
+        _open.pop(id(assoc), None)
+
+
+def _cut_association(assoc: Association, reason: str) -> bool:
+    with _open_lock:
+        if id(assoc) not in _open:
+            return False
+        _cut[id(assoc)] = reason
+    assoc.abort()
+    # a thread waiting for the next DIMSE message would wait the whole DIMSE timeout: wake it
+    # with the "no message" pynetdicom itself gives when the peer goes away
+    with suppress(Exception):
+        assoc.dimse.msg_queue.put((None, None))
+    return True
+
+
+def abort_associations() -> int:
+    """Abort every open association now (the run is stopping)."""
+    with _open_lock:
+        open_now = list(_open.values())
+    return sum(_cut_association(a, "the association was stopped (interrupted)") for a in open_now)
+
+
+on_abort(abort_associations)
 
 
 def lost_association_error(
     assoc: Association, settings: DimseSettings, service: str
 ) -> ConnectionFailedError:
     """The error for a response that never came (pynetdicom yields an empty status)."""
+    with _open_lock:
+        cut = _cut.pop(id(assoc), None)
+    if cut is not None:
+        return ConnectionFailedError(f"{service} {settings.describe()}: {cut}", url=settings.url)
     if assoc.is_aborted:
         reason = "the association was aborted"
     else:
@@ -257,11 +316,11 @@ def retrieve_identifier(reference: Reference) -> Dataset:
     """The C-GET/C-MOVE identifier for a reference: the level and its unique keys only."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level_name(reference.level)
-    identifier.StudyInstanceUID = reference.study_uid
+    identifier.StudyInstanceUID = check_uid(reference.study_uid, "StudyInstanceUID")
     if isinstance(reference, (SeriesReference, InstanceReference)):
-        identifier.SeriesInstanceUID = reference.series_uid
+        identifier.SeriesInstanceUID = check_uid(reference.series_uid, "SeriesInstanceUID")
     if isinstance(reference, InstanceReference):
-        identifier.SOPInstanceUID = reference.instance_uid
+        identifier.SOPInstanceUID = check_uid(reference.instance_uid, "SOPInstanceUID")
     return identifier
 
 

@@ -6,10 +6,15 @@ the server's own message, never a bare requests traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import json
 import os
+import socket
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -24,10 +29,19 @@ from trolley_etl.core.errors import (
     BackendError,
     ConnectionFailedError,
     ObjectNotFoundError,
+    ResponseFormatError,
 )
+from trolley_etl.core.interrupts import on_abort
+from trolley_etl.core.outage import OutageGate
 
 #: (connect, read) seconds; the read timeout is between bytes, not for a whole study.
 DEFAULT_TIMEOUT = (10.0, 300.0)
+#: Seconds one streamed answer may take in total, however steadily the server trickles.
+DEFAULT_DEADLINE = 7200.0
+#: (connect, read) seconds for the probe that tells an outage from one failing request.
+PROBE_TIMEOUT = (5.0, 10.0)
+#: Largest answer read into memory (search pages, metadata), in bytes.
+DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 DEFAULT_POOL_SIZE = 16
 #: Bytes read from the socket at a time; bounds the memory one retrieval uses.
 CHUNK_SIZE = 1 << 20
@@ -102,12 +116,18 @@ class HttpClient:
         pool_size: int = DEFAULT_POOL_SIZE,
         headers: dict[str, str] | None = None,
         session: requests.Session | None = None,
+        deadline: float | None = DEFAULT_DEADLINE,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BackendError(f"not an http(s) URL: {redact_url(base_url)!r}", url=base_url)
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.deadline = deadline
+        self.max_answer_bytes = max_answer_bytes
+        #: Shared by the clients of one run to wait out an archive outage (core.outage).
+        self.outage: OutageGate | None = None
         self.session = session or requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
@@ -160,9 +180,63 @@ class HttpClient:
         return response
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """One request; failures to get any answer become ConnectionFailedError."""
+        """One request; failures to get any answer become ConnectionFailedError.
+
+        A streamed answer is watched until it is closed: past `deadline` seconds, or when
+        `abort_transfers` is called (SIGINT/SIGTERM), its socket is shut down so that a
+        read blocked on a stalled server returns at once.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            try:
+                response = self._request(method, url, **kwargs)
+            except ConnectionFailedError as exc:
+                if self.outage is not None and self.outage.should_retry(
+                    self.probe, attempt, error=exc
+                ):
+                    continue  # the archive is down: wait for it (core.outage)
+                raise
+            status = response.status_code
+            if status >= 500 and self.outage is not None:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if self.outage.should_retry(
+                    self.probe, attempt, status=status, retry_after=retry_after
+                ):
+                    response.close()
+                    continue
+            elif self.outage is not None:
+                self.outage.answered()
+            if kwargs.get("stream") and self.deadline is not None:
+                WATCHDOG.watch(response, started + self.deadline, self.deadline)
+            return response
+
+    def probe(self) -> bool:
+        """Does the archive answer at all (any status below 500 at its base URL)?"""
+        try:
+            with self.session.get(self.base_url + "/", timeout=PROBE_TIMEOUT, stream=True) as r:
+                return r.status_code < 500
+        except (requests.exceptions.RequestException, ValueError):
+            return False
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except UnicodeError:  # e.g. a header value (credentials) that is not Latin-1
+            raise CredentialsUnsendableError(
+                f"{redact_url(url)}: the credentials or headers cannot be sent: they must be "
+                "Latin-1 text without control characters",
+                url=url,
+            ) from None
+        except ValueError as exc:
+            if "header" not in str(exc).lower():
+                raise
+            raise CredentialsUnsendableError(
+                f"{redact_url(url)}: the credentials or headers cannot be sent (a header value "
+                "holds a line break or control character)",
+                url=url,
+            ) from None
         except requests.exceptions.SSLError as exc:
             raise ConnectionFailedError(
                 f"TLS verification failed for {redact_url(url)}: {_reason(exc)}", url=url
@@ -175,6 +249,18 @@ class HttpClient:
             raise ConnectionFailedError(
                 f"cannot reach {redact_url(url)}: {_reason(exc)}", url=url
             ) from None
+
+    def get_bounded(
+        self,
+        path: str,
+        *,
+        params: Iterable[tuple[str, object]] | dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[requests.Response, bytes]:
+        """GET an answer that is read into memory, at most `max_answer_bytes` of it."""
+        response = self.get(path, params=params, headers=headers, stream=True)
+        with response:
+            return response, read_bounded(response, response.url, self.max_answer_bytes)
 
     def close(self) -> None:
         self.session.close()
@@ -224,9 +310,13 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def server_message(response: requests.Response, limit: int = 300) -> str:
     """The server's explanation of an error, short and on one line."""
-    try:
-        body = response.content[:20_000].decode("utf-8", "replace")
-    except requests.exceptions.RequestException:
+    try:  # never more than 20 kB of it, whatever the server sends
+        consumed = getattr(response, "_content_consumed", False)
+        raw = response.content if consumed else response.raw.read(20_000, decode_content=True)
+        body = (raw or b"")[:20_000].decode("utf-8", "replace")
+    except (requests.exceptions.RequestException, OSError, ValueError):
+        return ""
+    except Exception:  # urllib3 errors of a broken body: the status says enough
         return ""
     try:
         parsed = json.loads(body)
@@ -258,10 +348,129 @@ def _reason(exc: Exception) -> str:
 
 
 def iter_body(response: requests.Response, url: str) -> Iterator[bytes]:
-    """The body in CHUNK_SIZE pieces; a dropped connection becomes a project error."""
+    """The body in CHUNK_SIZE pieces; a dropped connection becomes a project error, and so
+    does a transfer the watchdog cut (deadline passed, run interrupted)."""
     try:
         yield from response.iter_content(chunk_size=CHUNK_SIZE)
     except requests.exceptions.RequestException as exc:
+        _raise_if_cut(response, url)
         raise ConnectionFailedError(
             f"{redact_url(url)}: connection lost while downloading: {_reason(exc)}", url=url
         ) from None
+    _raise_if_cut(response, url)  # a cut socket can look like a clean end of the body
+
+
+def read_bounded(response: requests.Response, url: str, limit: int) -> bytes:
+    """The whole body, or ResponseTooLargeError as soon as it grows past `limit` bytes."""
+    body = bytearray()
+    for chunk in iter_body(response, url):
+        body += chunk
+        if len(body) > limit:
+            raise ResponseTooLargeError(
+                f"{redact_url(url)}: the answer is larger than {limit >> 20} MiB "
+                "(run.limits.max_search_answer_mb)",
+                url=url,
+            )
+    return bytes(body)
+
+
+class CredentialsUnsendableError(AuthenticationError):
+    """The credentials cannot be put in a request (not Latin-1, a line break): never retried,
+    and the message never shows them."""
+
+
+class ResponseTooLargeError(ResponseFormatError):
+    """An answer read into memory grew past its limit."""
+
+
+def _raise_if_cut(response: requests.Response, url: str) -> None:
+    reason = WATCHDOG.cut_reason(response)
+    if reason is not None:
+        raise ConnectionFailedError(f"{redact_url(url)}: {reason}", url=url)
+
+
+class _Watchdog:
+    """Cuts streamed answers that pass their deadline, or all of them on `abort_all`.
+
+    requests' timeout is the wait between two reads, so a server sending a byte every few
+    seconds would hold a worker forever, and a read blocked on a stalled server would keep
+    SIGTERM waiting for the whole read timeout. Shutting the socket down makes that read
+    return at once; the reader then sees the reason (`cut_reason`).
+    """
+
+    POLL = 0.25
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[weakref.ref[requests.Response], float, float]] = {}
+        self._cut: weakref.WeakKeyDictionary[requests.Response, str] = weakref.WeakKeyDictionary()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, response: requests.Response, until: float, seconds: float) -> None:
+        with self._lock:
+            self._watched[id(response)] = (weakref.ref(response), until, seconds)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="http-deadline",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+
+    def cut_reason(self, response: requests.Response) -> str | None:
+        with self._lock:
+            return self._cut.get(response)
+
+    def abort_all(self, reason: str = "the transfer was stopped (interrupted)") -> int:
+        """Cut every open streamed answer now; returns how many were cut."""
+        with self._lock:
+            entries = list(self._watched.items())
+        return sum(self._cut_one(key, ref, reason) for key, (ref, _, _) in entries)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.POLL)
+            now = time.monotonic()
+            with self._lock:
+                entries = list(self._watched.items())
+            for key, (ref, until, seconds) in entries:
+                response = ref()
+                if response is None or _finished(response):
+                    with self._lock:
+                        self._watched.pop(key, None)
+                elif now > until:
+                    reason = f"the answer took longer than the deadline of {seconds:g} s"
+                    self._cut_one(key, ref, reason + " (run.limits.request_deadline)")
+
+    def _cut_one(self, key: int, ref: weakref.ref[requests.Response], reason: str) -> bool:
+        response = ref()
+        with self._lock:
+            self._watched.pop(key, None)
+            if response is None or _finished(response):
+                return False
+            self._cut[response] = reason
+        sock = _socket_of(response)
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+
+def _finished(response: requests.Response) -> bool:
+    raw = getattr(response, "raw", None)
+    return raw is None or getattr(raw, "_connection", None) is None or bool(raw.closed)
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    connection = getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+WATCHDOG = _Watchdog()
+
+
+def abort_transfers() -> int:
+    """Cut every streamed answer in flight (the run is stopping); see `_Watchdog`."""
+    return WATCHDOG.abort_all()
+
+
+on_abort(abort_transfers)

@@ -163,10 +163,12 @@ class Mint(Searcher):
             offset += len(studies)
 
     def _get(self, params: list[tuple[str, object]]) -> list[Element]:
-        response = self.http.get("studies", params=params, headers={"Accept": "application/xml"})
-        if response.status_code == 204 or not response.content.strip():
+        response, body = self.http.get_bounded(  # bounded: never trust the archive (issue 13)
+            "studies", params=params, headers={"Accept": "application/xml"}
+        )
+        if response.status_code == 204 or not body.strip():
             return []
-        root = parse_xml(response.content, url=response.url, what="the MINT search answer")
+        root = parse_xml(body, url=response.url, what="the MINT search answer")
         if local_name(root) != "studySearchResults":
             raise ResponseFormatError(
                 f"{response.url}: expected <studySearchResults>, got <{local_name(root)}>",

@@ -6,14 +6,22 @@ from collections.abc import Iterator
 
 from pydicom import Dataset
 
-from trolley_etl.backends.dicom_json import datasets_from_json
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
+from trolley_etl.backends.dicom_json import datasets_from_json, parse_json
+from trolley_etl.backends.http import (
+    DEFAULT_DEADLINE,
+    DEFAULT_MAX_ANSWER_BYTES,
+    DEFAULT_TIMEOUT,
+    Auth,
+    HttpClient,
+)
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import ResponseFormatError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
 
 DEFAULT_PAGE_SIZE = 1000
+#: Pages one search may take before it is considered endless.
+DEFAULT_MAX_PAGES = 10_000
 _RESOURCE = {
     QueryLevel.STUDY: "studies",
     QueryLevel.SERIES: "series",
@@ -39,11 +47,16 @@ class QidoRS(Searcher):
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         page_size: int = DEFAULT_PAGE_SIZE,
         headers: dict[str, str] | None = None,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        deadline: float | None = DEFAULT_DEADLINE,
     ) -> None:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers,
+                               deadline=deadline, max_answer_bytes=max_answer_bytes)  # fmt: skip
         self.page_size = page_size
+        self.max_pages = max_pages
 
     def search(self, query: Query) -> list[Study]:
         return tree_from_rows(self.iter_rows(query), query.query_level)
@@ -53,9 +66,26 @@ class QidoRS(Searcher):
         path, params = self._request(query)
         offset, remaining = query.offset, query.limit
         page_size = self.page_size
+        previous: list[str] | None = None
+        pages = 0
         while remaining is None or remaining > 0:
+            pages += 1
+            if pages > self.max_pages:
+                raise ResponseFormatError(
+                    f"{self.http.url(path)}: the search did not end after {self.max_pages} "
+                    "pages (run.limits.max_search_pages)",
+                    url=self.http.url(path),
+                )
             asked = page_size if remaining is None else min(page_size, remaining)
             page, more_announced = self._page(path, [*params, ("limit", asked), ("offset", offset)])
+            keys = [_row_key(row) for row in page]
+            if page and keys == previous:  # a server that ignores offset would page forever
+                raise ResponseFormatError(
+                    f"{self.http.url(path)}: the archive answered offset {offset} with the same "
+                    "page as before (it ignores offset); lower page_size to its limit",
+                    url=self.http.url(path),
+                )
+            previous = keys
             yield from page
             offset += len(page)
             if remaining is not None:
@@ -66,16 +96,12 @@ class QidoRS(Searcher):
                 page_size = min(page_size, len(page))  # the server's cap: ask for no more
 
     def _page(self, path: str, params: list[tuple[str, object]]) -> tuple[list[Dataset], bool]:
-        response = self.http.get(path, params=params, headers={"Accept": "application/dicom+json"})
-        if response.status_code == 204 or not response.content.strip():
+        response, body = self.http.get_bounded(
+            path, params=params, headers={"Accept": "application/dicom+json"}
+        )
+        if response.status_code == 204 or not body.strip():
             return [], False
-        try:
-            payload = response.json()
-        except ValueError:
-            raise ResponseFormatError(
-                f"{response.url}: the answer is not JSON", url=response.url
-            ) from None
-        rows = datasets_from_json(payload, url=response.url)
+        rows = datasets_from_json(parse_json(body, url=response.url), url=response.url)
         for row in rows:
             self._fill_tree_keys(row, path)
         warning = response.headers.get("Warning", "")
@@ -115,3 +141,9 @@ class QidoRS(Searcher):
 
     def close(self) -> None:
         self.http.close()
+
+
+def _row_key(row: Dataset) -> str:
+    """What tells two rows apart when comparing pages (their UIDs, else their JSON)."""
+    uids = [str(row.get(k, "")) for k in TREE_KEYS[QueryLevel.INSTANCE]]
+    return "|".join(uids) if any(uids) else row.to_json(suppress_invalid_tags=True)

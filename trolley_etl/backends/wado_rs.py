@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trolley_etl.backends.dicom_json import datasets_from_json
+from trolley_etl.backends.dicom_json import datasets_from_json, parse_json
 from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
 from trolley_etl.backends.metadata_types import MetadataFormat
 from trolley_etl.backends.multipart import (
@@ -30,15 +30,17 @@ from trolley_etl.core.model import (
     Study,
     tree_from_rows,
 )
+from trolley_etl.core.uids import check_uid
 
 
 def resource_path(reference: Reference) -> str:
-    """`studies/S[/series/SE[/instances/I]]` for a reference."""
-    path = f"studies/{reference.study_uid}"
+    """`studies/S[/series/SE[/instances/I]]` for a reference; every UID checked first, so
+    no value can step outside the archive's base path (InvalidUidError otherwise)."""
+    path = f"studies/{check_uid(reference.study_uid, 'StudyInstanceUID')}"
     if isinstance(reference, (SeriesReference, InstanceReference)):
-        path += f"/series/{reference.series_uid}"
+        path += f"/series/{check_uid(reference.series_uid, 'SeriesInstanceUID')}"
     if isinstance(reference, InstanceReference):
-        path += f"/instances/{reference.instance_uid}"
+        path += f"/instances/{check_uid(reference.instance_uid, 'SOPInstanceUID')}"
     return path
 
 
@@ -119,12 +121,8 @@ class WadoRS(Downloader):
         if isinstance(reference, InstanceReference):
             reference = SeriesReference(reference.study_uid, reference.series_uid)
         path = f"{resource_path(reference)}/metadata"
-        response = self.http.get(path, headers={"Accept": "application/dicom+json"})
-        try:
-            payload = response.json()
-        except ValueError:
-            raise ResponseFormatError(f"{response.url}: the answer is not JSON") from None
-        rows = datasets_from_json(payload, url=response.url)
+        response, body = self.http.get_bounded(path, headers={"Accept": "application/dicom+json"})
+        rows = datasets_from_json(parse_json(body, url=response.url), url=response.url)
         for row in rows:
             row.setdefault("StudyInstanceUID", reference.study_uid)
         studies = [

@@ -11,6 +11,7 @@ from trolley_etl.backends.multipart import stream_single
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import MissingReferencesError
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference
+from trolley_etl.core.uids import check_uid
 
 
 class WadoURI(Downloader):
@@ -38,9 +39,9 @@ class WadoURI(Downloader):
             )
         params: dict[str, object] = {
             "requestType": "WADO",
-            "studyUID": reference.study_uid,
-            "seriesUID": reference.series_uid,
-            "objectUID": reference.instance_uid,
+            "studyUID": check_uid(reference.study_uid, "StudyInstanceUID"),
+            "seriesUID": check_uid(reference.series_uid, "SeriesInstanceUID"),
+            "objectUID": check_uid(reference.instance_uid, "SOPInstanceUID"),
             "contentType": "application/dicom",
         }
         if self.transfer_syntax:

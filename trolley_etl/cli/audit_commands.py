@@ -66,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 def run_lock(args: argparse.Namespace) -> int:
     from trolley_etl.core.relative_dates import resolved_ranges
     from trolley_etl.runner import lockfile, resolve
-    from trolley_etl.runner.run import Runner
+    from trolley_etl.runner.run import RootBusyError, Runner, root_lock
 
     try:
         manifest = load_manifest(args.manifest)
@@ -82,16 +82,20 @@ def run_lock(args: argparse.Namespace) -> int:
     log = _log(args, None)
     runner = Runner(manifest, args.manifest, log, _options(args))
     try:
-        runner.plan_only()
-        lock = lockfile.Lock.from_resolution(
-            manifest.name,
-            resolve.resolution_hash(manifest),
-            [(found.query_set, found.study.uid) for found in runner.found],
-            runner.references,
-            runner.planned.expectations,
-        )
-        lock.resolved_dates = resolved_ranges(manifest)  # what `{last: 7d}` meant today
-        changed = lockfile.write_lock(path, lock)
+        with root_lock(runner.root):  # issue 13: never beside a run of the same root
+            runner.plan_only()
+            lock = lockfile.Lock.from_resolution(
+                manifest.name,
+                resolve.resolution_hash(manifest),
+                [(found.query_set, found.study.uid) for found in runner.found],
+                runner.references,
+                runner.planned.expectations,
+            )
+            lock.resolved_dates = resolved_ranges(manifest)  # what `{last: 7d}` meant today
+            changed = lockfile.write_lock(path, lock)
+    except RootBusyError as exc:
+        log.logger.error("lock.refused", error_type=type(exc).__name__, error=str(exc))
+        return exit_codes.USAGE
     except TrolleyError as exc:
         log.logger.error("lock.failed", error_type=type(exc).__name__, error=str(exc))
         return _backend_exit(exc)
@@ -118,7 +122,7 @@ def run_report(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
         audit = report.build_report(checkpoint, manifest, args.manifest, root)
     finally:
@@ -127,7 +131,10 @@ def run_report(args: argparse.Namespace) -> int:
 
     text = render(audit, args.format)  # json, csv, html (one page), md (CI summary)
     append_job_summary(audit)
-    saved = report.save_report(root, text, report.report_name(args.format))
+    try:
+        saved: Path | str = report.save_report(root, text, report.report_name(args.format))
+    except OSError as exc:  # a read-only root: the report is still printed
+        saved = f"nowhere ({exc.strerror or exc})"
     if args.output:
         write_atomic(args.output, text)
     else:
@@ -175,11 +182,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResult, set[int]]:
     """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
+    from trolley_etl.runner.readonly import reader_lock
     from trolley_etl.runner.run import root_lock
     from trolley_etl.runner.verify import prepare_repair, verify_root
 
-    with root_lock(root):
-        checkpoint = open_checkpoint(root)
+    with root_lock(root) if repair else reader_lock(root):  # issue 13: read-only roots
+        checkpoint = open_checkpoint(root, read_only=not repair)
         try:
             result = verify_root(root, checkpoint, workers)
             items = prepare_repair(root, checkpoint, result) if repair else set()

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from trolley_etl import __version__
 from trolley_etl.cli import (
     audit_commands,
     exit_codes,
+    failures,
     manifest_commands,
     metadata_commands,
     run_commands,
 )
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.privacy import private_umask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    failures.quiet_libraries()
+    umask = private_umask()  # what this process creates is owner-only (issue 13)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout went away (`verify | head`)
+        failures.silence_stdout()
+        return failures.BROKEN_PIPE
+    finally:
+        os.umask(umask)  # for callers of main() in the same process
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -47,3 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrolleyError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # ordinary failures (disk full, read-only root, ...): one line
+        described = failures.describe(exc)
+        if described is None or failures.debugging():
+            raise
+        message, code = described
+        if getattr(args, "log_format", None) == "json":  # stderr holds only JSON lines then
+            print(json.dumps({"level": "error", "event": "command.failed", "error": message}),
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"trolley-etl: {message}", file=sys.stderr)
+        return code

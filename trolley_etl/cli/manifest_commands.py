@@ -8,6 +8,7 @@ from pathlib import Path
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.manifest.loader import manifest_warnings
 from trolley_etl.manifest.schema import manifest_json_schema_text
 
 
@@ -39,6 +40,8 @@ def run_validate(args: argparse.Namespace) -> int:
             continue
         sets = len(manifest.queries)
         print(f"{path}: valid ({manifest.name}, {sets} query set{'s' if sets != 1 else ''})")
+        for warning in manifest_warnings(path, manifest):  # issue 13: valid but risky
+            print(warning, file=sys.stderr)
     return status
 
 

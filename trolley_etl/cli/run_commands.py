@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.core.constants import CHECKPOINT_NAME
-from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
+from trolley_etl.core.errors import (
+    AuthenticationError,
+    ConnectionFailedError,
+    DiskFullError,
+    TrolleyError,
+)
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
 from trolley_etl.runner.checkpoint import (
     FAILED,
@@ -95,6 +100,8 @@ def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None)
 def _backend_exit(error: TrolleyError) -> int:
     if isinstance(error, (ConnectionFailedError, AuthenticationError)):
         return exit_codes.BACKEND_UNAVAILABLE
+    if isinstance(error, DiskFullError):  # issue 13: the run stopped, incomplete
+        return exit_codes.ITEMS_FAILED
     return exit_codes.USAGE
 
 
@@ -275,7 +282,9 @@ def run_status(args: argparse.Namespace) -> int:
     manifest, root = loaded
     from trolley_etl.reports.status import build_status, render_status
 
-    checkpoint = open_checkpoint(root)  # marks runs whose process died as aborted
+    # read-only where the root is (issue 13); where writable, runs whose process died are
+    # marked aborted on the way
+    checkpoint = open_checkpoint(root, read_only=True)
     try:
         status = build_status(manifest.name, root, checkpoint)
         failed = checkpoint.items([FAILED])

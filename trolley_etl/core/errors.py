@@ -24,6 +24,10 @@ class StorageError(TrolleyError):
     """A dataset could not be stored (unreadable DICOM, bad layout template, disk error)."""
 
 
+class DiskFullError(StorageError):
+    """The disk holding the storage root is full: not retried, the run stops (issue 13)."""
+
+
 class NotFoundError(TrolleyError):
     """A search that had to match something matched nothing (or too much, see the message)."""
 

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 from trolley_etl.core.errors import MissingReferencesError
+from trolley_etl.core.uids import InvalidUidError, rejected_rows, single_uid
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -271,16 +272,31 @@ def tree_from_rows(rows: Iterable[Dataset], level: QueryLevel) -> list[Study]:
     """
     studies: list[Study] = []
     for row in rows:
-        study_uid = str(row.get("StudyInstanceUID", ""))
+        try:  # a row with a bad UID is reported and skipped, never fetched (core.uids)
+            uids = [single_uid(row.get(keyword), keyword) for keyword in TREE_KEYS[level]]
+        except InvalidUidError as exc:
+            rejected_rows.add(level.value, str(exc), _row_summary(row))
+            continue
+        study_uid = uids[0]
         if level is QueryLevel.STUDY:
             studies.append(Study(study_uid, data=row))
             continue
-        series_uid = str(row.get("SeriesInstanceUID", ""))
+        series_uid = uids[1]
         if level is QueryLevel.SERIES:
             series = Series(series_uid, study_uid, data=row)
         else:
-            instance = Instance(str(row.get("SOPInstanceUID", "")), series_uid, study_uid, row)
+            instance = Instance(uids[2], series_uid, study_uid, row)
             series_data = _subset(row, SERIES_KEYWORDS)
             series = Series(series_uid, study_uid, data=series_data, instances=[instance])
         studies.append(Study(study_uid, data=_subset(row, STUDY_KEYWORDS), series=[series]))
     return merge_studies(studies)
+
+
+def _row_summary(row: Dataset) -> dict[str, str]:
+    """What identifies a rejected row in a report, each value short and on one line."""
+    summary = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber"):
+        value = row.get(keyword)
+        if value is not None and value != "":
+            summary[keyword] = repr(value)[:80]
+    return summary

@@ -101,13 +101,29 @@ class StorageDir:
         #: What commit reads from each header: the layout's keywords and the audit facts.
         self.header_keywords = sorted({*HEADER_KEYWORDS, *self.layout.keywords})
         self._ready_folders: set[Path] = set()  # created and checked in this process
+        #: Mode of each stored file; None keeps mkstemp's owner-only 0600 (core.privacy).
+        self.file_mode: int | None = None
 
     def open_instance(self) -> StagedFile:
         """A writer for one object; nothing appears in the layout until it is committed."""
         if self.tmp_dir not in self._ready_folders:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._ready_folders.add(self.tmp_dir)
         return StagedFile(self)
+
+    def _mkdir(self, path: Path, *, parents: bool = False) -> None:
+        """A folder with `folder_mode` exactly (mkdir alone would apply the umask)."""
+        try:
+            path.mkdir(mode=self.folder_mode, parents=parents)
+        except FileExistsError:
+            return
+        if self.folder_mode != 0o700:
+            path.chmod(self.folder_mode)
+
+    @property
+    def folder_mode(self) -> int:
+        """Owner-only folders, or group-readable ones with group-readable files."""
+        return 0o750 if self.file_mode is not None and self.file_mode & 0o040 else 0o700
 
     def path_for(self, dataset: HeaderValues) -> Path:
         """Absolute path for a dataset, proven to stay under the root."""
@@ -125,12 +141,12 @@ class StorageDir:
         """
         if target.parent not in self._ready_folders:
             current = self.root
-            current.mkdir(parents=True, exist_ok=True)
+            self._mkdir(current, parents=True)
             for name in target.relative_to(self.root).parts[:-1]:
                 current = current / name
                 if current.is_symlink():
                     raise StorageError(f"refusing to follow a symlink inside the output: {current}")
-                current.mkdir(exist_ok=True)
+                self._mkdir(current)
             self._ready_folders.add(target.parent)
         if target.is_symlink():
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
@@ -206,6 +222,8 @@ class StagedFile:
     def __init__(self, storage: StorageDir) -> None:
         self._storage = storage
         fd, name = tempfile.mkstemp(dir=storage.tmp_dir, prefix="incoming-", suffix=".part")
+        if storage.file_mode is not None:
+            os.fchmod(fd, storage.file_mode)
         self._file = os.fdopen(fd, "wb")
         self.path = Path(name)
         self._hash = hashlib.sha256()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pydicom
 from pydicom import Dataset
 
+from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
 from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
@@ -187,8 +188,9 @@ class Trolley:
                     failures.append((ref, error))
 
             # the runner's engine: bounded, fetching while the other objects are planned
-            execute(planned(), lambda ref: self.downloader.fetch(ref, sink), workers=workers,
-                    on_done=finished)  # fmt: skip
+            # every object is checked against the reference it was fetched for (CheckedSink)
+            execute(planned(), lambda ref: self.downloader.fetch(ref, CheckedSink(sink, ref)),
+                    workers=workers, on_done=finished)  # fmt: skip
         if failures:
             raise DownloadError(failures, stored)
         return stored
@@ -218,7 +220,7 @@ class Trolley:
             try:
                 try:
                     for ref in self.plan(items):
-                        self.downloader.fetch(ref, sink)
+                        self.downloader.fetch(ref, CheckedSink(sink, ref))
                     _put(handover, _END, stop)
                 except _Stopped:
                     return

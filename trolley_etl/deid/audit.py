@@ -17,6 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from trolley_etl.runner.sqlite_safety import connect_read_only
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deid_files (
     sop_instance_uid TEXT PRIMARY KEY, deid_sop_instance_uid TEXT NOT NULL,
@@ -82,7 +84,7 @@ def report_section(database: Path) -> dict[str, Any] | None:
     """The `deid` section of the audit report; None when no run de-identified anything."""
     if not database.exists():
         return None
-    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
+    db = connect_read_only(database)  # never writes: works on a read-only root too
     try:
         if "deid_runs" not in _tables(db):
             return None
@@ -110,7 +112,7 @@ def file_hashes(database: Path) -> dict[str, tuple[str, str]]:
     """Source SOP Instance UID -> (source SHA-256, de-identified SHA-256)."""
     if not database.exists():
         return {}
-    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
+    db = connect_read_only(database)  # never writes: works on a read-only root too
     try:
         if "deid_files" not in _tables(db):
             return {}
@@ -125,7 +127,7 @@ def quarantined_in(database: Path, study_uid: str, series_uid: str = "") -> set[
     they count towards the unit's expected instances, as stored ones do."""
     if not database.exists():
         return set()
-    db = sqlite3.connect(database)
+    db = connect_read_only(database)  # never writes: works on a read-only root too
     try:
         if "deid_quarantine" not in _tables(db):
             return set()
@@ -144,7 +146,7 @@ def quarantined_uids(database: Path) -> set[str]:
     stored (for completeness accounting: expected = stored + quarantined)."""
     if not database.exists():
         return set()
-    db = sqlite3.connect(database)  # read only; a plain open also works on a WAL file
+    db = connect_read_only(database)  # never writes: works on a read-only root too
     try:
         if "deid_quarantine" not in _tables(db):
             return set()

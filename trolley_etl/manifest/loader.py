@@ -11,8 +11,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.layout import LayoutTemplate
 from trolley_etl.manifest.models import BasicAuth, BearerAuth, HttpBackend, Manifest
-from trolley_etl.manifest.yaml_source import Path_, YamlDocument, YamlProblem, parse_yaml
+from trolley_etl.manifest.yaml_source import (
+    Path_,
+    Position,
+    YamlDocument,
+    YamlProblem,
+    parse_yaml,
+)
 
 
 @dataclass(frozen=True)
@@ -155,3 +162,25 @@ def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):
                     field_path(path),
                     f"environment variable {variable} is not set",
                 )
+
+
+def manifest_warnings(path: str | os.PathLike[str], manifest: Manifest) -> list[ManifestIssue]:
+    """Things that are valid but will likely go wrong, with their position (issue 13).
+
+    A layout without `{SOPInstanceUID}` cannot tell two instances apart (`{InstanceNumber}`
+    repeats, a series folder holds many files), so the run would stop at the second file
+    that maps to the same path, after files were written.
+    """
+    layout = manifest.storage.layout
+    if "SOPInstanceUID" in LayoutTemplate(layout).keywords:
+        return []
+    try:
+        document = parse_yaml(Path(path).read_text(encoding="utf-8"))
+        position = document.position(("storage", "layout"))
+    except (OSError, UnicodeDecodeError, YamlProblem):
+        position = Position(1, 1)
+    message = (
+        f"warning: layout {layout!r} cannot tell instances apart (two instances would get "
+        "the same path); include {SOPInstanceUID} in the file name"
+    )
+    return [ManifestIssue(str(path), position.line, position.column, "storage.layout", message)]

@@ -390,16 +390,18 @@ class Source(StrictModel):
 # --- what to pull ------------------------------------------------------------------------------
 
 
-def _validate_filters(filters: dict[str, Any]) -> dict[str, FilterValue]:
-    checked: dict[str, FilterValue] = {}
+def _validate_filters(filters: dict[str, Any]) -> dict[str, str | list[str]]:
+    checked: dict[str, str | list[str]] = {}
     for keyword, value in filters.items():
         if isinstance(value, RelativeDate):  # resolved at search time (core.relative_dates)
             checked[str(keyword)] = _check_relative(str(keyword), value)  # type: ignore[assignment]
             continue
         try:
-            checked[str(keyword)] = normalise_filter(str(keyword), value)
+            normalised: FilterValue = normalise_filter(str(keyword), value)
         except QueryError as exc:
             raise error("filter", str(exc).removeprefix(f"{keyword}: "), keyword) from None
+        # a list, as the field is declared (a tuple made pydantic warn on every dump)
+        checked[str(keyword)] = list(normalised) if isinstance(normalised, tuple) else normalised
     return checked
 
 
@@ -517,6 +519,11 @@ class Select(StrictModel):
 class Storage(StrictModel):
     root: str = Field(min_length=1, description="output folder, relative to the manifest")
     layout: str = Field(default=DEFAULT_LAYOUT, description="path template of DICOM keywords")
+    permissions: Literal["private", "group"] = Field(
+        default="private",
+        description="private: everything owner-only (0700/0600) whatever the umask; group: "
+        "DICOM files and folders group-readable (0640/0750), .trolley stays owner-only",
+    )
 
     @field_validator("layout")
     @classmethod
@@ -526,6 +533,25 @@ class Storage(StrictModel):
         except QueryError as exc:
             raise error("layout", str(exc)) from None
         return layout
+
+
+class Limits(StrictModel):
+    """Bounds on what an archive may make us hold, wait for or write (issue 13)."""
+
+    max_object_mb: int = Field(
+        default=4096, ge=1, le=1_048_576, description="largest DICOM object accepted, in MiB"
+    )
+    max_search_answer_mb: int = Field(
+        default=64, ge=1, le=65_536, description="largest search answer (one page), in MiB"
+    )
+    max_search_pages: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="pages one search may take, at most"
+    )
+    request_deadline: Seconds = Field(
+        default=7200,
+        description="seconds one request or association may take in total, however steadily "
+        "the server trickles (the backend's timeout is the wait between two reads)",
+    )
 
 
 class RunSettings(StrictModel):
@@ -539,6 +565,15 @@ class RunSettings(StrictModel):
         description="strict: a unit is done only when it holds as many instances as the "
         "archive said; off: units without a known count are taken as they come",
     )
+
+    outage_wait: float = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="seconds to wait, probing with backoff, while the whole archive is down "
+        "(connection refused or 5xx on every request) before items are failed",
+    )
+    limits: Limits = Field(default_factory=Limits)
 
     @field_validator("completeness", mode="before")
     @classmethod

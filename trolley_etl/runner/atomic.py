@@ -7,6 +7,7 @@ data-protection officer) must never see a truncated one.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -33,3 +34,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+#: What `write_atomic` names its temp files: `.NAME.` + mkstemp's 8 random characters + `.tmp`.
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(*folders: Path) -> int:
+    """Remove temp files a killed `write_atomic` left in `folders` (issue 13); call it only
+    while holding the root lock, so no live write loses its file. Returns how many."""
+    removed = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _TEMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from requests.auth import AuthBase
@@ -30,6 +31,7 @@ from trolley_etl.manifest.models import (
     WadoRsDownload,
     WadoUriDownload,
 )
+from trolley_etl.runner.bounds import harden
 
 
 def http_auth(config: HttpBackend) -> AuthBase | None:
@@ -82,13 +84,17 @@ def _dimse_options(config: Any) -> dict[str, Any]:
     }
 
 
-def build_backends(manifest: Manifest) -> tuple[Searcher, Downloader]:
+def build_backends(
+    manifest: Manifest, stop: threading.Event | None = None
+) -> tuple[Searcher, Downloader]:
     """The searcher and the downloader the manifest names (one object for a local folder)."""
     search, download = manifest.source.search, manifest.source.effective_download
     searcher = _searcher(search, manifest)
     if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
         return searcher, searcher
-    return searcher, _downloader(download)
+    downloader = _downloader(download)
+    harden(manifest, searcher, downloader, stop)  # issue 13: bounds and the outage gate
+    return searcher, downloader
 
 
 def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:

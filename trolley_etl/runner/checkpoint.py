@@ -30,6 +30,7 @@ from trolley_etl.core.model import (
     SeriesReference,
     StudyReference,
 )
+from trolley_etl.runner.sqlite_safety import connect_read_only, damaged_checkpoint_error
 
 if TYPE_CHECKING:  # core.storage loads pydicom, which reading a checkpoint does not need
     from trolley_etl.core.storage import StoredInstance
@@ -119,13 +120,18 @@ def state_dir(root: Path) -> Path:
     return root / STATE_DIR
 
 
-def open_checkpoint(root: Path) -> Checkpoint:
-    """The checkpoint of a storage root (created if there is none).
+def open_checkpoint(root: Path, *, read_only: bool = False) -> Checkpoint:
+    """The checkpoint of a storage root (created if there is none, unless `read_only`).
 
-    Runs whose process died while `running` are marked `aborted` on the way.
+    Runs whose process died while `running` are marked `aborted` on the way, by readers too
+    where the checkpoint is writable; a read-only root is read as it is.
     """
-    checkpoint = Checkpoint(state_dir(root) / CHECKPOINT_NAME)
-    checkpoint.mark_abandoned_runs()
+    path = state_dir(root) / CHECKPOINT_NAME
+    if read_only and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+        read_only = False
+    checkpoint = Checkpoint(path, read_only=read_only)
+    if not read_only:
+        checkpoint.mark_abandoned_runs()
     return checkpoint
 
 
@@ -252,16 +258,22 @@ class RunRecord:
 class Checkpoint:
     """One SQLite database per storage root. Safe to use from several threads."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
+        if read_only:  # issue 13: status, report, verify on a read-only root
+            self._db = connect_read_only(path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+        except sqlite3.DatabaseError as exc:
+            raise damaged_checkpoint_error(path, exc) from None
 
     def _add_missing_columns(self) -> None:
         for table, columns in ADDED_COLUMNS.items():
@@ -612,6 +624,21 @@ class Checkpoint:
             self._db.executemany(
                 "UPDATE files SET path = ?, new_path = NULL WHERE sop_instance_uid = ?",
                 [(path, sop) for sop, path in moved],
+            )
+            self._db.execute("COMMIT")
+
+    def reopen_item(self, item_id: int, sop_instance_uids: Iterable[str], reason: str) -> None:
+        """Forget some files of an item and mark it pending, in one transaction (issue 13):
+        a crash leaves both changes or neither, never forgotten files of a `done` item."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "DELETE FROM files WHERE sop_instance_uid = ?",
+                [(uid,) for uid in sop_instance_uids],
+            )
+            self._db.execute(
+                "UPDATE items SET state = ?, last_error = ?, updated_at = ? WHERE item_id = ?",
+                (PENDING, reason, now(), item_id),
             )
             self._db.execute("COMMIT")
 

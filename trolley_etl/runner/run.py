@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.engine import execute
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import DiskFullError, TrolleyError
+from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
+from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
@@ -32,8 +35,10 @@ from trolley_etl.deid.engine import Deidentifier
 from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
 from trolley_etl.reports.run_report import run_report
-from trolley_etl.runner import lockfile, relayout, report, resolve
+from trolley_etl.runner import lockfile, rejections, relayout, report, resolve
+from trolley_etl.runner.atomic import remove_stale_temp_files
 from trolley_etl.runner.backends import build_backends, describe_source
+from trolley_etl.runner.bounds import retrying
 from trolley_etl.runner.checkpoint import (
     FAILED,
     INCOMPLETE,
@@ -51,6 +56,7 @@ from trolley_etl.runner.committer import Committer, ItemFiles
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
+from trolley_etl.runner.rejections import log_rejected
 from trolley_etl.runner.resolve import Found, Planned, Searched
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
@@ -140,7 +146,7 @@ def root_lock(root: Path) -> Iterator[None]:
 class Runner:
     def __init__(self, manifest: Manifest, manifest_path: Path, log: RunLog,
                  options: RunOptions, backends: BackendFactory | None = None) -> None:  # fmt: skip
-        self.backends: BackendFactory = backends or build_backends
+        self.backends: BackendFactory = backends or self._build_backends
         self.manifest = manifest
         self.manifest_path = manifest_path
         self.options = options
@@ -155,6 +161,7 @@ class Runner:
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
+        self.max_object_bytes = manifest.run.limits.max_object_mb << 20
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -167,8 +174,14 @@ class Runner:
         yield outcome
         self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
 
+    def _build_backends(self, manifest: Manifest) -> tuple[Searcher | None, Downloader]:
+        """The manifest's backends; transfers stop at once when the run is stopped."""
+        return build_backends(manifest, self.stop)
+
     def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
         searcher, downloader = self.backends(self.manifest)
+        if searcher is not None:
+            searcher = retrying(searcher, self.manifest, self.stop)  # issue 13: searches retry
         if searcher is not None and checkpoint is not None and self.manifest.run.cache_searches:
             cache = CachingSearcher(searcher, checkpoint.path)
             if self.options.refresh:
@@ -211,6 +224,7 @@ class Runner:
         for name, account in searched.cohort.items():
             for drop in account.dropped_by_select:
                 self.log.logger.info("select.dropped", query_set=name, **drop.to_json())
+        self.invalid_rows = log_rejected(self.log.logger)  # issue 13: bad UIDs never fetched
         return planned
 
     def resolve(self, trolley: Trolley) -> tuple[list[resolve.Found], list[Any]]:
@@ -230,6 +244,7 @@ class Runner:
 
     def run(self) -> RunResult:
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
@@ -283,6 +298,7 @@ class Runner:
                 checkpoint.set_meta("cohort", cohort_json(searched.cohort))
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
+                rejections.remember(checkpoint, self.run_id, self.invalid_rows)  # issue 13
                 checkpoint.set_meta("lock_hash", self._rewrite_lock(checkpoint, planned))
             else:
                 self.log.logger.info("checkpoint.resume", **checkpoint.counts())
@@ -293,6 +309,11 @@ class Runner:
             return self._finish(checkpoint, RunState.INTERRUPTED)
         except RunInterrupted:
             return self._finish(checkpoint, RunState.INTERRUPTED)
+        except DiskFullError:  # issue 13: not retried; the run is failed, the rerun resumes
+            self.stop.set()
+            with contextlib.suppress(Exception):  # the checkpoint may not be writable either
+                checkpoint.finish_run(self.run_id, RunState.FAILED.value, checkpoint.counts())
+            raise
         except BaseException:
             # the archive went away or refused us: say so in the checkpoint, not "running"
             checkpoint.finish_run(self.run_id, RunState.ABORTED.value, checkpoint.counts())
@@ -303,7 +324,7 @@ class Runner:
 
     def _outcome(self, checkpoint: Checkpoint, failed_on_disk: int) -> RunState:
         """complete only when every unit holds what the archive said and every row matched."""
-        if failed_on_disk or checkpoint.items([FAILED, PENDING]):
+        if failed_on_disk or checkpoint.items([FAILED, PENDING]) or rejections.recorded(checkpoint):
             return RunState.FAILED
         if checkpoint.items([INCOMPLETE]) or refused_unmatched(
             checkpoint, allowed_unmatched(self.manifest.queries)
@@ -425,6 +446,8 @@ class Runner:
         for stale in self.storage.tmp_dir.glob("*.part") if self.storage.tmp_dir.exists() else []:
             stale.unlink(missing_ok=True)
             removed += 1
+        # issue 13: and those of an atomic write (reports, checksum files) killed half-way
+        removed += remove_stale_temp_files(self.root, state_dir(self.root) / "reports")
         if removed:
             self.log.logger.info("storage.temp_removed", files=removed)
 
@@ -448,6 +471,7 @@ class Runner:
                 progress.item_finished()
 
             def interrupted(running: int) -> None:
+                abort_transfers()  # reads blocked on a stalled server return now (issue 13)
                 self.log.logger.warning("run.interrupted", waiting_for=running)
 
             with committer:
@@ -478,8 +502,17 @@ class Runner:
             started = time.monotonic()
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
-                # the unit as planned: batches (RAD-69) from their stored instance lists
-                count = sum(trolley.downloader.fetch(unit, sink) for unit in _units(trolley, item))
+                # the unit as planned: batches (RAD-69) from their stored instance lists; each
+                # object is checked against the unit it was fetched for (issue 13)
+                count = sum(
+                    trolley.downloader.fetch(
+                        unit,
+                        CheckedSink(
+                            sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
+                        ),
+                    )
+                    for unit in _units(trolley, item)
+                )
                 if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
@@ -517,6 +550,10 @@ class Runner:
                     return
             except Exception as error:
                 sink.wait_quietly()
+                full = disk_full_error(error, self.root)  # issue 13: a full disk stops the run
+                if full is not None:
+                    self.stop.set()
+                    raise full from None
                 retry = is_retryable(error) and attempt < self.attempts_per_run
                 self.log.logger.warning(
                     "item.retry" if retry else "item.failed", **uids, attempt=attempt,
@@ -612,8 +649,8 @@ class Runner:
                     reason = "missing" if size < 0 else f"size {size} != recorded {record.size}"
                     self.log.logger.error("verify.bad_file", path=record.path, reason=reason,
                                           sop_instance_uid=record.sop_instance_uid)  # fmt: skip
-                    checkpoint.forget_files([record.sop_instance_uid])
-                    checkpoint.mark_pending(record.item_id, f"file {reason}: {record.path}")
+                    checkpoint.reopen_item(record.item_id, [record.sop_instance_uid],
+                                           f"file {reason}: {record.path}")  # fmt: skip
             outcome.update(files=checked, problems=problems)
         return problems
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl.core.storage import STATE_DIR
-from trolley_etl.runner.checkpoint import Checkpoint, FileRecord
+from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, FileRecord
+from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.report import ROOT_TAG_FILES
 
 CHUNK = 1 << 20
@@ -134,7 +135,21 @@ def verify_root(root: Path, checkpoint: Checkpoint, workers: int = 4) -> VerifyR
     result.problems.extend(
         Problem(UNEXPECTED, path) for path in sorted(walk_payload(root)) if path not in known
     )
+    result.problems.extend(unfinished_items(checkpoint))  # issue 13
     return result
+
+
+#: Item states that mean "not all on disk": they count as missing (issue 13).
+UNFINISHED_STATES = (PENDING, FAILED, "incomplete")
+
+
+def unfinished_items(checkpoint: Checkpoint) -> list[Problem]:
+    """Items not done (a repair or run stopped half-way, a damaged file found by `run`):
+    what they should hold is not on disk, whatever the recorded files say."""
+    return [
+        Problem(MISSING, f"{item.reference} ({item.state})", item_id=item.item_id)
+        for item in checkpoint.items(UNFINISHED_STATES)
+    ]
 
 
 def prepare_repair(root: Path, checkpoint: Checkpoint, result: VerifyResult) -> set[int]:
@@ -143,15 +158,18 @@ def prepare_repair(root: Path, checkpoint: Checkpoint, result: VerifyResult) -> 
     Unexpected files are left alone: they may be someone's own, and nothing says what they
     should contain. Returns the item ids that will be downloaded again.
     """
-    items: set[int] = set()
-    broken = [p for p in result.problems if p.kind in (MISSING, CHANGED)]
-    for problem in broken:
-        if problem.kind == CHANGED:
-            (root / problem.path).unlink(missing_ok=True)
-        assert problem.item_id is not None
-        items.add(problem.item_id)
-    checkpoint.forget_files([p.sop_instance_uid for p in broken])
-    for problem in broken:
-        assert problem.item_id is not None
-        checkpoint.mark_pending(problem.item_id, f"verify: {problem.kind} {problem.path}")
-    return items
+    broken: dict[int, list[Problem]] = {}
+    for problem in result.problems:
+        if problem.kind in (MISSING, CHANGED) and problem.item_id is not None:
+            broken.setdefault(problem.item_id, []).append(problem)
+    for item_id, problems in broken.items():
+        files = [p for p in problems if p.sop_instance_uid]
+        reason = "; ".join(f"verify: {p.kind} {p.path}" for p in problems)[:1000]
+        # one transaction per item (forget its files, mark it pending), then delete: a crash
+        # anywhere leaves the item pending or untouched, never done with forgotten files
+        checkpoint.reopen_item(item_id, [p.sop_instance_uid for p in files], reason)
+        for problem in files:
+            if problem.kind == CHANGED:
+                (root / problem.path).unlink(missing_ok=True)
+        crash_point("repair-item")
+    return set(broken)

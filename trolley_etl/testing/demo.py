@@ -1,12 +1,16 @@
 """`make demo`: start a seeded local Orthanc and run `trolley-etl run manifests/demo.yaml`.
 
-The archive listens on 127.0.0.1:18042 (HTTP) and 14242 (DICOM), the addresses the demo
-manifest names, and stops when the run ends. Whatever the run exits with, the demo exits with.
+The archive answers HTTP on 127.0.0.1:18042, the address the demo manifest names, to this
+machine only, and stops when the run ends. Its DICOM port is off (the demo pulls through
+DICOMweb; Orthanc 1.10 cannot bind DICOM to loopback only). A port already in use is refused
+before anything starts, so the demo never uploads its data into someone else's server.
+Whatever the run exits with, the demo exits with.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_args", nargs="*", help="more arguments for `trolley-etl run`")
     args = parser.parse_args(argv)
 
+    if port_in_use(DEMO_HTTP_PORT):
+        print(f"demo: port {DEMO_HTTP_PORT} is already in use by another program; stop it "
+              "first (the demo never uploads into a server it did not start)",
+              file=sys.stderr)  # fmt: skip
+        return exit_codes.USAGE
     with tempfile.TemporaryDirectory(prefix="trolley-demo-") as workdir:
-        server = OrthancServer(Path(workdir), http_port=DEMO_HTTP_PORT, dicom_port=DEMO_DICOM_PORT)
+        server = OrthancServer(
+            Path(workdir), http_port=DEMO_HTTP_PORT, dicom_port=DEMO_DICOM_PORT,
+            extra_config={"DicomServerEnabled": False},
+        )  # fmt: skip
         try:
             server.start()
         except OrthancError as exc:
@@ -43,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             if code == exit_codes.OK:
                 cli_main(["status", str(args.manifest)])
             return code
+
+
+def port_in_use(port: int) -> bool:
+    """True when something listens on `port` (any interface) or it cannot be bound."""
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return True
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,14 @@ def find_orthanc_binary() -> Path:
     raise OrthancNotInstalledError(f"Orthanc executable not found; {_INSTALL_HINT}")
 
 
+def _answered_by(response: requests.Response, name: str) -> bool:
+    """Is this `GET /system` answer from our Orthanc (its Name), not one already running?"""
+    try:
+        return bool(response.json().get("Name") == name)
+    except (ValueError, AttributeError):
+        return False
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -244,8 +252,11 @@ class OrthancServer:
                 break
             try:
                 resp = requests.get(self.url + "/system", auth=self.auth, timeout=2)
-                if resp.status_code == 200:
+                if resp.status_code == 200 and _answered_by(resp, self.config()["Name"]):
                     return
+                if resp.status_code == 200:  # someone else's server holds the port
+                    last_error = f"another server already answers on port {self.http_port}"
+                    break
                 last_error = f"GET /system answered {resp.status_code}"
             except requests.RequestException as exc:
                 last_error = str(exc)

@@ -1,0 +1,188 @@
+"""What arrives is checked against what was asked, before anything is stored.
+
+A downloader streams each received object into a sink; `CheckedSink` sits in front of the
+real one for one retrieval (a study, series or instance reference) and refuses:
+
+- an object whose StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID (as far as the
+  reference names them) is not the one asked for: an archive answering with another
+  patient's study must not have it stored under ours;
+- a second object with the same SOPInstanceUID and different bytes (which one is right?);
+- an object larger than `max_object_bytes` (an endless part must not fill the disk).
+
+A refused object is aborted (its temp file removed) and the error becomes the error of the
+retrieval, so the unit is retried or marked failed, never done.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trolley_etl.core.errors import DiskFullError, ResponseFormatError
+from trolley_etl.core.uids import InvalidUidError, single_uid
+
+if TYPE_CHECKING:
+    from trolley_etl.core.backend import InstanceSink, InstanceWriter
+    from trolley_etl.core.model import Reference
+
+#: Bytes of each object kept to read its UIDs from (headers are rarely longer than 64 KiB;
+#: the rest is room for large private elements before group 0020).
+PREFIX_BYTES = 1 << 20
+#: Default largest object accepted (DICOM lengths are 32-bit; bigger is not a real object).
+DEFAULT_MAX_OBJECT_BYTES = 4 << 30
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+class UnexpectedInstanceError(ResponseFormatError):
+    """The archive sent an object that is not part of what was asked for."""
+
+
+class ObjectTooLargeError(ResponseFormatError):
+    """An object grew past the configured maximum size."""
+
+
+def expected_uids(reference: Reference) -> dict[str, str]:
+    """keyword -> UID that every object fetched for `reference` must carry."""
+    expected = {"StudyInstanceUID": reference.study_uid}
+    series = getattr(reference, "series_uid", None)
+    if series:
+        expected["SeriesInstanceUID"] = series
+    instance = getattr(reference, "instance_uid", None)
+    if instance:
+        expected["SOPInstanceUID"] = instance
+    return expected
+
+
+class CheckedSink:
+    """A sink for one retrieval that checks each object before handing it on (see module)."""
+
+    def __init__(
+        self,
+        sink: InstanceSink,
+        reference: Reference,
+        *,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        root: Path | None = None,
+    ) -> None:
+        self.sink = sink
+        self.root = root  # the storage root, named when its disk is full
+        self.reference = reference
+        self.expected = expected_uids(reference)
+        self.max_object_bytes = max_object_bytes
+        self._digests: dict[str, bytes] = {}  # SOPInstanceUID -> content digest, this retrieval
+
+    def open_instance(self) -> CheckedWriter:
+        try:
+            return CheckedWriter(self, self.sink.open_instance())
+        except OSError as exc:
+            raise disk_full_error(exc, self.root) or exc from None
+
+    def _admit(self, uids: dict[str, str], digest: bytes) -> None:
+        """Raise UnexpectedInstanceError unless the object belongs to this retrieval."""
+        for keyword, wanted in self.expected.items():
+            if uids.get(keyword) != wanted:
+                raise UnexpectedInstanceError(
+                    f"asked for {self.reference} but the archive sent {keyword} "
+                    f"{uids.get(keyword)!r}; nothing of it was stored"
+                )
+        sop = uids["SOPInstanceUID"]
+        seen = self._digests.setdefault(sop, digest)
+        if seen != digest:
+            raise UnexpectedInstanceError(
+                f"the archive sent SOPInstanceUID {sop} twice with different content for "
+                f"{self.reference}; which one is right cannot be told"
+            )
+
+
+class CheckedWriter:
+    """Forwards bytes to the real writer; checks size on the way and UIDs before commit."""
+
+    def __init__(self, sink: CheckedSink, inner: InstanceWriter) -> None:
+        self._sink = sink
+        self._inner = inner
+        self._size = 0
+        self._prefix = bytearray()
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._sink.max_object_bytes:
+            raise ObjectTooLargeError(
+                f"an object for {self._sink.reference} is larger than the limit of "
+                f"{self._sink.max_object_bytes} bytes (run.limits.max_object_mb)"
+            )
+        if len(self._prefix) < PREFIX_BYTES:
+            self._prefix += chunk[: PREFIX_BYTES - len(self._prefix)]
+        self._hash.update(chunk)
+        try:
+            self._inner.write(chunk)
+        except OSError as exc:
+            raise disk_full_error(exc, self._sink.root) or exc from None
+
+    def commit(self) -> None:
+        try:
+            uids = read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
+            self._sink._admit(uids, self._hash.digest())
+        except BaseException:
+            self._inner.abort()
+            raise
+        try:
+            self._inner.commit()
+        except OSError as exc:
+            raise disk_full_error(exc, self._sink.root) or exc from None
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+def read_uids(prefix: bytes, *, complete: bool) -> dict[str, str]:
+    """The three UIDs from an object's first bytes; UnexpectedInstanceError if unreadable."""
+    from trolley_etl.core.header_scan import scan_header
+
+    facts = scan_header(prefix, _UID_KEYWORDS, complete=complete)
+    values: dict[str, object] = {}
+    if facts is not None:
+        values = {k: facts.get(k) for k in _UID_KEYWORDS}
+    if facts is None or any(v is None for v in values.values()):
+        values = _uids_with_pydicom(prefix)
+    try:
+        return {k: single_uid(values.get(k), k) for k in _UID_KEYWORDS}
+    except InvalidUidError as exc:
+        raise UnexpectedInstanceError(f"received object: {exc}; nothing of it was stored") from None
+
+
+def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(
+            io.BytesIO(prefix), stop_before_pixels=True, specific_tags=list(_UID_KEYWORDS)
+        )
+    except Exception:  # truncated prefix, not DICOM at all: the check below names it
+        return {}
+    return {k: dataset.get(k) for k in _UID_KEYWORDS}
+
+
+def disk_full_error(error: BaseException, root: Path | None) -> DiskFullError | None:
+    """A DiskFullError naming the root and its free space, if `error` means the disk is
+    full (ENOSPC, EDQUOT, or SQLite's "database or disk is full"); None otherwise."""
+    if isinstance(error, DiskFullError):
+        return error
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error))
+    if not full:
+        return None
+    where = root or Path(getattr(error, "filename", None) or ".")
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"no space left on the disk holding {where} ({free}); free some space and run "
+        "again: everything stored so far is kept"
+    )
