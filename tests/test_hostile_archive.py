@@ -370,7 +370,8 @@ def test_sigterm_during_a_stalled_download_stops_the_run_within_seconds(
     import sys
 
     trickling.interval = 30  # headers, then nothing
-    httpserver.expect_request("/dicom-web/studies").respond_with_json([_row([STUDY])])
+    counted = {**_row([STUDY]), "00201208": {"vr": "IS", "Value": [1]}}  # what it holds
+    httpserver.expect_request("/dicom-web/studies").respond_with_json([counted])
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"""\
 version: 1
@@ -405,8 +406,9 @@ def test_a_run_with_rejected_rows_is_not_complete(httpserver: HTTPServer, tmp_pa
     import sys
 
     good = instance(test_uid("run-good", 1))
+    counted = {**_row([STUDY]), "00201208": {"vr": "IS", "Value": [1]}}  # what it holds
     httpserver.expect_request("/dicom-web/studies", method="GET").respond_with_json(
-        [_row([STUDY]), BAD_ROWS["traversal"]]
+        [counted, BAD_ROWS["traversal"]]
     )
     httpserver.expect_request(f"/dicom-web/studies/{STUDY}").respond_with_response(
         multipart(good.data)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -143,17 +145,47 @@ class CheckedWriter:
 def read_uids(prefix: bytes, *, complete: bool) -> dict[str, str]:
     """The three UIDs from an object's first bytes; UnexpectedInstanceError if unreadable."""
     from trolley_etl.core.header_scan import scan_header
+    from trolley_etl.core.json_header import looks_like_json
 
-    facts = scan_header(prefix, _UID_KEYWORDS, complete=complete)
-    values: dict[str, object] = {}
-    if facts is not None:
-        values = {k: facts.get(k) for k in _UID_KEYWORDS}
-    if facts is None or any(v is None for v in values.values()):
-        values = _uids_with_pydicom(prefix)
+    if looks_like_json(prefix):  # DICOM JSON of a metadata-only pull
+        values = _uids_from_json(prefix, complete=complete)
+    else:
+        facts = scan_header(prefix, _UID_KEYWORDS, complete=complete)
+        values = {} if facts is None else {k: facts.get(k) for k in _UID_KEYWORDS}
+        if facts is None or any(v is None for v in values.values()):
+            values = _uids_with_pydicom(prefix)
     try:
         return {k: single_uid(values.get(k), k) for k in _UID_KEYWORDS}
     except InvalidUidError as exc:
         raise UnexpectedInstanceError(f"received object: {exc}; nothing of it was stored") from None
+
+
+#: `"0020000D": {"vr": "UI", "Value": ["1.2.3"]}` in DICOM JSON (tags of the three UIDs).
+_JSON_UID = re.compile(
+    rb'"(0020000D|0020000E|00080018)"\s*:\s*\{[^{}]*?"Value"\s*:\s*\[\s*"([^"]*)"'
+)
+_JSON_TAGS = {b"0020000D": "StudyInstanceUID", b"0020000E": "SeriesInstanceUID",
+              b"00080018": "SOPInstanceUID"}  # fmt: skip
+
+
+def _uids_from_json(prefix: bytes, *, complete: bool) -> dict[str, object]:
+    """The three UIDs of one DICOM JSON object: parsed when it is whole in `prefix`, else
+    found in its first bytes (tags are written in ascending order, UIDs come early)."""
+    if complete:
+        try:
+            item = json.loads(prefix)
+        except ValueError:
+            return {}
+        if not isinstance(item, dict):
+            return {}
+        values: dict[str, object] = {}
+        for tag, keyword in _JSON_TAGS.items():
+            element = item.get(tag.decode())
+            found = element.get("Value") if isinstance(element, dict) else None
+            values[keyword] = found[0] if isinstance(found, list) and len(found) == 1 else found
+        return values
+    return {_JSON_TAGS[m.group(1)]: m.group(2).decode("ascii", "replace")
+            for m in _JSON_UID.finditer(prefix)}  # fmt: skip
 
 
 def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:
