@@ -29,6 +29,7 @@ from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import DimseStatusError, QueryError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
+from trolley_etl.core.splitting import Event, split_search
 
 #: Return keys asked for by default, like QIDO-RS's default attributes (PS3.18 10.6.3.3).
 STUDY_RETURN_KEYS = (
@@ -51,6 +52,8 @@ class DicomQR(Searcher):
     skips rows. Study-level attributes are asked for at every level, so series and instance
     rows fill their Study the way QIDO-RS rows do. `uid_list_matching=False` sends one
     C-FIND per UID for archives that fail on list of UID matching (pynetdicom's qrscp).
+    `max_results` is the archive's cap on one C-FIND: searches that reach it are split by
+    StudyDate and StudyTime until no part does (see `core.splitting`).
     """
 
     def __init__(
@@ -66,8 +69,11 @@ class DicomQR(Searcher):
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
         uid_list_matching: bool = True,
+        max_results: int | None = None,
     ) -> None:
         self.uid_list_matching = uid_list_matching
+        self.max_results = max_results
+        self.on_split: Event | None = None
         self.settings = DimseSettings(
             host=host,
             port=port,
@@ -81,6 +87,10 @@ class DicomQR(Searcher):
         )
 
     def search(self, query: Query) -> list[Study]:
+        return split_search(self.search_once, query, self.max_results, self.on_split)
+
+    def search_once(self, query: Query) -> list[Study]:
+        """One search as asked, without splitting."""
         return tree_from_rows(self.iter_rows(query), query.query_level)
 
     def iter_rows(self, query: Query) -> Iterator[Dataset]:

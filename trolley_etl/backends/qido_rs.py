@@ -12,6 +12,7 @@ from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import ResponseFormatError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
+from trolley_etl.core.splitting import Event, ResultsCappedError, split_search
 
 DEFAULT_PAGE_SIZE = 1000
 _RESOURCE = {
@@ -28,6 +29,10 @@ class QidoRS(Searcher):
     the server returns full pages or says (Warning 299, PS3.18 8.3.4.4) that more results
     exist, so servers that cap their answers still give every match. A server that caps
     silently, without the warning, needs `page_size` at or below its cap.
+
+    `max_results` is the archive's cap on one search: searches that reach it (or that it
+    announces more results for than it will page through) are split by StudyDate and
+    StudyTime until no part does (see `core.splitting`); `on_split` hears about each split.
     """
 
     def __init__(
@@ -39,13 +44,20 @@ class QidoRS(Searcher):
         timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         page_size: int = DEFAULT_PAGE_SIZE,
         headers: dict[str, str] | None = None,
+        max_results: int | None = None,
     ) -> None:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
         self.page_size = page_size
+        self.max_results = max_results
+        self.on_split: Event | None = None
 
     def search(self, query: Query) -> list[Study]:
+        return split_search(self.search_once, query, self.max_results, self.on_split)
+
+    def search_once(self, query: Query) -> list[Study]:
+        """One search as asked, without splitting."""
         return tree_from_rows(self.iter_rows(query), query.query_level)
 
     def iter_rows(self, query: Query) -> Iterator[Dataset]:
@@ -53,9 +65,16 @@ class QidoRS(Searcher):
         path, params = self._request(query)
         offset, remaining = query.offset, query.limit
         page_size = self.page_size
+        more_announced = False
         while remaining is None or remaining > 0:
             asked = page_size if remaining is None else min(page_size, remaining)
+            announced_before = more_announced
             page, more_announced = self._page(path, [*params, ("limit", asked), ("offset", offset)])
+            if not page and announced_before:
+                raise ResultsCappedError(  # the splitting searcher narrows the query instead
+                    f"{self.http.url(path)}: the archive announced more results (Warning 299) "
+                    f"but answers none past offset {offset}"
+                )
             yield from page
             offset += len(page)
             if remaining is not None:

@@ -149,9 +149,23 @@ class DimseBackend(StrictModel):
     network_timeout: Seconds = 120
 
 
+#: The archive's cap on the results of one search; searches at the cap are split by date.
+MaxResults = Annotated[
+    int | None,
+    Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="the archive's cap on one search's results; a search that reaches it is "
+        "split by StudyDate (then StudyTime) until every part is under it",
+    ),
+]
+
+
 class QidoRsSearch(HttpBackend):
     backend: Literal["qido-rs"]
     page_size: int = Field(default=1000, ge=1, le=100_000)
+    max_results: MaxResults = None
 
 
 class MintSearch(HttpBackend):
@@ -160,6 +174,7 @@ class MintSearch(HttpBackend):
 
 class DicomQrSearch(DimseBackend):
     backend: Literal["dicom-qr"]
+    max_results: MaxResults = None
 
 
 class LocalSearch(StrictModel):
@@ -254,10 +269,12 @@ class Source(StrictModel):
             return self.download
         search = self.search
         if isinstance(search, QidoRsSearch):
-            shared = search.model_dump(exclude={"backend", "page_size"})
+            shared = search.model_dump(exclude={"backend", "page_size", "max_results"})
             return WadoRsDownload(backend="wado-rs", **shared)
         if isinstance(search, DicomQrSearch):
-            return CGetDownload(backend="c-get", **search.model_dump(exclude={"backend"}))
+            return CGetDownload(
+                backend="c-get", **search.model_dump(exclude={"backend", "max_results"})
+            )
         return LocalDownload(backend="local")
 
 

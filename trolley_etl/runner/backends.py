@@ -63,10 +63,15 @@ def _dimse_options(config: Any) -> dict[str, Any]:
     }
 
 
-def build_backends(manifest: Manifest) -> tuple[Searcher, Downloader]:
-    """The searcher and the downloader the manifest names (one object for a local folder)."""
+def build_backends(manifest: Manifest, log: Any = None) -> tuple[Searcher, Downloader]:
+    """The searcher and the downloader the manifest names (one object for a local folder).
+
+    `log` (a structlog logger) hears about split searches.
+    """
     search, download = manifest.source.search, manifest.source.effective_download
     searcher = _searcher(search, manifest)
+    if log is not None and hasattr(searcher, "on_split"):
+        searcher.on_split = lambda name, **fields: log.info(name, **fields)
     if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
         return searcher, searcher
     return searcher, _downloader(download)
@@ -76,7 +81,8 @@ def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:
     if isinstance(config, QidoRsSearch):
         from trolley_etl.backends.qido_rs import QidoRS
 
-        return QidoRS(config.url, page_size=config.page_size, **_http_options(config))
+        return QidoRS(config.url, page_size=config.page_size, max_results=config.max_results,
+                      **_http_options(config))  # fmt: skip
     if isinstance(config, MintSearch):
         from trolley_etl.backends.mint import Mint
 
@@ -84,7 +90,7 @@ def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:
     if isinstance(config, DicomQrSearch):
         from trolley_etl.backends.dicom_qr import DicomQR
 
-        return DicomQR(**_dimse_options(config))
+        return DicomQR(**_dimse_options(config), max_results=config.max_results)
     from trolley_etl.backends.local_folder import LocalFolder
 
     index = manifest.base_dir / config.index_path if config.index_path else None

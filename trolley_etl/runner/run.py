@@ -135,7 +135,7 @@ class Runner:
         self.log.logger.info("step.end", duration_s=round(time.monotonic() - started, 3), **outcome)
 
     def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
-        searcher, downloader = build_backends(self.manifest)
+        searcher, downloader = build_backends(self.manifest, self.log.logger)
         if checkpoint is not None and self.manifest.run.cache_searches:
             cache = CachingSearcher(searcher, checkpoint.path)
             if self.options.refresh:
