@@ -23,6 +23,7 @@ from trolley_etl.backends.dimse import (
     storage_classes_of,
     storage_contexts,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.model import QueryLevel, Reference
 
@@ -47,6 +48,7 @@ class CGet(Downloader):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
         retrieval_level: QueryLevel | str | None = None,
         storage_sop_classes: Sequence[str] | None = None,
     ) -> None:
@@ -60,6 +62,7 @@ class CGet(Downloader):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
         )
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.contexts = storage_contexts(storage_sop_classes)
@@ -70,7 +73,7 @@ class CGet(Downloader):
         ae.add_requested_context(STUDY_ROOT_GET)
         for context in self.contexts:
             ae.add_requested_context(str(context.abstract_syntax), context.transfer_syntax)
-        receiver = StoreReceiver(sink)
+        receiver = StoreReceiver(sink, self.settings.limits)
         with association(
             self.settings,
             ae,

@@ -37,6 +37,7 @@ from trolley_etl.backends.dimse import (
     retrieve_identifier,
     run_retrieve,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import BackendError, DimseStatusError
 from trolley_etl.core.model import (
@@ -115,6 +116,7 @@ class CMove(Downloader):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
         retrieval_level: QueryLevel | str | None = None,
         arrival_grace: float = 5.0,
     ) -> None:
@@ -128,6 +130,7 @@ class CMove(Downloader):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
         )
         self.destination = MoveDestination.from_value(move_destination)
         DimseSettings(host, self.destination.port, self.destination.aet)  # validates the AE title
@@ -210,7 +213,7 @@ class CMove(Downloader):
             msg_id = next(self._ids)
             while msg_id in self._pending:
                 msg_id = next(self._ids)
-            request = _MoveRequest(msg_id, reference, StoreReceiver(sink))
+            request = _MoveRequest(msg_id, reference, StoreReceiver(sink, self.settings.limits))
             self._pending[msg_id] = request
             return request
 

@@ -25,6 +25,7 @@ from trolley_etl.backends.dimse import (
     status_meaning,
     status_of,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import DimseStatusError, QueryError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
@@ -68,6 +69,7 @@ class DicomQR(Searcher):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
         uid_list_matching: bool = True,
         max_results: int | None = None,
     ) -> None:
@@ -84,6 +86,7 @@ class DicomQR(Searcher):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
         )
 
     def search(self, query: Query) -> list[Study]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
@@ -35,6 +35,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import InstanceSink, write_instance
 from trolley_etl.core.errors import (
     AssociationRejectedError,
@@ -114,6 +115,8 @@ class DimseSettings:
     dimse_timeout: float | None = 120.0
     network_timeout: float | None = 120.0
     max_pdu: int = 0  # 0: no limit on what we receive
+    #: Caps shared by every association of the backend (see `backends.limits`).
+    limits: BackendLimits | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("called_aet", "calling_aet"):
@@ -218,16 +221,25 @@ def association(
     ext_neg: list[Any] | None = None,
     what: str = "association",
 ) -> Iterator[Association]:
-    """An established association, released on success and aborted on error."""
-    assoc = open_association(settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what)
-    try:
-        yield assoc
-    except BaseException:
+    """An established association, released on success and aborted on error.
+
+    It holds one of the backend's `max_connections` slots while open.
+    """
+    limits = settings.limits
+    with limits.connection() if limits is not None else nullcontext():
+        if limits is not None:
+            limits.request()
+        assoc = open_association(
+            settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what
+        )
+        try:
+            yield assoc
+        except BaseException:
+            if assoc.is_established:
+                assoc.abort()
+            raise
         if assoc.is_established:
-            assoc.abort()
-        raise
-    if assoc.is_established:
-        assoc.release()
+            assoc.release()
 
 
 def lost_association_error(
@@ -408,14 +420,20 @@ class StoreReceiver:
     and kept for the retrieval to raise.
     """
 
-    def __init__(self, sink: InstanceSink) -> None:
+    def __init__(self, sink: InstanceSink, limits: BackendLimits | None = None) -> None:
         self.sink = sink
+        self.limits = limits
         self.count = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
 
     def store(self, data: bytes) -> int:
-        """Store one Part 10 object; return the C-STORE status."""
+        """Store one Part 10 object; return the C-STORE status.
+
+        With a byte rate cap the answer waits, which holds the archive back.
+        """
+        if self.limits is not None:
+            self.limits.received(len(data))
         try:
             write_instance(self.sink, data)
         except Exception as exc:

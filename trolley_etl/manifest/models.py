@@ -116,7 +116,38 @@ Auth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
 # --- backends ----------------------------------------------------------------------------------
 
 
-class HttpBackend(StrictModel):
+class RateLimit(StrictModel):
+    """Caps on the pace of one backend, shared by all workers."""
+
+    requests_per_second: float | None = Field(
+        default=None, gt=0, le=10_000, description="HTTP requests or DICOM associations started"
+    )
+    megabytes_per_second: float | None = Field(
+        default=None, gt=0, le=100_000, description="data received, in 10^6 bytes per second"
+    )
+
+    @model_validator(mode="after")
+    def _check_some(self) -> RateLimit:
+        if self.requests_per_second is None and self.megabytes_per_second is None:
+            raise error(
+                "empty_rate_limit", "give requests_per_second, megabytes_per_second or both"
+            )
+        return self
+
+
+class BackendCaps(StrictModel):
+    """What a backend may ask of the archive at once (see the README for PACS administrators)."""
+
+    max_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="concurrent HTTP connections or DICOM associations, across all workers",
+    )
+    rate_limit: RateLimit | None = None
+
+
+class HttpBackend(BackendCaps):
     url: str = Field(description="Base URL, e.g. https://pacs.example.org/dicom-web")
     auth: Auth = Field(default_factory=NoAuth)
     verify_tls: bool | str = Field(
@@ -138,7 +169,7 @@ class HttpBackend(StrictModel):
         return url.rstrip("/")
 
 
-class DimseBackend(StrictModel):
+class DimseBackend(BackendCaps):
     host: str = Field(min_length=1)
     port: Port
     called_aet: AETitle

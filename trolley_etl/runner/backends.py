@@ -7,6 +7,7 @@ from typing import Any
 from requests.auth import AuthBase
 
 from trolley_etl.backends.http import auth_from_env, redact_url
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.manifest import Manifest
@@ -50,8 +51,19 @@ def _http_options(config: HttpBackend) -> dict[str, Any]:
     }
 
 
+def backend_limits(config: Any) -> BackendLimits:
+    """The caps a backend's manifest entry asks for."""
+    rate = config.rate_limit
+    return BackendLimits(
+        max_connections=config.max_connections,
+        requests_per_second=rate.requests_per_second if rate else None,
+        megabytes_per_second=rate.megabytes_per_second if rate else None,
+    )
+
+
 def _dimse_options(config: Any) -> dict[str, Any]:
     return {
+        "limits": backend_limits(config),
         "host": config.host,
         "port": config.port,
         "called_aet": config.called_aet,
@@ -66,15 +78,36 @@ def _dimse_options(config: Any) -> dict[str, Any]:
 def build_backends(manifest: Manifest, log: Any = None) -> tuple[Searcher, Downloader]:
     """The searcher and the downloader the manifest names (one object for a local folder).
 
-    `log` (a structlog logger) hears about split searches.
+    `log` (a structlog logger) hears about each backend's caps, waits and split searches.
     """
     search, download = manifest.source.search, manifest.source.effective_download
     searcher = _searcher(search, manifest)
     if log is not None and hasattr(searcher, "on_split"):
         searcher.on_split = lambda name, **fields: log.info(name, **fields)
+    _apply_caps(searcher, search, "search", log)
     if isinstance(download, LocalDownload) and isinstance(searcher, Downloader):
         return searcher, searcher
-    return searcher, _downloader(download)
+    downloader = _downloader(download)
+    _apply_caps(downloader, download, "download", log)
+    return searcher, downloader
+
+
+def _apply_caps(backend: Any, config: Any, role: str, log: Any) -> None:
+    """HTTP backends get their caps on their client; DIMSE ones got them when built."""
+    if not hasattr(config, "max_connections"):
+        return
+    http = getattr(backend, "http", None)
+    settings = getattr(backend, "settings", None)
+    if http is not None:
+        limits = backend_limits(config)
+        http.configure(limits=limits)
+    elif settings is not None and settings.limits is not None:
+        limits = settings.limits
+    else:
+        return
+    if log is not None:
+        limits.on_event = lambda name, **fields: log.info(name, role=role, **fields)
+        log.info("backend.limits", role=role, source=describe_source(config), **limits.describe())
 
 
 def _searcher(config: SearchConfig, manifest: Manifest) -> Searcher:
