@@ -19,6 +19,7 @@ from trolley_etl.core.constants import CHECKPOINT_NAME
 from trolley_etl.core.errors import AuthenticationError, ConnectionFailedError, TrolleyError
 from trolley_etl.manifest import Manifest, ManifestError, load_manifest
 from trolley_etl.runner.checkpoint import FAILED, PENDING, open_checkpoint, state_dir
+from trolley_etl.runner.window import OutsideWindowError, waiting_state
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -57,6 +58,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument(
         "--dry-run", action="store_true", help="search and plan; print it; download nothing"
     )
+    run.add_argument("--ignore-window", action="store_true",
+                     help="contact the archive even outside run.window")  # fmt: skip
+    run.add_argument("--no-wait", action="store_true",
+                     help=f"outside run.window, exit {exit_codes.BACKEND_UNAVAILABLE} instead of "
+                     "waiting for it")  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -82,7 +88,7 @@ def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None)
 
 
 def _backend_exit(error: TrolleyError) -> int:
-    if isinstance(error, (ConnectionFailedError, AuthenticationError)):
+    if isinstance(error, (ConnectionFailedError, AuthenticationError, OutsideWindowError)):
         return exit_codes.BACKEND_UNAVAILABLE
     return exit_codes.USAGE
 
@@ -125,6 +131,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         dry_run=getattr(args, "dry_run", False),
         quiet=args.quiet,
         progress=sys.stderr.isatty(),
+        ignore_window=getattr(args, "ignore_window", False),
+        no_wait=getattr(args, "no_wait", False),
     )
 
 
@@ -236,9 +244,11 @@ def run_status(args: argparse.Namespace) -> int:
     finally:
         checkpoint.close()
     last = runs[-1] if runs else None
+    waiting = waiting_state(state_dir(root))  # a run waiting for its time window
     if args.format == "json":
         print(json.dumps({
             "manifest": manifest.name, "root": str(root), "counts": counts, "last_run": last,
+            "waiting_for_window": waiting,
             "failed": [{"reference": str(i.reference), "attempts": i.attempts,
                         "error": i.last_error} for i in failed],
         }, indent=2))  # fmt: skip
@@ -249,6 +259,9 @@ def run_status(args: argparse.Namespace) -> int:
         if last:
             print(f"last run {last['run_id']}: {last['status']}, started {last['started_at']}, "
                   f"finished {last['finished_at'] or '-'}")  # fmt: skip
+        if waiting:
+            print(f"run {waiting['run_id']} is waiting for its time window until "
+                  f"{waiting['until']}")  # fmt: skip
         for item in failed[:20]:
             print(f"  failed {item.reference} after {item.attempts} attempt(s): {item.last_error}")
     return (

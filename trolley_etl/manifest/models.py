@@ -425,11 +425,46 @@ class Storage(StrictModel):
         return layout
 
 
+DayName = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+EVERY_DAY: list[DayName] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class RunWindow(StrictModel):
+    """When a run may contact the archive; outside it the run finishes what is in flight and
+    waits. A span belongs to the day it starts on (fri 19:00-07:00 ends Saturday morning)."""
+
+    hours: str = Field(
+        pattern=r"^\d\d:\d\d(:\d\d)?-\d\d:\d\d(:\d\d)?$",
+        description='daily span, "HH:MM-HH:MM"; may cross midnight ("19:00-07:00")',
+    )
+    days: list[DayName] = Field(
+        default_factory=lambda: list(EVERY_DAY),
+        min_length=1,
+        description="days on which the span starts",
+    )
+    timezone: str | None = Field(
+        default=None, description="IANA time zone, e.g. Europe/Amsterdam (default: this machine's)"
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> RunWindow:
+        from trolley_etl.runner.window import TimeWindow
+
+        try:
+            TimeWindow.parse(self.hours, list(self.days), self.timezone)
+        except ValueError as exc:
+            raise error("window", str(exc)) from None
+        return self
+
+
 class RunSettings(StrictModel):
     workers: int = Field(default=4, ge=1, le=64, description="parallel downloads")
     retries: int = Field(default=3, ge=0, le=20, description="retries per item after a failure")
     cache_searches: bool = Field(
         default=True, description="remember search answers in the checkpoint during a run"
+    )
+    window: RunWindow | None = Field(
+        default=None, description="when the archive may be contacted (e.g. nights only)"
     )
 
 

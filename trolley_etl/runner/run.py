@@ -25,7 +25,7 @@ from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
 from trolley_etl.manifest import Manifest
-from trolley_etl.runner import lockfile, report, resolve
+from trolley_etl.runner import lockfile, report, resolve, window
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.checkpoint import (
     FAILED,
@@ -71,6 +71,8 @@ class RunOptions:
     progress: bool = True
     run_id: str | None = None
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
+    ignore_window: bool = False  # contact the archive even outside run.window
+    no_wait: bool = False  # outside run.window: fail (OutsideWindowError) instead of waiting
 
 
 @dataclass
@@ -122,6 +124,9 @@ class Runner:
         self.storage = StorageDir(self.root, manifest.storage.layout)
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
+        self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
+                                    log=log.logger, state_dir=state_dir(self.root),
+                                    run_id=self.run_id, stop=self.stop)  # fmt: skip
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -171,6 +176,8 @@ class Runner:
 
     def run(self) -> RunResult:
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        if self.options.no_wait:
+            window.check_no_wait(self.manifest.run.window, ignore=self.options.ignore_window)
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
@@ -200,6 +207,8 @@ class Runner:
                              lock=str(self.lock_path) if lock is not None else None)  # fmt: skip
         trolley = self._trolley(checkpoint)
         try:
+            if self.gate is not None:
+                self.gate.hold()  # a run started outside its window waits for it
             locked_differently = lock is not None and checkpoint.get_meta("lock_hash") != lock_sha
             if lock is not None and (recorded is None or locked_differently):
                 self._resolve_from_lock(trolley, checkpoint, lock, wanted)
@@ -313,12 +322,19 @@ class Runner:
             running: dict[Future[None], Item] = {}
             committer = Committer(self.storage, checkpoint, progress, source=self.source,
                                   run_id=self.run_id)  # fmt: skip
+
+            def drain() -> None:  # outside the window: the units in flight finish first
+                while running:
+                    self._collect(running, progress)
+
             with (
                 committer,
                 ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="item") as pool,
             ):
                 try:
                     for item in pending:  # bounded: at most 2 x workers submitted at once
+                        if self.gate is not None:
+                            self.gate.hold(drain)
                         running[
                             pool.submit(self._fetch_item, trolley, checkpoint, item, committer)
                         ] = item
