@@ -6,7 +6,13 @@ import argparse
 import sys
 
 from trolley_etl import __version__
-from trolley_etl.cli import audit_commands, exit_codes, manifest_commands, run_commands
+from trolley_etl.cli import (
+    audit_commands,
+    doctor_commands,
+    exit_codes,
+    manifest_commands,
+    run_commands,
+)
 from trolley_etl.core.errors import TrolleyError
 
 
@@ -20,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifest_commands.add_commands(subparsers)
     run_commands.add_commands(subparsers)
     audit_commands.add_commands(subparsers)
+    doctor_commands.add_commands(subparsers)
     return parser
 
 
