@@ -110,7 +110,40 @@ class BearerAuth(StrictModel):
     token_env: EnvName
 
 
-Auth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
+class OAuth2Auth(StrictModel):
+    """OAuth 2.0 client credentials: a bearer token from `token_url`, renewed before it
+    expires (and once more if the archive answers 401)."""
+
+    type: Literal["oauth2"]
+    token_url: str = Field(description="the token endpoint, e.g. https://idp.example.org/token")
+    client_id_env: EnvName
+    client_secret_env: EnvName
+    scope: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise error("url", f"not an http(s) URL: {url!r}")
+        if parts.username or parts.password:
+            raise error("url_credentials", "credentials in the URL are not allowed")
+        return url
+
+
+class CommandAuth(StrictModel):
+    """A credential helper whose output is the bearer token (`[gcloud, auth,
+    print-access-token]`); run again when the token expires or the archive answers 401."""
+
+    type: Literal["command"]
+    command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1, max_length=100, description="program and arguments (no shell)"
+    )
+
+
+Auth = Annotated[
+    NoAuth | BasicAuth | BearerAuth | OAuth2Auth | CommandAuth, Field(discriminator="type")
+]
 
 
 # --- backends ----------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ from trolley_etl.manifest.models import (
     BearerAuth,
     CGetDownload,
     CMoveDownload,
+    CommandAuth,
     DicomQrSearch,
     DownloadConfig,
     HttpBackend,
     LocalDownload,
     MintSearch,
     NoAuth,
+    OAuth2Auth,
     QidoRsSearch,
     Rad69Download,
     SearchConfig,
@@ -40,7 +42,21 @@ def http_auth(config: HttpBackend) -> AuthBase | None:
         )
     if isinstance(auth, BearerAuth):
         return auth_from_env("bearer", token_env=auth.token_env)
+    if isinstance(auth, (OAuth2Auth, CommandAuth)):
+        return token_auth(auth)
     raise TrolleyError(f"unsupported auth {auth!r}")
+
+
+def token_auth(auth: OAuth2Auth | CommandAuth) -> AuthBase:
+    """Bearer tokens that are renewed: OAuth 2.0 client credentials or a credential helper."""
+    from trolley_etl.backends import token_auth as tokens
+
+    if isinstance(auth, OAuth2Auth):
+        return tokens.TokenAuth(tokens.OAuth2ClientCredentials(
+            auth.token_url, tokens.read_env(auth.client_id_env),
+            tokens.read_env(auth.client_secret_env), scope=auth.scope,
+        ))  # fmt: skip
+    return tokens.TokenAuth(tokens.CommandToken(auth.command))
 
 
 def _http_options(config: HttpBackend) -> dict[str, Any]:

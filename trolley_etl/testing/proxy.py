@@ -12,6 +12,8 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
@@ -28,6 +30,8 @@ class FaultProxy:
         self.fail_prefix = ""  # only requests whose path starts with this fail
         self.requests: list[tuple[str, int]] = []  # (path, status) of every answer
         self.started: list[float] = []  # monotonic time each request arrived
+        #: when set, requests whose headers it refuses are answered 401 (a token-checking archive)
+        self.authorize: Callable[[Message], bool] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -61,6 +65,9 @@ class FaultProxy:
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         with self._lock:
             self.started.append(time.monotonic())
+        if self.authorize is not None and not self.authorize(handler.headers):
+            self._answer(handler, 401, {"WWW-Authenticate": "Bearer"}, b"token refused\n")
+            return
         if self.delay:
             time.sleep(self.delay)
         failure = self._take_failure(handler.path)
