@@ -129,7 +129,7 @@ def test_wrong_called_ae(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict, aet="NOTORTHANC")), capsys)
     assert code == 3
     line = next(x for x in out.splitlines() if x.startswith("FAIL  search    c-echo"))
-    assert "association rejected" in line and "be called 'NOTORTHANC'" in line
+    assert "association rejected" in line and "be called 'NOTORTHANC'" in line, out
 
 
 def test_bad_credentials(

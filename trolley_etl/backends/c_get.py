@@ -14,6 +14,7 @@ from pynetdicom import build_role, evt
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_GET,
     DimseSettings,
+    DimseTls,
     StoreReceiver,
     association,
     check_retrieve_result,
@@ -49,6 +50,7 @@ class CGet(Downloader):
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
         limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         storage_sop_classes: Sequence[str] | None = None,
     ) -> None:
@@ -63,6 +65,7 @@ class CGet(Downloader):
             network_timeout=network_timeout,
             max_pdu=max_pdu,
             limits=limits,
+            tls=tls,
         )
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.contexts = storage_contexts(storage_sop_classes)

@@ -29,6 +29,7 @@ from trolley_etl.backends.dimse import (
     STUDY_ROOT_MOVE,
     VERIFICATION,
     DimseSettings,
+    DimseTls,
     StoreReceiver,
     apply_timeouts,
     association,
@@ -117,6 +118,7 @@ class CMove(Downloader):
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
         limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         arrival_grace: float = 5.0,
     ) -> None:
@@ -131,6 +133,7 @@ class CMove(Downloader):
             network_timeout=network_timeout,
             max_pdu=max_pdu,
             limits=limits,
+            tls=tls,
         )
         self.destination = MoveDestination.from_value(move_destination)
         DimseSettings(host, self.destination.port, self.destination.aet)  # validates the AE title
@@ -159,11 +162,15 @@ class CMove(Downloader):
                 ae.add_supported_context(str(context.abstract_syntax), AllTransferSyntaxes)
             ae.add_supported_context(VERIFICATION)
             address = (self.destination.bind, self.destination.port)
+            tls = self.settings.tls
             try:
                 self._server = ae.start_server(
-                    address, block=False, evt_handlers=[(evt.EVT_C_STORE, self._handle_store)]
+                    address,
+                    block=False,
+                    evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+                    ssl_context=tls.server_context() if tls is not None else None,
                 )
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 raise BackendError(
                     f"C-MOVE destination {self.destination_name}: cannot listen on "
                     f"{self.destination.bind}:{self.destination.port}: {exc}"

@@ -19,6 +19,7 @@ from pynetdicom.status import code_to_category
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_FIND,
     DimseSettings,
+    DimseTls,
     association,
     level_name,
     lost_association_error,
@@ -70,6 +71,7 @@ class DicomQR(Searcher):
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
         limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         uid_list_matching: bool = True,
         max_results: int | None = None,
     ) -> None:
@@ -87,6 +89,7 @@ class DicomQR(Searcher):
             network_timeout=network_timeout,
             max_pdu=max_pdu,
             limits=limits,
+            tls=tls,
         )
 
     def search(self, query: Query) -> list[Study]:

@@ -7,6 +7,7 @@ and builds the storage presentation contexts a retrieving peer needs.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -103,6 +104,34 @@ STORE_CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
+class DimseTls:
+    """DICOM TLS (PS3.15 B.1): files in PEM. `ca_file` verifies the archive's certificate
+    (the system's CAs without it); `cert_file`/`key_file` are ours, for archives that ask
+    for a client certificate and for the C-MOVE destination we serve."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        """For associations we open: the archive's certificate and host name are verified."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def server_context(self) -> ssl.SSLContext:
+        """For the C-MOVE destination: our certificate; the archive's is required when a
+        CA is given."""
+        if not self.cert_file:
+            raise ValueError("a C-MOVE destination over TLS needs tls.cert_file (and key_file)")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca_file)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        context.verify_mode = ssl.CERT_REQUIRED if self.ca_file else ssl.CERT_NONE
+        return context
+
+
+@dataclass(frozen=True)
 class DimseSettings:
     """Where the archive is and how long to wait for it (seconds; None waits forever)."""
 
@@ -117,6 +146,8 @@ class DimseSettings:
     max_pdu: int = 0  # 0: no limit on what we receive
     #: Caps shared by every association of the backend (see `backends.limits`).
     limits: BackendLimits | None = field(default=None, compare=False)
+    #: DICOM TLS; None for plain TCP.
+    tls: DimseTls | None = None
 
     def __post_init__(self) -> None:
         for name in ("called_aet", "calling_aet"):
@@ -132,8 +163,9 @@ class DimseSettings:
 
     @property
     def url(self) -> str:
-        """How errors name the archive: `dicom://CALLED@host:port`."""
-        return f"dicom://{self.called_aet}@{self.address}"
+        """How errors name the archive: `dicom://CALLED@host:port` (`dicoms://` with TLS)."""
+        scheme = "dicoms" if self.tls is not None else "dicom"
+        return f"{scheme}://{self.called_aet}@{self.address}"
 
     def describe(self) -> str:
         return f"{self.calling_aet} -> {self.called_aet} at {self.address}"
@@ -177,12 +209,20 @@ def open_association(
     connected = threading.Event()
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda _event: connected.set())]
     handlers.extend(evt_handlers or [])
+    tls_args = None
+    if settings.tls is not None:
+        try:
+            tls_args = (settings.tls.client_context(), settings.host)
+        except (OSError, ssl.SSLError) as exc:
+            raise BackendError(f"{what} {settings.describe()}: cannot load the TLS files: "
+                               f"{exc}", url=settings.url) from None  # fmt: skip
     assoc = ae.associate(
         settings.host,
         int(settings.port),
         ae_title=settings.called_aet,
         evt_handlers=handlers,
         ext_neg=ext_neg,
+        tls_args=tls_args,
     )
     if assoc.is_established:
         return assoc
@@ -200,9 +240,10 @@ def open_association(
             url=settings.url,
         )
     if not connected.is_set():
+        tls = " or the TLS handshake failed (certificate not trusted?)" if tls_args else ""
         raise ConnectionFailedError(
             f"{where}: cannot connect to {settings.address} (refused, unreachable or no "
-            f"answer within the connection timeout of {settings.connection_timeout} s)",
+            f"answer within the connection timeout of {settings.connection_timeout} s{tls})",
             url=settings.url,
         )
     raise ConnectionFailedError(

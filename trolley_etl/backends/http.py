@@ -207,7 +207,11 @@ class HttpClient:
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request; failures to get any answer become ConnectionFailedError."""
         try:
-            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+            # verify given per request: requests lets REQUESTS_CA_BUNDLE override the
+            # session's own setting otherwise, and a private CA would be ignored
+            return self.session.request(
+                method, url, timeout=self.timeout, verify=self.session.verify, **kwargs
+            )
         except requests.exceptions.SSLError as exc:
             raise ConnectionFailedError(
                 f"TLS verification failed for {redact_url(url)}: {_reason(exc)}", url=url

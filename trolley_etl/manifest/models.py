@@ -168,6 +168,39 @@ class RateLimit(StrictModel):
         return self
 
 
+class TlsFiles(StrictModel):
+    """TLS with a private CA and client certificates (PEM files, relative to the manifest)."""
+
+    ca_file: str | None = Field(
+        default=None, description="the CA certificate(s) that signed the archive's certificate"
+    )
+    cert_file: str | None = Field(
+        default=None, description="our client certificate (mutual TLS); may also hold the key"
+    )
+    key_file: str | None = Field(default=None, description="the private key of cert_file")
+
+    _resolved: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_files(self, info: ValidationInfo) -> TlsFiles:
+        if self.key_file and not self.cert_file:
+            raise error("tls", "key_file needs cert_file", "cert_file")
+        base = Path((info.context or {}).get("base_dir", "."))
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = (base / value).absolute()
+            if not path.is_file():
+                raise error("tls_file", f"file not found: {path}", name)
+            self._resolved[name] = str(path)
+        return self
+
+    def path(self, name: str) -> str | None:
+        """`ca_file`, `cert_file` or `key_file`, resolved against the manifest's folder."""
+        return self._resolved.get(name)
+
+
 class BackendCaps(StrictModel):
     """What a backend may ask of the archive at once (see the README for PACS administrators)."""
 
@@ -187,6 +220,13 @@ class HttpBackend(BackendCaps):
         default=True, description="false to skip TLS verification, or a CA bundle path"
     )
     timeout: Seconds = Field(default=300, description="seconds to wait for the server")
+    tls: TlsFiles | None = Field(default=None, description="private CA and client certificate")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpBackend:
+        if self.tls is not None and self.tls.ca_file and self.verify_tls is not True:
+            raise error("tls", "give either tls.ca_file or verify_tls, not both", "verify_tls")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -211,6 +251,7 @@ class DimseBackend(BackendCaps):
     acse_timeout: Seconds = 30
     dimse_timeout: Seconds = 120
     network_timeout: Seconds = 120
+    tls: TlsFiles | None = Field(default=None, description="DICOM TLS (the archive's TLS port)")
 
 
 #: The archive's cap on the results of one search; searches at the cap are split by date.

@@ -60,9 +60,10 @@ def token_auth(auth: OAuth2Auth | CommandAuth) -> AuthBase:
 
 
 def _http_options(config: HttpBackend) -> dict[str, Any]:
+    ca_file = config.tls.path("ca_file") if config.tls else None
     return {
         "auth": http_auth(config),
-        "verify": config.verify_tls,
+        "verify": ca_file or config.verify_tls,
         "timeout": (min(10.0, config.timeout), config.timeout),
     }
 
@@ -77,9 +78,29 @@ def backend_limits(config: Any) -> BackendLimits:
     )
 
 
+def client_certificate(config: Any) -> str | tuple[str, str] | None:
+    """The HTTP client certificate of `tls` (one PEM file, or certificate and key)."""
+    tls = config.tls
+    cert, key = (tls.path("cert_file"), tls.path("key_file")) if tls else (None, None)
+    if cert and key:
+        return (cert, key)
+    return cert
+
+
+def dimse_tls(config: Any) -> Any:
+    """DICOM TLS settings of `tls`, or None."""
+    from trolley_etl.backends.dimse import DimseTls
+
+    tls = config.tls
+    if tls is None:
+        return None
+    return DimseTls(tls.path("ca_file"), tls.path("cert_file"), tls.path("key_file"))
+
+
 def _dimse_options(config: Any) -> dict[str, Any]:
     return {
         "limits": backend_limits(config),
+        "tls": dimse_tls(config),
         "host": config.host,
         "port": config.port,
         "called_aet": config.called_aet,
@@ -109,14 +130,15 @@ def build_backends(manifest: Manifest, log: Any = None) -> tuple[Searcher, Downl
 
 
 def _apply_caps(backend: Any, config: Any, role: str, log: Any) -> None:
-    """HTTP backends get their caps on their client; DIMSE ones got them when built."""
+    """HTTP backends get their caps and client certificate on their client; DIMSE ones got
+    theirs when built."""
     if not hasattr(config, "max_connections"):
         return
     http = getattr(backend, "http", None)
     settings = getattr(backend, "settings", None)
     if http is not None:
         limits = backend_limits(config)
-        http.configure(limits=limits)
+        http.configure(limits=limits, cert=client_certificate(config))
     elif settings is not None and settings.limits is not None:
         limits = settings.limits
     else:

@@ -89,12 +89,13 @@ def tls_context(config: Any) -> ssl.SSLContext | None:
     verify = getattr(config, "verify_tls", True)
     if verify is False:
         return None
+    files = {name: tls.path(name) if tls else None for name in ("ca_file", "cert_file", "key_file")}
     context = ssl.create_default_context()
-    ca_file = getattr(tls, "ca_file", None) or (verify if isinstance(verify, str) else None)
+    ca_file = files["ca_file"] or (verify if isinstance(verify, str) else None)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
-    if tls is not None and tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+    if files["cert_file"]:
+        context.load_cert_chain(files["cert_file"], files["key_file"])
     return context
 
 
@@ -200,7 +201,8 @@ class Doctor:
         if http is None:
             return Check(role, "clock", SKIP, "no HTTP client to ask")
         try:
-            response = http.session.get(http.base_url, timeout=http.timeout)
+            response = http.session.get(http.base_url, timeout=http.timeout,
+                                        verify=http.session.verify)  # fmt: skip
             response.close()
         except Exception as exc:
             return Check(role, "clock", SKIP, f"no answer to compare clocks with ({exc})")
