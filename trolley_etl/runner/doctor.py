@@ -348,7 +348,7 @@ class Doctor:
 def _auth_hint(config: Any) -> str:
     auth = getattr(config, "auth", None)
     if getattr(auth, "type", "") == "command":
-        return f"check that {auth.command[0]!r} prints a token this archive accepts"  # type: ignore[union-attr]
+        return f"check that {auth.command[0]!r} prints a token this archive accepts"
     names = [
         str(getattr(auth, key))
         for key in ("username_env", "password_env", "token_env", "client_id_env",
