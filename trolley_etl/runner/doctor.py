@@ -346,7 +346,7 @@ class Doctor:
 
 
 def _auth_hint(config: Any) -> str:
-    auth = getattr(config, "auth", None)
+    auth: Any = getattr(config, "auth", None)
     if getattr(auth, "type", "") == "command":
         return f"check that {auth.command[0]!r} prints a token this archive accepts"
     names = [
