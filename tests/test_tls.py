@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trolley_etl.cli.main import main
-from trolley_etl.testing.certs import TestPKI, make_pki
+from trolley_etl.testing.certs import LocalPKI, make_pki
 from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 from trolley_etl.testing.orthanc import OrthancServer, free_port
 from trolley_etl.testing.tls_front import TlsFront
@@ -23,19 +23,19 @@ INSTANCES = COHORT_ACCESSIONS[ACCESSION].instance_count
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def https(tmp_path_factory, orthanc: OrthancServer, pki: TestPKI) -> Iterator[TlsFront]:
+def https(tmp_path_factory, orthanc: OrthancServer, pki: LocalPKI) -> Iterator[TlsFront]:
     with TlsFront(tmp_path_factory.mktemp("stunnel"), orthanc.http_port, cert=pki.server_cert,
                   key=pki.server_key) as front:  # fmt: skip
         yield front
 
 
 @pytest.fixture(scope="module")
-def mutual(tmp_path_factory, orthanc: OrthancServer, pki: TestPKI) -> Iterator[TlsFront]:
+def mutual(tmp_path_factory, orthanc: OrthancServer, pki: LocalPKI) -> Iterator[TlsFront]:
     with TlsFront(tmp_path_factory.mktemp("stunnel-mtls"), orthanc.http_port,
                   cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca) as front:  # fmt: skip
         yield front
@@ -43,7 +43,7 @@ def mutual(tmp_path_factory, orthanc: OrthancServer, pki: TestPKI) -> Iterator[T
 
 @pytest.fixture(scope="module")
 def dicom_tls(
-    tmp_path_factory, pki: TestPKI, cohort: list[GeneratedInstance]
+    tmp_path_factory, pki: LocalPKI, cohort: list[GeneratedInstance]
 ) -> Iterator[OrthancServer]:
     server = OrthancServer(
         tmp_path_factory.mktemp("orthanc-dicom-tls"),
@@ -98,7 +98,7 @@ def http_source(url: str, tls: str = "") -> str:
   download: {{backend: wado-rs, url: "{url}/dicom-web"{extra}}}"""
 
 
-def test_https_with_a_private_ca(https: TlsFront, pki: TestPKI, tmp_path: Path, capsys) -> None:
+def test_https_with_a_private_ca(https: TlsFront, pki: LocalPKI, tmp_path: Path, capsys) -> None:
     code, err = run(manifest(tmp_path / "a", http_source(https.url)), capsys)
     assert code == 3 and "certificate verify failed" in err  # the system CAs do not know it
     good = manifest(tmp_path / "b", http_source(https.url, f"{{ca_file: {pki.ca}}}"))
@@ -107,7 +107,7 @@ def test_https_with_a_private_ca(https: TlsFront, pki: TestPKI, tmp_path: Path, 
     assert stored(tmp_path / "b") == INSTANCES
 
 
-def test_mutual_tls(mutual: TlsFront, pki: TestPKI, tmp_path: Path, capsys) -> None:
+def test_mutual_tls(mutual: TlsFront, pki: LocalPKI, tmp_path: Path, capsys) -> None:
     only_ca = f"{{ca_file: {pki.ca}}}"
     code, err = run(manifest(tmp_path / "a", http_source(mutual.url, only_ca)), capsys)
     assert code == 3, err  # the front asks for a client certificate
@@ -117,7 +117,7 @@ def test_mutual_tls(mutual: TlsFront, pki: TestPKI, tmp_path: Path, capsys) -> N
     assert stored(tmp_path / "b") == INSTANCES
 
 
-def test_doctor_checks_the_certificate(https: TlsFront, pki: TestPKI, tmp_path: Path,
+def test_doctor_checks_the_certificate(https: TlsFront, pki: LocalPKI, tmp_path: Path,
                                        capsys) -> None:  # fmt: skip
     good = manifest(tmp_path / "a", http_source(https.url, f"{{ca_file: {pki.ca}}}"))
     assert main(["doctor", str(good)]) == 0
@@ -137,7 +137,7 @@ def dimse_source(server: OrthancServer, tls: str = "", download: str = "backend:
   download: {{{download}, {where}{extra}}}"""
 
 
-def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: TestPKI, tmp_path: Path,
+def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
                                     capsys) -> None:  # fmt: skip
     code, err = run(manifest(tmp_path / "a", dimse_source(dicom_tls)), capsys)
     assert code == 3, err  # plain DICOM to a TLS port
@@ -155,7 +155,7 @@ def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: TestPKI, tmp_
     assert "C-ECHO succeeded" in out
 
 
-def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: TestPKI, tmp_path: Path,
+def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
                           capsys) -> None:  # fmt: skip
     """The archive opens its C-STORE association to our destination over TLS as well."""
     port = free_port()

@@ -14,7 +14,7 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class TestPKI:
+class LocalPKI:
     """PEM files in one folder (keys are owner-only)."""
 
     folder: Path
@@ -50,7 +50,7 @@ class TestPKI:
         return self.folder / "stranger-ca.pem"
 
 
-def make_pki(folder: Path, *, days: int = 30) -> TestPKI:
+def make_pki(folder: Path, *, days: int = 30) -> LocalPKI:
     """Write a CA, a server certificate (localhost, 127.0.0.1) and a client certificate."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -110,7 +110,7 @@ def make_pki(folder: Path, *, days: int = 30) -> TestPKI:
     both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     server_key, server_cert = leaf("localhost", both, loopback)
     client_key, client_cert = leaf("trolley-etl test client", both, loopback)
-    pki = TestPKI(folder)
+    pki = LocalPKI(folder)
     pki.ca.write_bytes(cert_pem(ca_cert))
     pki.stranger_ca.write_bytes(cert_pem(stranger))
     pki.server_cert.write_bytes(cert_pem(server_cert))
