@@ -210,3 +210,58 @@ def test_a_run_started_before_its_window_waits_for_it(
     contact = dt.datetime.fromisoformat(events[names.index("search.query")]["timestamp"])
     assert contact.timestamp() >= started + opens_in - 1.0  # HH:MM:SS rounds down a second
     assert waiting_state(state) is None
+
+
+def test_no_wait_gate_stops_after_draining(tmp_path: Path) -> None:
+    window = TimeWindow.parse("19:00-07:00", None, "UTC")
+    clock = FakeClock(dt.datetime(2024, 3, 1, 7, 0, 0, tzinfo=UTC))
+    gate = WindowGate(window, log=ListLog(), state_dir=tmp_path, run_id="r", clock=clock,
+                      no_wait=True)  # fmt: skip
+    drained: list[bool] = []
+    with pytest.raises(OutsideWindowError, match="opens again at 2024-03-01T19:00"):
+        gate.hold(lambda: drained.append(True))
+    assert drained == [True] and not (tmp_path / WAITING_FILE).exists()
+
+
+def test_a_window_closing_mid_run_with_no_wait_stops_cleanly(
+    orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Units in flight finish, the run exits 3, and the next run resumes the rest."""
+    from trolley_etl.testing.proxy import FaultProxy
+
+    proxy = FaultProxy(orthanc.url)
+    proxy.delay = 0.5  # 12 instances one by one: about 6 s, the window closes after 2.5 s
+    now = dt.datetime.now(UTC)
+    closes = now + dt.timedelta(seconds=2.5)
+    window = f'{{hours: "{now - dt.timedelta(hours=1):%H:%M:%S}-{closes:%H:%M:%S}", timezone: UTC}}'
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        f"""\
+version: 1
+name: window-closes
+source:
+  search: {{backend: qido-rs, url: "{orthanc.dicomweb_url}"}}
+  download: {{backend: wado-uri, url: "{proxy.url}/wado"}}
+queries:
+  - name: two
+    from_csv: {{path: cohort.csv, column: AccessionNumber}}
+storage:
+  root: ./data
+run:
+  workers: 1
+  window: {window}
+"""
+    )
+    (tmp_path / "cohort.csv").write_text("AccessionNumber\nACC1001\nACC1003\n")
+    try:
+        assert main(["run", str(path), "--no-wait", "--log-format", "json"]) == 3
+        assert "the time window closed" in capsys.readouterr().err
+        assert main(["status", str(path), "--format", "json"]) == 1
+        counts = json.loads(capsys.readouterr().out)["counts"]
+        assert 0 < counts["done"] < 12 and counts["done"] + counts["pending"] == 12
+        assert counts["files"] == counts["done"]  # whole units only
+        assert not list((tmp_path / "data" / ".trolley").rglob("*.part"))
+        assert main(["run", str(path), "--ignore-window", "--log-format", "json"]) == 0
+    finally:
+        proxy.close()
+    assert len(list((tmp_path / "data").rglob("*.dcm"))) == 12

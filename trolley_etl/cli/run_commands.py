@@ -61,8 +61,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument("--ignore-window", action="store_true",
                      help="contact the archive even outside run.window")  # fmt: skip
     run.add_argument("--no-wait", action="store_true",
-                     help=f"outside run.window, exit {exit_codes.BACKEND_UNAVAILABLE} instead of "
-                     "waiting for it")  # fmt: skip
+                     help=f"outside run.window (or when it closes), exit "
+                     f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting")  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")

@@ -72,7 +72,7 @@ class RunOptions:
     run_id: str | None = None
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
     ignore_window: bool = False  # contact the archive even outside run.window
-    no_wait: bool = False  # outside run.window: fail (OutsideWindowError) instead of waiting
+    no_wait: bool = False  # outside run.window: stop (OutsideWindowError) instead of waiting
 
 
 @dataclass
@@ -126,7 +126,8 @@ class Runner:
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
                                     log=log.logger, state_dir=state_dir(self.root),
-                                    run_id=self.run_id, stop=self.stop)  # fmt: skip
+                                    run_id=self.run_id, stop=self.stop,
+                                    no_wait=options.no_wait)  # fmt: skip
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -230,6 +231,9 @@ class Runner:
             return self._finish(checkpoint, "interrupted")
         except RunInterrupted:
             return self._finish(checkpoint, "interrupted")
+        except window.OutsideWindowError:  # --no-wait: stopped when the window closed
+            self._finish(checkpoint, "interrupted")
+            raise
         finally:
             trolley.close()
         status = "complete" if not failed_on_disk and not checkpoint.items([FAILED, PENDING]) \

@@ -125,7 +125,11 @@ def now_utc() -> dt.datetime:
 
 
 class WindowGate:
-    """Holds a run while its window is closed; `stop` ends the wait early (interruption)."""
+    """Holds a run while its window is closed; `stop` ends the wait early (interruption).
+
+    With `no_wait` a closed window raises OutsideWindowError instead (after the units in
+    flight finished), so a scheduled run stops and the next one resumes.
+    """
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class WindowGate:
         run_id: str,
         stop: threading.Event | None = None,
         clock: Callable[[], dt.datetime] = now_utc,
+        no_wait: bool = False,
     ) -> None:
         self.window = window
         self.log = log
@@ -143,6 +148,7 @@ class WindowGate:
         self.run_id = run_id
         self.stop = stop or threading.Event()
         self.clock = clock
+        self.no_wait = no_wait
         self.waited_s = 0.0
 
     def is_open(self) -> bool:
@@ -157,6 +163,12 @@ class WindowGate:
             drain()
         until = self.window.next_open(self.clock())
         since = self.clock()
+        if self.no_wait:
+            self.log.warning("window.closed", until=until.isoformat(), waiting=False)
+            raise OutsideWindowError(
+                f"the time window closed; it opens again at {until.isoformat(timespec='minutes')}"
+                "; the run stopped after the units in flight (run again to resume)"
+            )
         self.log.warning("window.closed", until=until.isoformat(),
                          waiting_s=round((until - since).total_seconds()))  # fmt: skip
         self._note_waiting(until, since)
@@ -179,12 +191,13 @@ class WindowGate:
 
 
 def gate_for(config: Any, *, ignore: bool, log: Any, state_dir: Path, run_id: str,
-             stop: threading.Event) -> WindowGate | None:  # fmt: skip
+             stop: threading.Event, no_wait: bool = False) -> WindowGate | None:  # fmt: skip
     """The gate for a manifest's `run.window`; None without one or with --ignore-window."""
     if config is None or ignore:
         return None
     window = TimeWindow.parse(config.hours, config.days, config.timezone)
-    return WindowGate(window, log=log, state_dir=state_dir, run_id=run_id, stop=stop)
+    return WindowGate(window, log=log, state_dir=state_dir, run_id=run_id, stop=stop,
+                      no_wait=no_wait)  # fmt: skip
 
 
 def check_no_wait(config: Any, *, ignore: bool, now: dt.datetime | None = None) -> None:
