@@ -178,3 +178,23 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
     path = manifest(tmp_path, http_source("https://pacs", f"{{key_file: {path}}}"))
     with pytest.raises(ManifestError, match="key_file needs cert_file"):
         load_manifest(path)
+
+
+def test_relative_tls_paths_hold_for_an_implied_download(
+    https: TlsFront, pki: LocalPKI, tmp_path: Path, capsys
+) -> None:
+    """Paths are relative to the manifest, also in the WADO-RS download qido-rs implies."""
+    import shutil
+
+    shutil.copy(pki.ca, tmp_path / "hospital-ca.pem")
+    source = f'  search: {{backend: qido-rs, url: "{https.url}/dicom-web", ' \
+             "tls: {ca_file: hospital-ca.pem}}"  # fmt: skip
+    path = manifest(tmp_path, source)
+    from trolley_etl.manifest import load_manifest
+
+    implied = load_manifest(path).source.effective_download
+    assert implied.tls is not None  # type: ignore[union-attr]
+    assert implied.tls.path("ca_file") == str(tmp_path / "hospital-ca.pem")  # type: ignore[union-attr]
+    code, err = run(path, capsys)
+    assert code == 0, err
+    assert stored(tmp_path) == INSTANCES

@@ -347,6 +347,14 @@ class Source(StrictModel):
         default=None, description="may be omitted where the search backend implies one"
     )
 
+    _base_dir: str = PrivateAttr(default=".")
+
+    @model_validator(mode="after")
+    def _remember_base_dir(self, info: ValidationInfo) -> Source:
+        """For the implied download: its tls paths are relative to the manifest too."""
+        self._base_dir = str((info.context or {}).get("base_dir", "."))
+        return self
+
     @model_validator(mode="after")
     def _check_pair(self) -> Source:
         search, download = self.search.backend, self.download.backend if self.download else None
@@ -373,13 +381,13 @@ class Source(StrictModel):
         if self.download is not None:
             return self.download
         search = self.search
+        context = {"base_dir": self._base_dir}  # tls paths are relative to the manifest
         if isinstance(search, QidoRsSearch):
             shared = search.model_dump(exclude={"backend", "page_size", "max_results"})
-            return WadoRsDownload(backend="wado-rs", **shared)
+            return WadoRsDownload.model_validate({"backend": "wado-rs", **shared}, context=context)
         if isinstance(search, DicomQrSearch):
-            return CGetDownload(
-                backend="c-get", **search.model_dump(exclude={"backend", "max_results"})
-            )
+            shared = search.model_dump(exclude={"backend", "max_results"})
+            return CGetDownload.model_validate({"backend": "c-get", **shared}, context=context)
         return LocalDownload(backend="local")
 
 
