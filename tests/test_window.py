@@ -181,7 +181,7 @@ def test_no_wait_exits_3_and_ignore_window_runs(
 def test_a_run_started_before_its_window_waits_for_it(
     orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    opens_in = 4.0
+    opens_in = 8.0  # room for the new process to start and reach the window on a busy machine
     manifest = _manifest(tmp_path, orthanc.dicomweb_url, _span_from_now(opens_in, 3600))
     log = tmp_path / "run.jsonl"
     started = time.time()
@@ -193,7 +193,7 @@ def test_a_run_started_before_its_window_waits_for_it(
     )
     try:
         state = tmp_path / "data" / ".trolley"
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + opens_in - 1
         while waiting_state(state) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert waiting_state(state) is not None, "the run never said it was waiting"
@@ -230,9 +230,9 @@ def test_a_window_closing_mid_run_with_no_wait_stops_cleanly(
     from trolley_etl.testing.proxy import FaultProxy
 
     proxy = FaultProxy(orthanc.url)
-    proxy.delay = 0.5  # 12 instances one by one: about 6 s, the window closes after 2.5 s
+    proxy.delay = 0.6  # 12 instances one by one: over 7 s; the window closes after 4-5 s
     now = dt.datetime.now(UTC)
-    closes = now + dt.timedelta(seconds=2.5)
+    closes = now + dt.timedelta(seconds=5)
     window = f'{{hours: "{now - dt.timedelta(hours=1):%H:%M:%S}-{closes:%H:%M:%S}", timezone: UTC}}'
     path = tmp_path / "m.yaml"
     path.write_text(
