@@ -245,3 +245,28 @@ def test_jwt_expiry_times_the_refresh() -> None:
     claims = base64.urlsafe_b64encode(json.dumps({"exp": 1000}).encode()).rstrip(b"=").decode()
     assert jwt_lifetime(f"e30.{claims}.sig", now=940) == 60
     assert jwt_lifetime("not-a-jwt") is None
+
+
+def test_a_token_endpoint_needs_https_beyond_loopback(tmp_path: Path) -> None:
+    from trolley_etl.manifest import ManifestError, load_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        """\
+version: 1
+name: tokens
+source:
+  search:
+    backend: qido-rs
+    url: https://pacs.example.org/dicom-web
+    auth: {type: oauth2, token_url: "http://idp.example.org/token", client_id_env: A,
+           client_secret_env: B}
+queries:
+  - name: one
+    filters: {AccessionNumber: ACC1001}
+storage:
+  root: ./data
+"""
+    )
+    with pytest.raises(ManifestError, match="unencrypted: use https"):
+        load_manifest(path, check_env=False)

@@ -128,6 +128,8 @@ class OAuth2Auth(StrictModel):
             raise error("url", f"not an http(s) URL: {url!r}")
         if parts.username or parts.password:
             raise error("url_credentials", "credentials in the URL are not allowed")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise error("url_plain_http", "the client secret would travel unencrypted: use https")
         return url
 
 
