@@ -223,3 +223,59 @@ def test_studies_lost_by_the_parts_are_an_error() -> None:
 
     with pytest.raises(ResultsCappedError, match="match none of its parts"):
         SplittingSearcher(NoTime(), CAP).search(Query(StudyDate="20240101"))  # type: ignore[arg-type]
+
+
+class AnnouncingArchive:
+    """Answers at most CAP_299 studies with `Warning: 299`, and nothing past offset 0: the
+    archive says more results exist but will not page to them (a hostile answer)."""
+
+    CAP_299 = 2
+
+    def __init__(self, days: list[str]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qsl, urlsplit
+
+        archive = self
+        self.days = days
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                archive.requests += 1
+                params = dict(parse_qsl(urlsplit(self.path).query))
+                first, _, last = params["StudyDate"].partition("-")
+                matching = [d for d in archive.days if first <= d <= (last or first)]
+                offset = int(params.get("offset", 0))
+                rows = [] if offset else matching[: archive.CAP_299]
+                body = json.dumps([{
+                    "0020000D": {"vr": "UI", "Value": [test_uid("announcing", day)]},
+                    "00080020": {"vr": "DA", "Value": [day]},
+                } for day in rows]).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                if len(matching) > archive.CAP_299:
+                    self.send_header("Warning", '299 archive: "There are additional results"')
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_qido_warning_299_without_paging_is_split() -> None:
+    archive = AnnouncingArchive(DAYS)
+    try:
+        found = QidoRS(archive.url).search(Query(StudyDate=MONTH))  # no max_results given
+    finally:
+        archive.close()
+    assert uids(found) == {test_uid("announcing", day) for day in DAYS}
