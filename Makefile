@@ -14,11 +14,12 @@ BENCH_ARGS ?=
 
 system-packages:
 	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
+	    || ! command -v stunnel4 >/dev/null 2>&1 \
 	    || ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
-	  echo "Installing Orthanc, its DICOMweb plugin and python3-venv with apt-get"; \
+	  echo "Installing Orthanc, its DICOMweb plugin, stunnel4 and python3-venv with apt-get"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    orthanc orthanc-dicomweb python3-venv; \
+	    orthanc orthanc-dicomweb python3-venv stunnel4; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

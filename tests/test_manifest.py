@@ -117,7 +117,7 @@ INVALID = [
     ("literal-password", replace("password_env: TEST_PACS_PASSWORD", "password: hunter2"), None,
      "7:55: source.search.auth.password: secrets are never written in a manifest: put the value in an environment variable and give its name instead, e.g. `password_env: PACS_PASSWORD`"),
     ("unknown-auth-type", replace("{type: basic,", "{type: digest,"), None,
-     "7:12: source.search.auth.type: unknown type 'digest': expected one of 'none', 'basic', 'bearer', 'vitrea', 'impax'"),
+     "7:12: source.search.auth.type: unknown type 'digest': expected one of 'none', 'basic', 'bearer', 'vitrea', 'impax', 'oauth2', 'command'"),
     ("bearer-without-token", replace("{type: basic, username_env: TEST_PACS_USER, password_env: TEST_PACS_PASSWORD}", "{type: bearer}"), None,
      "7:5: source.search.auth.token_env: required field is missing"),
     ("missing-env", replace("password_env: TEST_PACS_PASSWORD", "password_env: TEST_NOT_SET_ANYWHERE"), None,

@@ -14,6 +14,7 @@ from pynetdicom import build_role, evt
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_GET,
     DimseSettings,
+    DimseTls,
     StoreReceiver,
     association,
     check_retrieve_result,
@@ -23,6 +24,7 @@ from trolley_etl.backends.dimse import (
     storage_classes_of,
     storage_contexts,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.model import QueryLevel, Reference
 
@@ -47,6 +49,8 @@ class CGet(Downloader):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         storage_sop_classes: Sequence[str] | None = None,
     ) -> None:
@@ -60,6 +64,8 @@ class CGet(Downloader):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
+            tls=tls,
         )
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.contexts = storage_contexts(storage_sop_classes)
@@ -70,7 +76,7 @@ class CGet(Downloader):
         ae.add_requested_context(STUDY_ROOT_GET)
         for context in self.contexts:
             ae.add_requested_context(str(context.abstract_syntax), context.transfer_syntax)
-        receiver = StoreReceiver(sink)
+        receiver = StoreReceiver(sink, self.settings.limits)
         with association(
             self.settings,
             ae,

@@ -29,6 +29,7 @@ from trolley_etl.backends.dimse import (
     STUDY_ROOT_MOVE,
     VERIFICATION,
     DimseSettings,
+    DimseTls,
     StoreReceiver,
     apply_timeouts,
     association,
@@ -37,6 +38,7 @@ from trolley_etl.backends.dimse import (
     retrieve_identifier,
     run_retrieve,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import BackendError, DimseStatusError
 from trolley_etl.core.model import (
@@ -115,6 +117,8 @@ class CMove(Downloader):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         arrival_grace: float = 5.0,
     ) -> None:
@@ -128,6 +132,8 @@ class CMove(Downloader):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
+            tls=tls,
         )
         self.destination = MoveDestination.from_value(move_destination)
         DimseSettings(host, self.destination.port, self.destination.aet)  # validates the AE title
@@ -156,11 +162,15 @@ class CMove(Downloader):
                 ae.add_supported_context(str(context.abstract_syntax), AllTransferSyntaxes)
             ae.add_supported_context(VERIFICATION)
             address = (self.destination.bind, self.destination.port)
+            tls = self.settings.tls
             try:
                 self._server = ae.start_server(
-                    address, block=False, evt_handlers=[(evt.EVT_C_STORE, self._handle_store)]
+                    address,
+                    block=False,
+                    evt_handlers=[(evt.EVT_C_STORE, self._handle_store)],
+                    ssl_context=tls.server_context() if tls is not None else None,
                 )
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 raise BackendError(
                     f"C-MOVE destination {self.destination_name}: cannot listen on "
                     f"{self.destination.bind}:{self.destination.port}: {exc}"
@@ -210,7 +220,7 @@ class CMove(Downloader):
             msg_id = next(self._ids)
             while msg_id in self._pending:
                 msg_id = next(self._ids)
-            request = _MoveRequest(msg_id, reference, StoreReceiver(sink))
+            request = _MoveRequest(msg_id, reference, StoreReceiver(sink, self.settings.limits))
             self._pending[msg_id] = request
             return request
 

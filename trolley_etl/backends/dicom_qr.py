@@ -19,16 +19,19 @@ from pynetdicom.status import code_to_category
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_FIND,
     DimseSettings,
+    DimseTls,
     association,
     level_name,
     lost_association_error,
     status_meaning,
     status_of,
 )
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import DimseStatusError, QueryError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
+from trolley_etl.core.splitting import Event, split_search
 
 #: Return keys asked for by default, like QIDO-RS's default attributes (PS3.18 10.6.3.3).
 STUDY_RETURN_KEYS = (
@@ -55,6 +58,8 @@ class DicomQR(Searcher):
     skips rows. Study-level attributes are asked for at every level, so series and instance
     rows fill their Study the way QIDO-RS rows do. `uid_list_matching=False` sends one
     C-FIND per UID for archives that fail on list of UID matching (pynetdicom's qrscp).
+    `max_results` is the archive's cap on one C-FIND: searches that reach it are split by
+    StudyDate and StudyTime until no part does (see `core.splitting`).
     """
 
     def __init__(
@@ -69,9 +74,14 @@ class DicomQR(Searcher):
         dimse_timeout: float | None = 120.0,
         network_timeout: float | None = 120.0,
         max_pdu: int = 0,
+        limits: BackendLimits | None = None,
+        tls: DimseTls | None = None,
         uid_list_matching: bool = True,
+        max_results: int | None = None,
     ) -> None:
         self.uid_list_matching = uid_list_matching
+        self.max_results = max_results
+        self.on_split: Event | None = None
         self.settings = DimseSettings(
             host=host,
             port=port,
@@ -82,9 +92,15 @@ class DicomQR(Searcher):
             dimse_timeout=dimse_timeout,
             network_timeout=network_timeout,
             max_pdu=max_pdu,
+            limits=limits,
+            tls=tls,
         )
 
     def search(self, query: Query) -> list[Study]:
+        return split_search(self.search_once, query, self.max_results, self.on_split)
+
+    def search_once(self, query: Query) -> list[Study]:
+        """One search as asked, without splitting."""
         return tree_from_rows(self.iter_rows(query), query.query_level)
 
     def iter_rows(self, query: Query) -> Iterator[Dataset]:

@@ -7,10 +7,11 @@ and builds the storage presentation contexts a retrieving peer needs.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
@@ -35,6 +36,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import InstanceSink, write_instance
 from trolley_etl.core.errors import (
     AssociationRejectedError,
@@ -104,6 +106,34 @@ STORE_CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
+class DimseTls:
+    """DICOM TLS (PS3.15 B.1): files in PEM. `ca_file` verifies the archive's certificate
+    (the system's CAs without it); `cert_file`/`key_file` are ours, for archives that ask
+    for a client certificate and for the C-MOVE destination we serve."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        """For associations we open: the archive's certificate and host name are verified."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def server_context(self) -> ssl.SSLContext:
+        """For the C-MOVE destination: our certificate; the archive's is required when a
+        CA is given."""
+        if not self.cert_file:
+            raise ValueError("a C-MOVE destination over TLS needs tls.cert_file (and key_file)")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca_file)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        context.verify_mode = ssl.CERT_REQUIRED if self.ca_file else ssl.CERT_NONE
+        return context
+
+
+@dataclass(frozen=True)
 class DimseSettings:
     """Where the archive is and how long to wait for it (seconds; None waits forever)."""
 
@@ -118,6 +148,10 @@ class DimseSettings:
     max_pdu: int = 0  # 0: no limit on what we receive
     #: Seconds one association may last in total (the timeouts above are idle waits).
     deadline: float | None = 7200.0
+    #: Caps shared by every association of the backend (see `backends.limits`).
+    limits: BackendLimits | None = field(default=None, compare=False)
+    #: DICOM TLS; None for plain TCP.
+    tls: DimseTls | None = None
 
     def __post_init__(self) -> None:
         for name in ("called_aet", "calling_aet"):
@@ -133,8 +167,9 @@ class DimseSettings:
 
     @property
     def url(self) -> str:
-        """How errors name the archive: `dicom://CALLED@host:port`."""
-        return f"dicom://{self.called_aet}@{self.address}"
+        """How errors name the archive: `dicom://CALLED@host:port` (`dicoms://` with TLS)."""
+        scheme = "dicoms" if self.tls is not None else "dicom"
+        return f"{scheme}://{self.called_aet}@{self.address}"
 
     def describe(self) -> str:
         return f"{self.calling_aet} -> {self.called_aet} at {self.address}"
@@ -178,12 +213,20 @@ def open_association(
     connected = threading.Event()
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda _event: connected.set())]
     handlers.extend(evt_handlers or [])
+    tls_args = None
+    if settings.tls is not None:
+        try:
+            tls_args = (settings.tls.client_context(), settings.host)
+        except (OSError, ssl.SSLError) as exc:
+            raise BackendError(f"{what} {settings.describe()}: cannot load the TLS files: "
+                               f"{exc}", url=settings.url) from None  # fmt: skip
     assoc = ae.associate(
         settings.host,
         int(settings.port),
         ae_title=settings.called_aet,
         evt_handlers=handlers,
         ext_neg=ext_neg,
+        tls_args=tls_args,
     )
     if assoc.is_established:
         return assoc
@@ -201,9 +244,10 @@ def open_association(
             url=settings.url,
         )
     if not connected.is_set():
+        tls = " or the TLS handshake failed (certificate not trusted?)" if tls_args else ""
         raise ConnectionFailedError(
             f"{where}: cannot connect to {settings.address} (refused, unreachable or no "
-            f"answer within the connection timeout of {settings.connection_timeout} s)",
+            f"answer within the connection timeout of {settings.connection_timeout} s{tls})",
             url=settings.url,
         )
     raise ConnectionFailedError(
@@ -222,19 +266,28 @@ def association(
     ext_neg: list[Any] | None = None,
     what: str = "association",
 ) -> Iterator[Association]:
-    """An established association, released on success and aborted on error."""
-    assoc = open_association(settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what)
-    watch = _watch(assoc, settings.deadline)  # issue 13: total deadline, abort on interrupt
-    try:
-        yield assoc
-    except BaseException:
+    """An established association, released on success and aborted on error.
+
+    It holds one of the backend's `max_connections` slots while open.
+    """
+    limits = settings.limits
+    with limits.connection() if limits is not None else nullcontext():
+        if limits is not None:
+            limits.request()
+        assoc = open_association(
+            settings, ae, evt_handlers=evt_handlers, ext_neg=ext_neg, what=what
+        )
+        watch = _watch(assoc, settings.deadline)  # issue 13: total deadline, abort on interrupt
+        try:
+            yield assoc
+        except BaseException:
+            if assoc.is_established:
+                assoc.abort()
+            raise
+        finally:
+            _unwatch(assoc, watch)
         if assoc.is_established:
-            assoc.abort()
-        raise
-    finally:
-        _unwatch(assoc, watch)
-    if assoc.is_established:
-        assoc.release()
+            assoc.release()
 
 
 _open_lock = threading.Lock()
@@ -467,14 +520,20 @@ class StoreReceiver:
     and kept for the retrieval to raise.
     """
 
-    def __init__(self, sink: InstanceSink) -> None:
+    def __init__(self, sink: InstanceSink, limits: BackendLimits | None = None) -> None:
         self.sink = sink
+        self.limits = limits
         self.count = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
 
     def store(self, data: bytes) -> int:
-        """Store one Part 10 object; return the C-STORE status."""
+        """Store one Part 10 object; return the C-STORE status.
+
+        With a byte rate cap the answer waits, which holds the archive back.
+        """
+        if self.limits is not None:
+            self.limits.received(len(data))
         try:
             write_instance(self.sink, data)
         except Exception as exc:

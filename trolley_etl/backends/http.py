@@ -24,6 +24,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from trolley_etl import __version__
+from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.errors import (
     AuthenticationError,
     BackendError,
@@ -103,8 +104,39 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+class LimitedAdapter(HTTPAdapter):
+    """A connection pool that enforces a backend's caps.
+
+    With `max_connections` the pool holds that many connections and a request waits for a
+    free one (urllib3's blocking pool), so no more are ever open at once; each request waits
+    for the request rate; bodies read at once count against the byte rate here, streamed
+    ones in `iter_body` (which finds the limits through `response.connection`).
+    """
+
+    def __init__(self, limits: BackendLimits | None = None, pool_size: int = DEFAULT_POOL_SIZE):
+        self.limits = limits
+        capped = limits is not None and limits.max_connections is not None
+        size = limits.max_connections if limits and limits.max_connections else pool_size
+        super().__init__(pool_connections=size, pool_maxsize=size, pool_block=capped)
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, stream: bool = False, **kwargs: Any
+    ) -> requests.Response:
+        if self.limits is not None:
+            self.limits.request()
+        response = super().send(request, stream=stream, **kwargs)
+        if self.limits is not None and not stream:
+            self.limits.received(len(response.content))
+        return response
+
+
 class HttpClient:
-    """A pooled, authenticated session bound to one base URL."""
+    """A pooled, authenticated session bound to one base URL.
+
+    `limits` caps connections, requests and bytes per second (see `backends.limits`);
+    `cert` is a client certificate for mutual TLS: a PEM file holding certificate and key,
+    or a (certificate, key) pair of files.
+    """
 
     def __init__(
         self,
@@ -118,6 +150,8 @@ class HttpClient:
         session: requests.Session | None = None,
         deadline: float | None = DEFAULT_DEADLINE,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        limits: BackendLimits | None = None,
+        cert: str | tuple[str, str] | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -129,15 +163,26 @@ class HttpClient:
         #: Shared by the clients of one run to wait out an archive outage (core.outage).
         self.outage: OutageGate | None = None
         self.session = session or requests.Session()
-        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.pool_size = pool_size
+        self.limits: BackendLimits | None = None
+        self.configure(limits=limits, cert=cert)
         self.session.verify = verify
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers.update(headers or {})
         if isinstance(auth, tuple):
             auth = HTTPBasicAuth(*auth)
         self.session.auth = auth
+
+    def configure(
+        self, *, limits: BackendLimits | None = None, cert: str | tuple[str, str] | None = None
+    ) -> None:
+        """Set the caps and the client certificate (also after construction)."""
+        self.limits = limits
+        adapter = LimitedAdapter(limits, self.pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        if cert is not None:
+            self.session.cert = cert
 
     def url(self, path: str) -> str:
         if not path or path.startswith("?"):
@@ -222,7 +267,11 @@ class HttpClient:
 
     def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
-            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+            # verify given per request: requests lets REQUESTS_CA_BUNDLE override the
+            # session's own setting otherwise, and a private CA would be ignored
+            return self.session.request(
+                method, url, timeout=self.timeout, verify=self.session.verify, **kwargs
+            )
         except UnicodeError:  # e.g. a header value (credentials) that is not Latin-1
             raise CredentialsUnsendableError(
                 f"{redact_url(url)}: the credentials or headers cannot be sent: they must be "
@@ -349,9 +398,16 @@ def _reason(exc: Exception) -> str:
 
 def iter_body(response: requests.Response, url: str) -> Iterator[bytes]:
     """The body in CHUNK_SIZE pieces; a dropped connection becomes a project error, and so
-    does a transfer the watchdog cut (deadline passed, run interrupted)."""
+    does a transfer the watchdog cut (deadline passed, run interrupted).
+
+    Pieces count against the backend's byte rate, if it has one.
+    """
+    limits = getattr(response.connection, "limits", None)
     try:
-        yield from response.iter_content(chunk_size=CHUNK_SIZE)
+        for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
+            if limits is not None:
+                limits.received(len(chunk))
+            yield chunk
     except requests.exceptions.RequestException as exc:
         _raise_if_cut(response, url)
         raise ConnectionFailedError(

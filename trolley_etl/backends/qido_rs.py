@@ -18,6 +18,7 @@ from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import ResponseFormatError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
+from trolley_etl.core.splitting import Event, ResultsCappedError, split_search
 
 DEFAULT_PAGE_SIZE = 1000
 #: Pages one search may take before it is considered endless.
@@ -36,6 +37,10 @@ class QidoRS(Searcher):
     the server returns full pages or says (Warning 299, PS3.18 8.3.4.4) that more results
     exist, so servers that cap their answers still give every match. A server that caps
     silently, without the warning, needs `page_size` at or below its cap.
+
+    `max_results` is the archive's cap on one search: searches that reach it (or that it
+    announces more results for than it will page through) are split by StudyDate and
+    StudyTime until no part does (see `core.splitting`); `on_split` hears about each split.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class QidoRS(Searcher):
         max_pages: int = DEFAULT_MAX_PAGES,
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         deadline: float | None = DEFAULT_DEADLINE,
+        max_results: int | None = None,
     ) -> None:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
@@ -57,8 +63,14 @@ class QidoRS(Searcher):
                                deadline=deadline, max_answer_bytes=max_answer_bytes)  # fmt: skip
         self.page_size = page_size
         self.max_pages = max_pages
+        self.max_results = max_results
+        self.on_split: Event | None = None
 
     def search(self, query: Query) -> list[Study]:
+        return split_search(self.search_once, query, self.max_results, self.on_split)
+
+    def search_once(self, query: Query) -> list[Study]:
+        """One search as asked, without splitting."""
         return tree_from_rows(self.iter_rows(query), query.query_level)
 
     def iter_rows(self, query: Query) -> Iterator[Dataset]:
@@ -68,6 +80,7 @@ class QidoRS(Searcher):
         page_size = self.page_size
         previous: list[str] | None = None
         pages = 0
+        more_announced = False
         while remaining is None or remaining > 0:
             pages += 1
             if pages > self.max_pages:
@@ -77,6 +90,7 @@ class QidoRS(Searcher):
                     url=self.http.url(path),
                 )
             asked = page_size if remaining is None else min(page_size, remaining)
+            announced_before = more_announced
             page, more_announced = self._page(path, [*params, ("limit", asked), ("offset", offset)])
             keys = [_row_key(row) for row in page]
             if page and keys == previous:  # a server that ignores offset would page forever
@@ -86,6 +100,11 @@ class QidoRS(Searcher):
                     url=self.http.url(path),
                 )
             previous = keys
+            if not page and announced_before:
+                raise ResultsCappedError(  # the splitting searcher narrows the query instead
+                    f"{self.http.url(path)}: the archive announced more results (Warning 299) "
+                    f"but answers none past offset {offset}"
+                )
             yield from page
             offset += len(page)
             if remaining is not None:

@@ -10,6 +10,7 @@ import sys
 from trolley_etl import __version__
 from trolley_etl.cli import (
     audit_commands,
+    doctor_commands,
     exit_codes,
     failures,
     manifest_commands,
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_commands.add_commands(subparsers)
     audit_commands.add_commands(subparsers)
     metadata_commands.add_commands(subparsers)
+    doctor_commands.add_commands(subparsers)
     return parser
 
 

@@ -32,6 +32,7 @@ from trolley_etl.runner.checkpoint import (
     state_dir,
 )
 from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
+from trolley_etl.runner.window import OutsideWindowError, waiting_state
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -73,6 +74,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     )
     run.add_argument("--no-progress", action="store_true",
                      help="no redrawn bar: a plain progress line now and then")  # fmt: skip
+    run.add_argument("--ignore-window", action="store_true",
+                     help="contact the archive even outside run.window")  # fmt: skip
+    run.add_argument("--no-wait", action="store_true",
+                     help=f"outside run.window (or when it closes), exit "
+                     f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting")  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -98,7 +104,7 @@ def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None)
 
 
 def _backend_exit(error: TrolleyError) -> int:
-    if isinstance(error, (ConnectionFailedError, AuthenticationError)):
+    if isinstance(error, (ConnectionFailedError, AuthenticationError, OutsideWindowError)):
         return exit_codes.BACKEND_UNAVAILABLE
     if isinstance(error, DiskFullError):  # issue 13: the run stopped, incomplete
         return exit_codes.ITEMS_FAILED
@@ -144,6 +150,8 @@ def _options(args: argparse.Namespace) -> RunOptions:
         quiet=args.quiet,
         progress=sys.stderr.isatty() and not getattr(args, "no_progress", False),
         progress_lines=sys.stderr.isatty() and getattr(args, "no_progress", False),
+        ignore_window=getattr(args, "ignore_window", False),
+        no_wait=getattr(args, "no_wait", False),
     )
 
 
@@ -295,7 +303,9 @@ def run_status(args: argparse.Namespace) -> int:
         checkpoint.close()
     counts = status["counts"]
     planned = sum(counts[state] for state in (*TODO_STATES, "done"))
+    waiting = waiting_state(state_dir(root))  # a run waiting for its time window
     status.update({
+        "waiting_for_window": waiting,
         "failed": [{"reference": str(i.reference), "attempts": i.attempts,
                     "error": i.last_error} for i in failed],
         "incomplete": [{"reference": str(i.reference), "state": i.state,
@@ -308,6 +318,9 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         sys.stdout.write(render_status(status))
+        if waiting:
+            print(f"run {waiting['run_id']} is waiting for its time window until "
+                  f"{waiting['until']}")  # fmt: skip
         for item in incomplete[:20]:
             missing = ", ".join(item.missing_uids[:5]) or "not named"
             print(f"  incomplete {item.reference}: expected {item.expected.count}, stored "

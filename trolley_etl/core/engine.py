@@ -29,13 +29,16 @@ def execute(
     on_done: Callable[[Unit, BaseException | None], None] | None = None,
     stop: threading.Event | None = None,
     on_interrupt: Callable[[int], None] | None = None,
+    before_each: Callable[[Callable[[], None]], None] | None = None,
     name: str = "fetch",
 ) -> None:
     """Run `work(unit)` for every unit, `workers` at a time.
 
     `on_done(unit, error)` is called in this thread as each unit ends (error None on
     success); without it an error raised by `work` is raised here. `on_interrupt(running)`
-    is told how many units are still running when an interrupt arrives.
+    is told how many units are still running when an interrupt arrives. `before_each(drain)`
+    is called before a unit starts and may call `drain()` to let every running unit finish
+    first (a time window that closed waits there).
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -51,14 +54,19 @@ def execute(
             elif error is not None:
                 raise error
 
+    def drain() -> None:
+        while running:
+            collect()
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
         try:
             for unit in units:
+                if before_each is not None:
+                    before_each(drain)
                 running[pool.submit(work, unit)] = unit
                 while len(running) >= 2 * workers:
                     collect()
-            while running:
-                collect()
+            drain()
         except KeyboardInterrupt:
             if stop is not None:
                 stop.set()

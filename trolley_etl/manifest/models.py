@@ -166,21 +166,126 @@ class ImpaxAuth(StrictModel):
     _url = field_validator("login_url")(_check_login_url)
 
 
+class OAuth2Auth(StrictModel):
+    """OAuth 2.0 client credentials: a bearer token from `token_url`, renewed before it
+    expires (and once more if the archive answers 401)."""
+
+    type: Literal["oauth2"]
+    token_url: str = Field(description="the token endpoint, e.g. https://idp.example.org/token")
+    client_id_env: EnvName
+    client_secret_env: EnvName
+    scope: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise error("url", f"not an http(s) URL: {url!r}")
+        if parts.username or parts.password:
+            raise error("url_credentials", "credentials in the URL are not allowed")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise error("url_plain_http", "the client secret would travel unencrypted: use https")
+        return url
+
+
+class CommandAuth(StrictModel):
+    """A credential helper whose output is the bearer token (`[gcloud, auth,
+    print-access-token]`); run again when the token expires or the archive answers 401."""
+
+    type: Literal["command"]
+    command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1, max_length=100, description="program and arguments (no shell)"
+    )
+
+
 Auth = Annotated[
-    NoAuth | BasicAuth | BearerAuth | VitreaAuth | ImpaxAuth, Field(discriminator="type")
+    NoAuth | BasicAuth | BearerAuth | VitreaAuth | ImpaxAuth | OAuth2Auth | CommandAuth,
+    Field(discriminator="type"),
 ]
 
 
 # --- backends ----------------------------------------------------------------------------------
 
 
-class HttpBackend(StrictModel):
+class RateLimit(StrictModel):
+    """Caps on the pace of one backend, shared by all workers."""
+
+    requests_per_second: float | None = Field(
+        default=None, gt=0, le=10_000, description="HTTP requests or DICOM associations started"
+    )
+    megabytes_per_second: float | None = Field(
+        default=None, gt=0, le=100_000, description="data received, in 10^6 bytes per second"
+    )
+
+    @model_validator(mode="after")
+    def _check_some(self) -> RateLimit:
+        if self.requests_per_second is None and self.megabytes_per_second is None:
+            raise error(
+                "empty_rate_limit", "give requests_per_second, megabytes_per_second or both"
+            )
+        return self
+
+
+class TlsFiles(StrictModel):
+    """TLS with a private CA and client certificates (PEM files, relative to the manifest)."""
+
+    ca_file: str | None = Field(
+        default=None, description="the CA certificate(s) that signed the archive's certificate"
+    )
+    cert_file: str | None = Field(
+        default=None, description="our client certificate (mutual TLS); may also hold the key"
+    )
+    key_file: str | None = Field(default=None, description="the private key of cert_file")
+
+    _resolved: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_files(self, info: ValidationInfo) -> TlsFiles:
+        if self.key_file and not self.cert_file:
+            raise error("tls", "key_file needs cert_file", "cert_file")
+        base = Path((info.context or {}).get("base_dir", "."))
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = (base / value).absolute()
+            if not path.is_file():
+                raise error("tls_file", f"file not found: {path}", name)
+            self._resolved[name] = str(path)
+        return self
+
+    def path(self, name: str) -> str | None:
+        """`ca_file`, `cert_file` or `key_file`, resolved against the manifest's folder."""
+        return self._resolved.get(name)
+
+
+class BackendCaps(StrictModel):
+    """What a backend may ask of the archive at once (see the README for PACS administrators)."""
+
+    max_connections: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="concurrent HTTP connections or DICOM associations, across all workers",
+    )
+    rate_limit: RateLimit | None = None
+
+
+class HttpBackend(BackendCaps):
     url: str = Field(description="Base URL, e.g. https://pacs.example.org/dicom-web")
     auth: Auth = Field(default_factory=NoAuth)
     verify_tls: bool | str = Field(
         default=True, description="false to skip TLS verification, or a CA bundle path"
     )
     timeout: Seconds = Field(default=300, description="seconds to wait for the server")
+    tls: TlsFiles | None = Field(default=None, description="private CA and client certificate")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpBackend:
+        if self.tls is not None and self.tls.ca_file and self.verify_tls is not True:
+            raise error("tls", "give either tls.ca_file or verify_tls, not both", "verify_tls")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -196,7 +301,7 @@ class HttpBackend(StrictModel):
         return url.rstrip("/")
 
 
-class DimseBackend(StrictModel):
+class DimseBackend(BackendCaps):
     host: str = Field(min_length=1)
     port: Port
     called_aet: AETitle
@@ -205,11 +310,26 @@ class DimseBackend(StrictModel):
     acse_timeout: Seconds = 30
     dimse_timeout: Seconds = 120
     network_timeout: Seconds = 120
+    tls: TlsFiles | None = Field(default=None, description="DICOM TLS (the archive's TLS port)")
+
+
+#: The archive's cap on the results of one search; searches at the cap are split by date.
+MaxResults = Annotated[
+    int | None,
+    Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="the archive's cap on one search's results; a search that reaches it is "
+        "split by StudyDate (then StudyTime) until every part is under it",
+    ),
+]
 
 
 class QidoRsSearch(HttpBackend):
     backend: Literal["qido-rs"]
     page_size: int = Field(default=1000, ge=1, le=100_000)
+    max_results: MaxResults = None
 
 
 class MintSearch(HttpBackend):
@@ -218,6 +338,7 @@ class MintSearch(HttpBackend):
 
 class DicomQrSearch(DimseBackend):
     backend: Literal["dicom-qr"]
+    max_results: MaxResults = None
 
 
 class LocalSearch(StrictModel):
@@ -343,6 +464,14 @@ class Source(StrictModel):
         default=None, description="may be omitted where the search backend implies one"
     )
 
+    _base_dir: str = PrivateAttr(default=".")
+
+    @model_validator(mode="after")
+    def _remember_base_dir(self, info: ValidationInfo) -> Source:
+        """For the implied download: its tls paths are relative to the manifest too."""
+        self._base_dir = str((info.context or {}).get("base_dir", "."))
+        return self
+
     @model_validator(mode="after")
     def _check_pair(self) -> Source:
         search, download = self.search.backend, self.download.backend if self.download else None
@@ -379,11 +508,13 @@ class Source(StrictModel):
         if self.download is not None:
             return self.download
         search = self.search
+        context = {"base_dir": self._base_dir}  # tls paths are relative to the manifest
         if isinstance(search, QidoRsSearch):
-            shared = search.model_dump(exclude={"backend", "page_size"})
-            return WadoRsDownload(backend="wado-rs", **shared)
+            shared = search.model_dump(exclude={"backend", "page_size", "max_results"})
+            return WadoRsDownload.model_validate({"backend": "wado-rs", **shared}, context=context)
         if isinstance(search, DicomQrSearch):
-            return CGetDownload(backend="c-get", **search.model_dump(exclude={"backend"}))
+            shared = search.model_dump(exclude={"backend", "max_results"})
+            return CGetDownload.model_validate({"backend": "c-get", **shared}, context=context)
         return LocalDownload(backend="local")
 
 
@@ -554,6 +685,38 @@ class Limits(StrictModel):
     )
 
 
+DayName = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+EVERY_DAY: list[DayName] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class RunWindow(StrictModel):
+    """When a run may contact the archive; outside it the run finishes what is in flight and
+    waits. A span belongs to the day it starts on (fri 19:00-07:00 ends Saturday morning)."""
+
+    hours: str = Field(
+        pattern=r"^\d\d:\d\d(:\d\d)?-\d\d:\d\d(:\d\d)?$",
+        description='daily span, "HH:MM-HH:MM"; may cross midnight ("19:00-07:00")',
+    )
+    days: list[DayName] = Field(
+        default_factory=lambda: list(EVERY_DAY),
+        min_length=1,
+        description="days on which the span starts",
+    )
+    timezone: str | None = Field(
+        default=None, description="IANA time zone, e.g. Europe/Amsterdam (default: this machine's)"
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> RunWindow:
+        from trolley_etl.runner.window import TimeWindow
+
+        try:
+            TimeWindow.parse(self.hours, list(self.days), self.timezone)
+        except ValueError as exc:
+            raise error("window", str(exc)) from None
+        return self
+
+
 class RunSettings(StrictModel):
     workers: int = Field(default=4, ge=1, le=64, description="parallel downloads")
     retries: int = Field(default=3, ge=0, le=20, description="retries per item after a failure")
@@ -574,6 +737,9 @@ class RunSettings(StrictModel):
         "(connection refused or 5xx on every request) before items are failed",
     )
     limits: Limits = Field(default_factory=Limits)
+    window: RunWindow | None = Field(
+        default=None, description="when the archive may be contacted (e.g. nights only)"
+    )
 
     @field_validator("completeness", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ from trolley_etl.deid.engine import Deidentifier
 from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
 from trolley_etl.reports.run_report import run_report
-from trolley_etl.runner import lockfile, rejections, relayout, report, resolve
+from trolley_etl.runner import lockfile, rejections, relayout, report, resolve, window
 from trolley_etl.runner.atomic import remove_stale_temp_files
 from trolley_etl.runner.backends import build_backends, describe_source
 from trolley_etl.runner.bounds import retrying
@@ -105,6 +105,8 @@ class RunOptions:
     progress_lines: bool = False  # `--no-progress` on a terminal: plain lines, no redraws
     run_id: str | None = None
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
+    ignore_window: bool = False  # contact the archive even outside run.window
+    no_wait: bool = False  # outside run.window: stop (OutsideWindowError) instead of waiting
 
 
 @dataclass
@@ -162,6 +164,10 @@ class Runner:
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
         self.max_object_bytes = manifest.run.limits.max_object_mb << 20
+        self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
+                                    log=log.logger, state_dir=state_dir(self.root),
+                                    run_id=self.run_id, stop=self.stop,
+                                    no_wait=options.no_wait)  # fmt: skip
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -176,7 +182,7 @@ class Runner:
 
     def _build_backends(self, manifest: Manifest) -> tuple[Searcher | None, Downloader]:
         """The manifest's backends; transfers stop at once when the run is stopped."""
-        return build_backends(manifest, self.stop)
+        return build_backends(manifest, self.stop, self.log.logger)
 
     def _trolley(self, checkpoint: Checkpoint | None = None) -> Trolley:
         searcher, downloader = self.backends(self.manifest)
@@ -244,6 +250,8 @@ class Runner:
 
     def run(self) -> RunResult:
         self.log.bind(run_id=self.run_id, manifest=self.manifest.name, step="start")
+        if self.options.no_wait:
+            window.check_no_wait(self.manifest.run.window, ignore=self.options.ignore_window)
         prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
@@ -284,6 +292,8 @@ class Runner:
             checkpoint.finish_run(self.run_id, RunState.ABORTED.value, checkpoint.counts())
             raise
         try:
+            if self.gate is not None:
+                self.gate.hold()  # a run started outside its window waits for it
             locked_differently = lock is not None and checkpoint.get_meta("lock_hash") != lock_sha
             if lock is not None and (recorded is None or locked_differently):
                 self._resolve_from_lock(trolley, checkpoint, lock, wanted)
@@ -313,6 +323,9 @@ class Runner:
             self.stop.set()
             with contextlib.suppress(Exception):  # the checkpoint may not be writable either
                 checkpoint.finish_run(self.run_id, RunState.FAILED.value, checkpoint.counts())
+            raise
+        except window.OutsideWindowError:  # --no-wait: stopped when the window closed
+            self._finish(checkpoint, RunState.INTERRUPTED)
             raise
         except BaseException:
             # the archive went away or refused us: say so in the checkpoint, not "running"
@@ -480,6 +493,7 @@ class Runner:
                         todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
                         workers=self.workers, on_done=finished, stop=self.stop,
                         on_interrupt=interrupted, name="item",
+                        before_each=self.gate.hold if self.gate is not None else None,
                     )  # fmt: skip
                 except KeyboardInterrupt:
                     progress.close()

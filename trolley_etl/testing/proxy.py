@@ -9,8 +9,12 @@ that retries, backoff, interruption and completeness can be tested against a rea
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
+from collections.abc import Callable
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
@@ -29,6 +33,9 @@ class FaultProxy:
         self.drop_one_part = False  # drop the last part of each multipart/related answer
         self.drop_prefix = ""  # only answers to paths starting with this lose a part
         self.dropped: list[str] = []  # paths whose answer lost a part
+        self.started: list[float] = []  # monotonic time each request arrived
+        #: when set, requests whose headers it refuses are answered 401 (a token-checking archive)
+        self.authorize: Callable[[Message], bool] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -60,6 +67,11 @@ class FaultProxy:
         return None
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.started.append(time.monotonic())
+        if self.authorize is not None and not self.authorize(handler.headers):
+            self._answer(handler, 401, {"WWW-Authenticate": "Bearer"}, b"token refused\n")
+            return
         if self.delay:
             time.sleep(self.delay)
         failure = self._take_failure(handler.path)
@@ -129,3 +141,86 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class CountingTcpProxy:
+    """Forwards TCP connections to an upstream port and times them (HTTP or DICOM alike).
+
+    `spans` holds each connection's [accepted, client closed] monotonic times, so tests can
+    measure how many were open at once and how fast they were opened.
+    """
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.spans: list[list[float]] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = int(self._listener.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def opened(self) -> list[float]:
+        """When each connection was accepted, in order."""
+        with self._lock:
+            return sorted(span[0] for span in self.spans)
+
+    def max_open(self, grace: float = 0.0) -> int:
+        """The most connections open at one moment; each is counted `grace` s shorter, for
+        the moment between a client's close and the proxy noticing it."""
+        with self._lock:
+            edges = [(start, 1) for start, _ in self.spans]
+            edges += [(max(start, end - grace), -1) for start, end in self.spans]
+        most = current = 0
+        for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
+            current += step
+            most = max(most, current)
+        return most
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            span = [time.monotonic(), float("inf")]
+            with self._lock:
+                self.spans.append(span)
+            threading.Thread(target=self._serve, args=(client, span), daemon=True).start()
+
+    def _serve(self, client: socket.socket, span: list[float]) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            span[1] = time.monotonic()
+            return
+        upstream.settimeout(None)
+        back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+        back.start()
+        self._pump(client, upstream)
+        span[1] = time.monotonic()  # the client closed its side
+        back.join(timeout=60)
+        for sock in (client, upstream):
+            sock.close()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
