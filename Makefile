@@ -10,7 +10,7 @@ DEMO_OUT ?= demo-data
 PEERS_VENV ?= bench/.peers-venv
 BENCH_ARGS ?=
 
-.PHONY: setup system-packages test test-fast lint format demo demo-archive bench clean
+.PHONY: setup system-packages test-packages test test-fast lint format demo demo-archive bench clean
 
 system-packages:
 	@if ! command -v Orthanc >/dev/null 2>&1 || [ ! -f $(ORTHANC_PLUGIN) ] \
@@ -22,6 +22,14 @@ system-packages:
 	    orthanc orthanc-dicomweb python3-venv stunnel4; \
 	fi
 
+# Only the tests need a browser: the HTML report is checked in headless Chromium.
+test-packages:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  echo "Installing Chromium (headless, for the HTML report test) with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -30,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: system-packages $(VENV)/.installed
 
-test: setup
+test: setup test-packages
 	$(BIN)/python -m pytest
 
 # The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server).
