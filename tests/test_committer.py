@@ -216,3 +216,25 @@ def test_an_unexpected_error_in_the_committer_still_releases_the_waiters(
         second = _waited(later)
     assert first is None and second is None  # recorded before progress was told
     assert len(list(checkpoint.files())) == 2
+
+
+def test_without_syncfs_each_file_and_folder_is_fsynced(setup, monkeypatch) -> None:
+    """Kernels before 5.8 do not report write-back errors from syncfs: fsync instead."""
+    storage, checkpoint, progress = setup
+    monkeypatch.setattr(committer_module, "use_syncfs", lambda: False)
+    synced: list[Path] = []
+    lock = threading.Lock()
+    real = committer_module.fsync_path
+
+    def spy(path: Path) -> None:
+        with lock:
+            synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(committer_module, "fsync_path", spy)
+    files = ItemFiles(checkpoint_item(checkpoint))
+    with Committer(storage, checkpoint, progress, source="test", run_id="r1") as committer:
+        paths = [_hand_over(storage, committer, files, _instance(n)) for n in range(1, 4)]
+        assert _waited(files) is None
+    assert set(synced) == {*paths, paths[0].parent}
+    assert checkpoint.unsynced_files() == []

@@ -24,17 +24,20 @@ filling memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trolley_etl.core.storage import StorageDir, StoredInstance, sync_filesystem
+from trolley_etl.core.storage import StorageDir, StoredInstance, fsync_path, sync_filesystem
 from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.progress import Progress
@@ -48,6 +51,8 @@ MAX_BATCH = 512
 SYNC_FILES = 4096
 SYNC_BYTES = 512 * 1024 * 1024
 SYNC_SECONDS = 5.0
+#: fsyncs in flight at once where `syncfs` is not used: the journal commits them together.
+FSYNC_THREADS = 4
 
 
 class ItemFiles:
@@ -121,6 +126,7 @@ class Committer:
         self._unsynced_files = 0
         self._unsynced_bytes = 0
         self._unsynced_since = 0.0
+        self._unsynced_paths: list[Path] = []  # for the per-file fallback (`use_syncfs`)
         self._last_seq = 0
         self._closing = False
         self._sync_error: BaseException | None = None
@@ -216,6 +222,7 @@ class Committer:
             if not self._unsynced_files:
                 self._unsynced_since = time.monotonic()
             self._unsynced_files += len(batch)
+            self._unsynced_paths.extend(job.stored.path for job in batch)
             self._unsynced_bytes += size
             self._last_seq = max(self._last_seq, seq)
             if self._unsynced_files >= SYNC_FILES or self._unsynced_bytes >= SYNC_BYTES:
@@ -244,24 +251,46 @@ class Committer:
                 if not self._sync_due():
                     continue
                 closing, upto = self._closing, self._last_seq
-                pending = self._unsynced_files
+                pending, paths = self._unsynced_files, self._unsynced_paths
                 self._unsynced_files = self._unsynced_bytes = 0
+                self._unsynced_paths = []
             if pending:
                 try:
-                    self._sync(upto)
+                    self._sync(upto, paths)
                 except BaseException as error:  # reported by close(); files stay unsynced
                     if self._sync_error is None:
                         self._sync_error = error
             if closing:
                 return
 
-    def _sync(self, upto: int) -> None:
-        """One sync of the output (and of the checkpoint, if it lives elsewhere), then the
-        records up to `upto` are no longer unsynced."""
+    def _sync(self, upto: int, paths: list[Path]) -> None:
+        """One sync of the output (and of the checkpoint, if it lives elsewhere), or where
+        that is not safe an fsync of each file and folder; then the records up to `upto`
+        are no longer unsynced."""
         crash_point("before-sync")
-        for folder in _file_systems(self.storage.root, self.checkpoint.path.parent):
-            sync_filesystem(folder)
+        if use_syncfs():
+            for folder in _file_systems(self.storage.root, self.checkpoint.path.parent):
+                sync_filesystem(folder)
+        else:
+            with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync") as pool:
+                for _ in pool.map(fsync_path, paths):  # write-back began in the workers
+                    pass
+                for _ in pool.map(fsync_path, {path.parent for path in paths}):
+                    pass
         self.checkpoint.mark_durable(upto)
+
+
+@functools.cache
+def use_syncfs() -> bool:
+    """`syncfs` reports write-back errors only since Linux 5.8; before that (or without
+    `syncfs`) each file and folder is fsynced instead, which reports them."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "uname"):
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
 
 
 def _file_systems(*folders: Path) -> list[Path]:
