@@ -256,6 +256,10 @@ class StagedFile:
         if len(self._prefix) < HEADER_PREFIX_BYTES:
             self._prefix += chunk[: HEADER_PREFIX_BYTES - len(self._prefix)]
 
+    def content_digest(self) -> bytes:
+        """The SHA-256 of the bytes written so far (`arrival.CheckedWriter` reuses it)."""
+        return self._hash.digest()
+
     def finish(self, *, sync: bool = True) -> StoredInstance:
         """Close the complete file and say what it is and where it belongs.
 

@@ -743,6 +743,9 @@ class _CheckpointWriter:
             raise _Stopped()
         self._staged.write(chunk)
 
+    def content_digest(self) -> bytes:
+        return self._staged.content_digest()
+
     def commit(self) -> None:
         stored = self._staged.finish(sync=False)  # synced by the committer, with its batch
         path, deid = self._staged.path, self._sink.runner.deid
