@@ -238,3 +238,22 @@ def test_without_syncfs_each_file_and_folder_is_fsynced(setup, monkeypatch) -> N
         assert _waited(files) is None
     assert set(synced) == {*paths, paths[0].parent}
     assert checkpoint.unsynced_files() == []
+
+
+def test_a_failed_sync_fails_the_close_and_leaves_the_files_unsynced(setup, monkeypatch) -> None:
+    """A write-back error must not end in exit 0, nor in files the next run trusts unseen."""
+    storage, checkpoint, progress = setup
+
+    def failing(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(committer_module, "use_syncfs", lambda: True)
+    monkeypatch.setattr(committer_module, "sync_filesystem", failing)
+    files = ItemFiles(checkpoint_item(checkpoint))
+    committer = Committer(storage, checkpoint, progress, source="test", run_id="r1")
+    for n in range(1, 3):
+        _hand_over(storage, committer, files, _instance(n))
+    assert _waited(files) is None
+    with pytest.raises(OSError, match="Input/output"):
+        committer.close()
+    assert len(checkpoint.unsynced_files()) == 2  # the next run re-hashes them

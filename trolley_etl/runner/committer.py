@@ -254,7 +254,7 @@ class Committer:
                 pending, paths = self._unsynced_files, self._unsynced_paths
                 self._unsynced_files = self._unsynced_bytes = 0
                 self._unsynced_paths = []
-            if pending:
+            if pending and self._sync_error is None:  # after a failed sync, trust no later one
                 try:
                     self._sync(upto, paths)
                 except BaseException as error:  # reported by close(); files stay unsynced
