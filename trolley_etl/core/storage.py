@@ -3,7 +3,7 @@
 Bytes are written exactly as the archive sent them (no decoding, no transcoding) to a temporary
 file under `ROOT/.trolley/tmp/` (same file system as the data, so the final rename is atomic),
 hashed on the way, fsynced, then renamed into the path the layout template (`core.layout`)
-gives. The header
+gives (a run instead renames at once and syncs by batch: `runner.committer`). The header
 values that name the file are read from the first bytes kept in memory while it streamed
 (`header_scan`), falling back to pydicom on the file for anything unusual. Values from DICOM
 headers are sanitised before they become path components, so that no archive, however
