@@ -131,3 +131,19 @@ def test_hostile_bodies_are_refused_with_one_line(body: bytes, message: str) -> 
     with pytest.raises(ResponseFormatError, match=message):
         stream_parts([body], BOUNDARY, sink, url="u")
     assert sink.committed == []
+
+
+def test_near_boundaries_at_every_chunk_edge_are_kept_as_data() -> None:
+    """Parts full of delimiter fragments, cut at seeded random places: same bytes out."""
+    import random
+
+    rng = random.Random(17)
+    pieces = [b"\r", b"\r\n", b"\r\n-", b"\r\n--a1b2c", b"\r\n--a1b2c4", b"x", b"\r\r\n--"]
+    parts = [b"".join(rng.choice(pieces) for _ in range(300)) + b"\r" for _ in range(4)]
+    body = _body(parts)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(body)), 40))
+        chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        sink = ListSink()
+        assert stream_parts(chunks, BOUNDARY, sink, url="u") == len(parts)
+        assert sink.committed == parts

@@ -84,8 +84,7 @@ class _Parser:
             if self.state == "body":
                 found = data.find(self.delimiter, position)
                 if found < 0:
-                    # keep what could be the start of a delimiter cut by the chunk's end
-                    keep = max(position, len(data) - len(self.delimiter) + 1)
+                    keep = self._undecided(data, position)
                     if keep > position:
                         self._part_data(data[position:keep])
                     self.buffer = data[keep:]
@@ -137,6 +136,14 @@ class _Parser:
                 self.state = "after-boundary"
             else:  # end
                 return
+
+    def _undecided(self, data: bytes, position: int) -> int:
+        """Where the bytes that could start a delimiter cut by the chunk's end begin (the
+        length of `data` if none could): usually none, so the next chunk is not copied."""
+        start = data.rfind(b"\r", max(position, len(data) - len(self.delimiter) + 1))
+        if start >= 0 and self.delimiter.startswith(data[start:]):
+            return start
+        return len(data)
 
     def _part_data(self, data: bytes) -> None:
         if self.writer is not None and data:
