@@ -65,7 +65,8 @@ def over_studies(study_uids: list[str], workers: int, job: Callable[[str], None]
 
 def wire(spec: dict[str, Any]) -> dict[str, Any]:
     """Plain streaming GETs of WADO-RS studies, the multipart bodies written to disk unparsed
-    (and, with ``fsync``, made durable: one fsync per study body)."""
+    (and, with ``fsync``, made durable: one fsync per study body; with ``sync_at_end``, made
+    durable by one sync of the file system after the last body)."""
     import requests
 
     out = Path(spec["out"])
@@ -93,6 +94,10 @@ def wire(spec: dict[str, Any]) -> dict[str, Any]:
             written[0] += size
 
     over_studies(spec["study_uids"], spec["workers"], fetch)
+    if spec.get("sync_at_end"):  # the durable limit: every byte received, then one sync
+        from trolley_etl.core.storage import sync_filesystem
+
+        sync_filesystem(out)
     return {"body_bytes": written[0]}
 
 

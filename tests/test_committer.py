@@ -1,5 +1,6 @@
-"""The committer: files handed over are fsynced, renamed, their folders fsynced, then
-recorded, in that order; failures reach the item that owns the file; nobody waits forever.
+"""The committer: files handed over are renamed, recorded as unsynced, then synced by batch
+and marked durable, in that order; a rerun re-hashes what was never marked durable;
+failures reach the item that owns the file; nobody waits forever.
 
 These use a real StorageDir and a real checkpoint on disk; only the order of the durability
 calls is observed, by wrapping the functions the committer calls.
@@ -7,6 +8,7 @@ calls is observed, by wrapping the functions the committer calls.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from trolley_etl.core.errors import StorageError
 from trolley_etl.core.model import StudyReference
 from trolley_etl.runner import committer as committer_module
 from trolley_etl.runner.checkpoint import open_checkpoint
-from trolley_etl.runner.committer import Committer, ItemFiles
+from trolley_etl.runner.committer import Committer, ItemFiles, recover_unsynced
 from trolley_etl.runner.progress import Progress
 from trolley_etl.testing.dicomgen import make_instance, test_uid
 
@@ -66,7 +68,7 @@ def _waited(files: ItemFiles) -> BaseException | None:
     return outcome[0]
 
 
-def test_files_are_synced_renamed_synced_then_recorded(setup, monkeypatch) -> None:
+def test_files_are_renamed_recorded_unsynced_then_synced_by_batch(setup, monkeypatch) -> None:
     storage, checkpoint, progress = setup
     calls: list[str] = []
     lock = threading.Lock()
@@ -80,33 +82,81 @@ def test_files_are_synced_renamed_synced_then_recorded(setup, monkeypatch) -> No
         return wrapper
 
     monkeypatch.setattr(
-        committer_module, "fsync_file", spy("fsync_file", committer_module.fsync_file)
+        committer_module, "sync_filesystem", spy("sync", committer_module.sync_filesystem)
     )
-    monkeypatch.setattr(committer_module, "fsync_dir", spy("fsync_dir", committer_module.fsync_dir))
     monkeypatch.setattr(storage, "install", spy("install", storage.install))
     monkeypatch.setattr(checkpoint, "record_files_of_items",
                         spy("record", checkpoint.record_files_of_items))  # fmt: skip
+    monkeypatch.setattr(checkpoint, "mark_durable", spy("durable", checkpoint.mark_durable))
 
     item = checkpoint_item(checkpoint)
     files = ItemFiles(item)
     with Committer(storage, checkpoint, progress, source="test", run_id="r1") as committer:
         paths = [_hand_over(storage, committer, files, _instance(n)) for n in range(1, 6)]
         assert _waited(files) is None
+        # recorded, but listed as unsynced until the batch's sync
+        assert len(checkpoint.unsynced_files()) == 5
+        assert "sync" not in calls
 
     assert all(p.is_file() for p in paths)
     assert not list(storage.tmp_dir.iterdir())
     recorded = {r["path"] for r in checkpoint.files()}
     assert recorded == {p.relative_to(storage.root).as_posix() for p in paths}
     assert progress.instances == 5 and files.bytes == sum(p.stat().st_size for p in paths)
-    # every record comes after the fsync of each file it names and of its folder
-    last_record = max(i for i, c in enumerate(calls) if c == "record")
-    assert calls.count("fsync_file") == 5 and calls.count("install") == 5
-    first_record = calls.index("record")
-    assert max(i for i, c in enumerate(calls) if c == "fsync_file") < last_record
-    assert calls.index("fsync_dir") < first_record
-    for index, call in enumerate(calls):
-        if call == "install":  # renamed only after its own fsync finished (futures)
-            assert calls[:index].count("fsync_file") >= calls[: index + 1].count("install")
+    # one sync for the whole batch, after every record, and only then marked durable
+    assert calls.count("install") == 5 and calls.count("sync") == 1
+    assert max(i for i, c in enumerate(calls) if c == "record") < calls.index("sync")
+    assert calls.index("sync") < calls.index("durable")
+    assert calls.index("install") < calls.index("record")
+    assert checkpoint.unsynced_files() == []
+
+
+def test_a_sync_is_due_after_enough_files(setup, monkeypatch) -> None:
+    """Long runs sync along the way, not only at the end: a power cut takes back at most a
+    batch, and the next run re-hashes at most that."""
+    storage, checkpoint, progress = setup
+    monkeypatch.setattr(committer_module, "SYNC_FILES", 2)
+    synced = threading.Event()
+    real = committer_module.sync_filesystem
+
+    def spy(path):
+        synced.set()
+        return real(path)
+
+    monkeypatch.setattr(committer_module, "sync_filesystem", spy)
+    files = ItemFiles(checkpoint_item(checkpoint))
+    with Committer(storage, checkpoint, progress, source="test", run_id="r1") as committer:
+        for n in range(1, 4):
+            _hand_over(storage, committer, files, _instance(n))
+        assert _waited(files) is None
+        assert synced.wait(timeout=30)  # before close
+
+
+def test_recover_unsynced_rehashes_and_reopens_only_what_was_lost(setup) -> None:
+    storage, checkpoint, progress = setup
+    item = checkpoint_item(checkpoint)
+    files = ItemFiles(item)
+    committer = Committer(storage, checkpoint, progress, source="test", run_id="r1")
+    paths = [_hand_over(storage, committer, files, _instance(n)) for n in range(1, 4)]
+    assert _waited(files) is None
+    committer._closing = True  # stop without the final sync, as a crash would
+    with committer._due:
+        committer._unsynced_files = 0
+        committer._due.notify_all()
+    committer._queue.put(committer_module._CLOSE)
+    committer._thread.join(timeout=30)
+    committer._syncer.join(timeout=30)
+    checkpoint.mark_done(item)
+    assert len(checkpoint.unsynced_files()) == 3
+    paths[0].unlink()  # what a power cut can do to files never synced
+    os.truncate(paths[1], 10)
+    assert recover_unsynced(storage.root, checkpoint) == 2
+    assert checkpoint.unsynced_files() == []
+    assert {r["path"] for r in checkpoint.files()} == {
+        paths[2].relative_to(storage.root).as_posix()
+    }
+    (state,) = {i.state.value for i in checkpoint.items()}
+    assert state == "pending"  # fetched again by the run
 
 
 def checkpoint_item(checkpoint) -> int:
@@ -166,3 +216,44 @@ def test_an_unexpected_error_in_the_committer_still_releases_the_waiters(
         second = _waited(later)
     assert first is None and second is None  # recorded before progress was told
     assert len(list(checkpoint.files())) == 2
+
+
+def test_without_syncfs_each_file_and_folder_is_fsynced(setup, monkeypatch) -> None:
+    """Kernels before 5.8 do not report write-back errors from syncfs: fsync instead."""
+    storage, checkpoint, progress = setup
+    monkeypatch.setattr(committer_module, "use_syncfs", lambda: False)
+    synced: list[Path] = []
+    lock = threading.Lock()
+    real = committer_module.fsync_path
+
+    def spy(path: Path) -> None:
+        with lock:
+            synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(committer_module, "fsync_path", spy)
+    files = ItemFiles(checkpoint_item(checkpoint))
+    with Committer(storage, checkpoint, progress, source="test", run_id="r1") as committer:
+        paths = [_hand_over(storage, committer, files, _instance(n)) for n in range(1, 4)]
+        assert _waited(files) is None
+    assert set(synced) == {*paths, paths[0].parent}
+    assert checkpoint.unsynced_files() == []
+
+
+def test_a_failed_sync_fails_the_close_and_leaves_the_files_unsynced(setup, monkeypatch) -> None:
+    """A write-back error must not end in exit 0, nor in files the next run trusts unseen."""
+    storage, checkpoint, progress = setup
+
+    def failing(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(committer_module, "use_syncfs", lambda: True)
+    monkeypatch.setattr(committer_module, "sync_filesystem", failing)
+    files = ItemFiles(checkpoint_item(checkpoint))
+    committer = Committer(storage, checkpoint, progress, source="test", run_id="r1")
+    for n in range(1, 3):
+        _hand_over(storage, committer, files, _instance(n))
+    assert _waited(files) is None
+    with pytest.raises(OSError, match="Input/output"):
+        committer.close()
+    assert len(checkpoint.unsynced_files()) == 2  # the next run re-hashes them

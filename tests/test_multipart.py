@@ -2,7 +2,11 @@
 
 import pytest
 
-from trolley_etl.backends.multipart import boundary_from_content_type, stream_parts
+from trolley_etl.backends.multipart import (
+    boundary_from_content_type,
+    stream_parts,
+    stream_related,
+)
 from trolley_etl.core.errors import ResponseFormatError
 
 
@@ -70,3 +74,76 @@ def test_boundary_parameter() -> None:
     assert boundary_from_content_type(ct) == "abc 123"
     assert boundary_from_content_type("multipart/related; boundary=xyz") == "xyz"
     assert boundary_from_content_type("application/dicom") is None
+
+
+def test_preamble_padding_folded_headers_and_epilogue() -> None:
+    """What RFC 2046 allows around the parts (issue 17's parser searches whole chunks)."""
+    body = (
+        b"a preamble line\r\n--a1b2c3  \r\nContent-Type: application/dicom\r\n"
+        b"Content-ID:\r\n <one>\r\n\r\nfirst\r\n--a1b2c3\r\n\r\nsecond"
+        b"\r\n--a1b2c3--\r\nan epilogue --a1b2c3\r\n"
+    )
+    headers: list[dict[str, str]] = []
+    sink = ListSink()
+
+    def open_part(part_headers: dict[str, str]) -> ListWriter:
+        headers.append(part_headers)
+        return ListWriter(sink)
+
+    for size in (1, 5, len(body)):
+        headers.clear()
+        sink.committed.clear()
+        chunks = (body[i : i + size] for i in range(0, len(body), size))
+        assert stream_related(chunks, BOUNDARY, open_part, url="u") == 2
+        assert sink.committed == [b"first", b"second"]
+        assert headers == [{"content-type": "application/dicom", "content-id": "<one>"}, {}]
+
+
+def test_large_parts_reach_the_writer_in_few_writes() -> None:
+    part = bytes(range(256)) * 8192  # 2 MiB
+    body = _body([part, part])
+    writes: list[int] = []
+
+    class Counting(ListWriter):
+        def write(self, chunk: bytes) -> None:
+            writes.append(len(chunk))
+            super().write(chunk)
+
+    sink = ListSink()
+    size = 1 << 20
+    chunks = [body[i : i + size] for i in range(0, len(body), size)]
+    assert stream_related(chunks, BOUNDARY, lambda _h: Counting(sink), url="u") == 2
+    assert sink.committed == [part, part]
+    assert len(writes) <= len(chunks) + 2  # about one write per chunk, not per small piece
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"x" * 70_000, "no boundary"),
+        (b"--a1b2c3\r\n" + b"X-Long: " + b"y" * 70_000, "headers too large"),
+        (b"--a1b2c3\r\nno colon here\r\n\r\ndata\r\n--a1b2c3--", "malformed part header"),
+        (b"--a1b2c3junk\r\n\r\ndata\r\n--a1b2c3--", "after a boundary"),
+    ],
+)
+def test_hostile_bodies_are_refused_with_one_line(body: bytes, message: str) -> None:
+    sink = ListSink()
+    with pytest.raises(ResponseFormatError, match=message):
+        stream_parts([body], BOUNDARY, sink, url="u")
+    assert sink.committed == []
+
+
+def test_near_boundaries_at_every_chunk_edge_are_kept_as_data() -> None:
+    """Parts full of delimiter fragments, cut at seeded random places: same bytes out."""
+    import random
+
+    rng = random.Random(17)
+    pieces = [b"\r", b"\r\n", b"\r\n-", b"\r\n--a1b2c", b"\r\n--a1b2c4", b"x", b"\r\r\n--"]
+    parts = [b"".join(rng.choice(pieces) for _ in range(300)) + b"\r" for _ in range(4)]
+    body = _body(parts)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(body)), 40))
+        chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        sink = ListSink()
+        assert stream_parts(chunks, BOUNDARY, sink, url="u") == len(parts)
+        assert sink.committed == parts

@@ -187,6 +187,55 @@ def test_sigkill_at_a_crash_point_then_rerun(archive, expected, tmp_path, point,
     assert_complete_and_consistent(tmp_path / "data", expected)
 
 
+@pytest.mark.parametrize("damage", ["delete", "truncate", "zero"])
+def test_power_loss_before_the_sync_then_rerun_fetches_the_lost_files(
+    archive, expected, tmp_path, damage
+) -> None:
+    """Power-loss simulation (issue 17): killed just before the batch sync, then everything
+    not yet marked durable is damaged as a power cut could leave it; the rerun must find
+    it by re-hashing, fetch those files again and end complete with exit 0."""
+    manifest = write_manifest(tmp_path, archive.url, workers=2)
+    root = tmp_path / "data"
+    killed = trolley("run", str(manifest), env={"TROLLEY_ETL_CRASH_AT": "before-sync:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with sqlite3.connect(root / ".trolley" / "checkpoint.sqlite") as db:
+        unsynced = [row[0] for row in db.execute(
+            "SELECT path FROM files WHERE sop_instance_uid IN "
+            "(SELECT sop_instance_uid FROM unsynced)")]  # fmt: skip
+        done = db.execute("SELECT COUNT(*) FROM items WHERE state = 'done'").fetchone()[0]
+    assert len(unsynced) == len(expected) and done == len(ACCESSIONS)  # claimed, not durable
+    for relative in unsynced:
+        path = root / relative
+        if damage == "delete":
+            path.unlink()
+        elif damage == "truncate":
+            os.truncate(path, path.stat().st_size // 3)
+        else:  # size kept, blocks never written: zeros
+            path.write_bytes(bytes(path.stat().st_size))
+    rerun = trolley("run", str(manifest))
+    assert rerun.returncode == 0, rerun.stderr
+    checked = [e for e in events(rerun.stderr) if e.get("event") == "storage.unsynced_checked"]
+    assert checked and checked[0]["lost"] == len(expected)
+    assert_complete_and_consistent(root, expected)
+    with sqlite3.connect(root / ".trolley" / "checkpoint.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM unsynced").fetchone()[0] == 0  # all synced
+
+
+def test_a_crash_before_the_sync_loses_nothing_that_survived(archive, expected, tmp_path) -> None:
+    """Killed before the sync, no power cut: the files are intact, so the rerun re-hashes
+    them, syncs, clears the list and fetches nothing again."""
+    manifest = write_manifest(tmp_path, archive.url, workers=2)
+    killed = trolley("run", str(manifest), env={"TROLLEY_ETL_CRASH_AT": "before-sync:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rerun = trolley("run", str(manifest))
+    assert rerun.returncode == 0, rerun.stderr
+    checked = [e for e in events(rerun.stderr) if e.get("event") == "storage.unsynced_checked"]
+    assert checked[0]["files"] == len(expected) and checked[0]["lost"] == 0
+    downloads = [e for e in events(rerun.stderr) if e.get("event") == "item.done"]
+    assert downloads == []
+    assert_complete_and_consistent(tmp_path / "data", expected)
+
+
 @pytest.mark.parametrize("delay", [0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.2, 1.6])
 def test_sigkill_at_random_moments_then_rerun(archive, expected, tmp_path, delay) -> None:
     proxy = FaultProxy(archive.url)

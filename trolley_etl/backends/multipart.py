@@ -1,16 +1,14 @@
 """Streaming `multipart/related` parsing for WADO-RS and RAD-69 (MTOM/XOP) responses.
 
 Each part is handed to the sink chunk by chunk as it arrives, so memory does not grow with
-the size of the response. The boundary scanning is python-multipart's; this module only
-wires its callbacks to a sink and checks that the message really ended.
+the size of the response. The boundary is searched for in whole chunks (issue 17: a parser
+that called back per small piece cost more than writing the bytes), and the message must
+really end with its closing boundary.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser
 
 from trolley_etl.core.backend import InstanceSink, InstanceWriter
 from trolley_etl.core.errors import ResponseFormatError
@@ -47,52 +45,142 @@ def stream_single(chunks: Iterable[bytes], sink: InstanceSink) -> int:
     return 1
 
 
-class _PartsWithHeaders:
-    """Collects each part's headers, then asks `open_part` where its bytes should go."""
+#: A part's header block larger than this is refused (never trust the archive).
+MAX_HEADER_BYTES = 64 * 1024
+#: Bytes before the first boundary (preamble) tolerated, at most.
+MAX_PREAMBLE_BYTES = 64 * 1024
 
-    def __init__(self, open_part: Callable[[dict[str, str]], InstanceWriter]) -> None:
+
+class _Parser:
+    """A `multipart/related` body cut into parts by searching for the boundary in whole
+    chunks (`bytes.find`, in C), not byte by byte: the part's bytes between two boundaries
+    go to its writer in as few, as large, writes as the chunks allow.
+
+    Follows RFC 2046: the delimiter is CRLF `--boundary` (the first may come without the
+    CRLF), followed by `--` (the end) or optional white space and CRLF, then the part's
+    headers up to an empty line.
+    """
+
+    def __init__(self, boundary: str, open_part: Callable[[dict[str, str]], InstanceWriter]):
         self.open_part = open_part
-        self.headers: dict[str, str] = {}
-        self.field = b""
-        self.value = b""
+        self.first = b"--" + boundary.encode("latin-1")
+        self.delimiter = b"\r\n" + self.first
+        self.buffer = b""
+        self.state = "preamble"  # preamble, after-boundary, headers, body, end
         self.writer: InstanceWriter | None = None
         self.count = 0
-        self.ended = False
 
-    def on_part_begin(self) -> None:
-        self.headers = {}
+    @property
+    def ended(self) -> bool:
+        return self.state == "end"
 
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self.field += data[start:end]
+    def write(self, chunk: bytes) -> None:
+        if self.state == "end":
+            return  # the epilogue is ignored, as RFC 2046 says
+        data = self.buffer + chunk if self.buffer else chunk
+        self.buffer = b""
+        position = 0
+        while True:
+            if self.state == "body":
+                found = data.find(self.delimiter, position)
+                if found < 0:
+                    keep = self._undecided(data, position)
+                    if keep > position:
+                        self._part_data(data[position:keep])
+                    self.buffer = data[keep:]
+                    return
+                if found > position:
+                    self._part_data(data[position:found])
+                self._part_end()
+                position = found + len(self.delimiter)
+                self.state = "after-boundary"
+            elif self.state == "after-boundary":
+                line_end = data.find(b"\r\n", position)
+                if line_end < 0:
+                    if len(data) - position > MAX_HEADER_BYTES:
+                        raise MultipartParseError("no line end after a boundary")
+                    self.buffer = data[position:]
+                    return
+                rest = data[position:line_end]
+                if rest.startswith(b"--"):
+                    self.state = "end"
+                    return
+                if rest.strip(b" \t"):
+                    raise MultipartParseError("unexpected bytes after a boundary")
+                position = line_end + 2
+                self.state = "headers"
+            elif self.state == "headers":
+                if data.startswith(b"\r\n", position):  # no headers at all
+                    block, position = b"", position + 2
+                else:
+                    found = data.find(b"\r\n\r\n", position)
+                    if found < 0:
+                        if len(data) - position > MAX_HEADER_BYTES:
+                            raise MultipartParseError("part headers too large")
+                        self.buffer = data[position:]
+                        return
+                    block, position = data[position:found], found + 4
+                self.writer = self.open_part(_headers(block))
+                self.state = "body"
+            elif self.state == "preamble":
+                found = data.find(self.first, position)
+                if found < 0 or len(data) - found < len(self.first):
+                    if len(data) > MAX_PREAMBLE_BYTES:
+                        raise MultipartParseError("no boundary at the start of the body")
+                    self.buffer = data[position:]
+                    return
+                if found and data[found - 2 : found] != b"\r\n":
+                    position = found + 1  # the boundary text inside the preamble's line
+                    continue
+                position = found + len(self.first)
+                self.state = "after-boundary"
+            else:  # end
+                return
 
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self.value += data[start:end]
+    def _undecided(self, data: bytes, position: int) -> int:
+        """Where the bytes that could start a delimiter cut by the chunk's end begin (the
+        length of `data` if none could): usually none, so the next chunk is not copied."""
+        start = data.rfind(b"\r", max(position, len(data) - len(self.delimiter) + 1))
+        if start >= 0 and self.delimiter.startswith(data[start:]):
+            return start
+        return len(data)
 
-    def on_header_end(self) -> None:
-        name = self.field.decode("latin-1").strip().lower()
-        self.headers[name] = self.value.decode("latin-1").strip()
-        self.field, self.value = b"", b""
+    def _part_data(self, data: bytes) -> None:
+        if self.writer is not None and data:
+            self.writer.write(data)
 
-    def on_headers_finished(self) -> None:
-        self.writer = self.open_part(self.headers)
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.writer is not None and end > start:
-            self.writer.write(bytes(data[start:end]))
-
-    def on_part_end(self) -> None:
+    def _part_end(self) -> None:
         if self.writer is not None:
             writer, self.writer = self.writer, None
             writer.commit()
             self.count += 1
 
-    def on_end(self) -> None:
-        self.ended = True
-
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+class MultipartParseError(ValueError):
+    """The body is not a `multipart/related` message this parser can cut into parts."""
+
+
+def _headers(block: bytes) -> dict[str, str]:
+    """A part's header block, names in lower case; folded lines are joined."""
+    headers: dict[str, str] = {}
+    name = ""
+    for line in block.decode("latin-1").split("\r\n"):
+        if not line:
+            continue
+        if line[:1] in (" ", "\t") and name:
+            headers[name] = f"{headers[name]} {line.strip()}".strip()
+            continue
+        field, colon, value = line.partition(":")
+        if not colon:
+            raise MultipartParseError(f"malformed part header line {line[:80]!r}")
+        name = field.strip().lower()
+        headers[name] = value.strip()
+    return headers
 
 
 def stream_related(
@@ -108,25 +196,11 @@ def stream_related(
     that label their parts (MTOM/XOP `Content-ID`, RFC 2387) can route each one as it starts.
     Returns the number of complete parts; truncation aborts the open part and raises.
     """
-    handler = _PartsWithHeaders(open_part)
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": handler.on_part_begin,
-            "on_header_field": handler.on_header_field,
-            "on_header_value": handler.on_header_value,
-            "on_header_end": handler.on_header_end,
-            "on_headers_finished": handler.on_headers_finished,
-            "on_part_data": handler.on_part_data,
-            "on_part_end": handler.on_part_end,
-            "on_end": handler.on_end,
-        },
-    )
+    handler = _Parser(boundary, open_part)
     try:
         for chunk in chunks:
             if chunk:
-                parser.write(chunk)
-        parser.finalize()
+                handler.write(chunk)
     except MultipartParseError as exc:
         handler.abort()
         raise ResponseFormatError(f"{url}: malformed multipart response: {exc}", url=url) from None

@@ -22,6 +22,7 @@ import json
 import re
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,10 @@ class CheckedWriter:
         self._inner = inner
         self._size = 0
         self._prefix = bytearray()
-        self._hash = hashlib.blake2b(digest_size=16)
+        # the inner writer's own hash when it has one (issue 17: a second hash of every
+        # byte cost more CPU than parsing and writing them)
+        self._digest: Callable[[], bytes] = getattr(inner, "content_digest", lambda: b"")
+        self._hash = None if hasattr(inner, "content_digest") else hashlib.blake2b(digest_size=16)
 
     def write(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -120,7 +124,8 @@ class CheckedWriter:
             )
         if len(self._prefix) < PREFIX_BYTES:
             self._prefix += chunk[: PREFIX_BYTES - len(self._prefix)]
-        self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
         try:
             self._inner.write(chunk)
         except OSError as exc:
@@ -129,7 +134,8 @@ class CheckedWriter:
     def commit(self) -> None:
         try:
             uids = read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
-            self._sink._admit(uids, self._hash.digest())
+            digest = self._digest() if self._hash is None else self._hash.digest()
+            self._sink._admit(uids, digest)
         except BaseException:
             self._inner.abort()
             raise

@@ -71,7 +71,7 @@ def _describe(reference: Any) -> str:
 
 
 def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, Any]:
-    from trolley_etl.runner.checkpoint import state_dir
+    from trolley_etl.runner.checkpoint import ItemState, state_dir
 
     owner = {row.study_uid: row.query_set for row in checkpoint.study_rows()}
     sets: dict[str, dict[str, Any]] = {}
@@ -82,14 +82,15 @@ def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, A
 
     for name in owner.values():
         entry(name)["studies"] += 1
-    items = checkpoint.items()
-    for item in items:
-        entry(owner.get(item.reference.study_uid, ""))["items"][item.state] += 1
-    for record in checkpoint.files():
-        target = entry(owner.get(record["study_uid"], ""))
-        target["instances"] += 1
-        target["bytes"] += record["size"]
-    listed = [i for i in items if i.state not in ("done",)][: MAX_LISTED * 5]
+    item_totals, file_totals = checkpoint.totals_by_query_set()  # counted in SQL (issue 17)
+    for name, state, count, _stored in item_totals:
+        entry(name)["items"][str(state)] += count
+    for name, count, size in file_totals:
+        target = entry(name)
+        target["instances"] += count
+        target["bytes"] += size
+    not_done = [state.value for state in ItemState if state is not ItemState.DONE]
+    listed = checkpoint.items(not_done)[: MAX_LISTED * 5]
     keys = {
         i.item_id: _key(i.reference.study_uid, getattr(i.reference, "series_uid", ""),
                         getattr(i.reference, "instance_uid", ""))

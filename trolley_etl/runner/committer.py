@@ -1,38 +1,58 @@
-"""Making received files durable and visible in batches, off the download threads.
+"""Making received files visible at once and durable in batches, off the download threads.
 
-Download workers only write each temp file, start its writeback to disk and close it, then
-hand it here. One committer thread takes whatever has queued up and, per batch: fsyncs each
-file (by then mostly on disk), renames it into the layout, fsyncs the folders it touched,
-and records the whole batch in the checkpoint in one transaction. Workers keep receiving
-while the disk catches up: an fsync per file in the worker itself took most of its time.
+Download workers write each temp file, start its write-back to disk, close it and rename it
+into the layout themselves, without waiting for the disk. One committer thread records what
+has queued up in the checkpoint, one transaction per batch, each file with its SHA-256 as
+written and listed as *unsynced*. A second thread makes the recorded files durable together:
+one `syncfs` of the output's file system every `SYNC_FILES` files, `SYNC_BYTES` bytes or
+`SYNC_SECONDS` seconds, then clears the unsynced list up to that point. The last sync happens
+in `close`, before the run can report success: exit 0 still means everything is on stable
+storage, but the disk is asked once per batch instead of once per file (an fsync per file
+cost more than writing the bytes).
+
+A crash or power cut loses at most what was not synced: `recover_unsynced`, at the start of
+the next run, re-hashes the files still listed as unsynced, forgets those that do not match
+and reopens their items, so that they are fetched again. A crash anywhere else leaves temp
+files (removed by the next run) or renamed files the checkpoint does not know yet (fetched
+again), never a claim of a file that is not, or may not stay, in place.
 
 An item is marked done only after all its files are recorded (`ItemFiles.wait`). The queue
-is bounded, so a disk slower than the network slows the download down instead of filling the
-temp folder. A crash anywhere leaves either temp files (removed by the next run) or renamed
-files the checkpoint does not know yet (fetched again by the next run), never a record of a
-file that is not durably in place.
+is bounded, so a checkpoint slower than the network slows the download down instead of
+filling memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import os
 import queue
+import sys
 import threading
+import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from trolley_etl.core.storage import StorageDir, StoredInstance, fsync_dir, fsync_file
+from trolley_etl.core.storage import StorageDir, StoredInstance, fsync_path, sync_filesystem
 from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.progress import Progress
 
-#: Files waiting for the committer, at most; bounds the temp folder and what a crash loses.
+#: Files waiting for the committer, at most; bounds memory and what a crash loses.
 MAX_QUEUED = 512
-#: fsyncs in flight at once: the disk works on several files, the journal commits them together.
-SYNC_THREADS = 4
-#: Files per batch, at most (one checkpoint transaction, one fsync per folder).
+#: Files per batch, at most (one checkpoint transaction).
 MAX_BATCH = 512
+#: A sync is due after this many recorded files, bytes or seconds, whichever comes first:
+#: bounds what a power cut can take back, and what the next run must re-hash.
+SYNC_FILES = 4096
+SYNC_BYTES = 512 * 1024 * 1024
+SYNC_SECONDS = 5.0
+#: fsyncs in flight at once where `syncfs` is not used: the journal commits them together.
+FSYNC_THREADS = 4
 
 
 class ItemFiles:
@@ -70,9 +90,7 @@ class ItemFiles:
 @dataclass
 class _Job:
     files: ItemFiles
-    staged: Path
     stored: StoredInstance
-    synced: Future[BaseException | None]  # the file's fsync, started when it was handed over
     settled: bool = False
 
     def settle(self, error: BaseException | None) -> None:
@@ -84,16 +102,9 @@ class _Job:
 _CLOSE = object()
 
 
-def _fsync_or_error(path: Path) -> BaseException | None:
-    try:
-        fsync_file(path)
-    except BaseException as error:
-        return error
-    return None
-
-
 class Committer:
-    """The single thread that fsyncs, renames and records; see the module docstring."""
+    """Renames in the caller's thread, records in one thread, syncs in another; see the
+    module docstring."""
 
     def __init__(
         self,
@@ -110,26 +121,59 @@ class Committer:
         self.source = source
         self.run_id = run_id
         self._queue: queue.Queue[_Job | object] = queue.Queue(maxsize=MAX_QUEUED)
-        self._syncers = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fsync")
+        # what is recorded but not yet synced, shared with the sync thread
+        self._due = threading.Condition()
+        self._unsynced_files = 0
+        self._unsynced_bytes = 0
+        self._unsynced_since = 0.0
+        self._unsynced_paths: list[Path] = []  # for the per-file fallback (`use_syncfs`)
+        self._last_seq = 0
+        self._closing = False
+        self._sync_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
+        self._syncer = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
         self._thread.start()
+        self._syncer.start()
 
     def submit(self, files: ItemFiles, staged: Path, stored: StoredInstance) -> None:
-        """Hand over a complete, closed temp file (blocks while the queue is full)."""
+        """Put a complete, closed temp file in place now and queue its record (blocks while
+        the queue is full). A file that cannot be placed fails its item, not the run."""
         files._submit()
-        self._queue.put(_Job(files, staged, stored, self._syncers.submit(_fsync_or_error, staged)))
+        try:
+            self.storage.install(staged, stored, sync_dir=False)
+        except BaseException as error:
+            staged.unlink(missing_ok=True)
+            files._settle(None, error)
+            return
+        crash_point("after-rename")
+        self._queue.put(_Job(files, stored))
 
     def close(self) -> None:
-        """Commit everything handed over so far, then stop the thread."""
+        """Record everything handed over so far, make it durable, then stop both threads.
+
+        Raises OSError if the final sync (or an earlier one) failed: the run must not then
+        claim success; the files stay listed as unsynced and the next run re-hashes them.
+        """
         self._queue.put(_CLOSE)
         self._thread.join()
-        self._syncers.shutdown()
+        with self._due:
+            self._closing = True
+            self._due.notify_all()
+        self._syncer.join()
+        if self._sync_error is not None:
+            raise self._sync_error
 
     def __enter__(self) -> Committer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # already failing: keep that error, not this one
+            self.close()
+
+    # --- recording -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         closing = False
@@ -149,44 +193,150 @@ class Committer:
                 except queue.Empty:
                     break
             try:
-                self._commit(batch)
+                self._record(batch)
             except BaseException as error:  # never leave a worker waiting for its files
                 for job in batch:
                     job.settle(error)
 
-    def _commit(self, batch: list[_Job]) -> None:
-        """fsync (already under way), rename, fsync the folders, record: in that order, so
-        that the checkpoint never names a file whose content or place is not durable."""
-        placed: list[_Job] = []
-        for job in batch:
-            try:
-                sync_error = job.synced.result()
-                if sync_error is not None:
-                    raise sync_error
-                self.storage.install(job.staged, job.stored, sync_dir=False)
-            except BaseException as error:
-                job.staged.unlink(missing_ok=True)
-                job.settle(error)
-                continue
-            crash_point("after-rename")
-            placed.append(job)
+    def _record(self, batch: list[_Job]) -> None:
+        """Record the batch, listed as unsynced, in one transaction; then tell the syncer."""
+        if not batch:
+            return
         by_item: dict[ItemFiles, list[StoredInstance]] = defaultdict(list)
-        for job in placed:
+        for job in batch:
             by_item[job.files].append(job.stored)
         try:
-            folders = {job.stored.path.parent for job in placed}
-            for _ in self._syncers.map(fsync_dir, folders):  # together: one journal commit
-                pass
-            self.checkpoint.record_files_of_items(
+            seq = self.checkpoint.record_files_of_items(
                 [(files.item_id, stored) for files, stored in by_item.items()],
                 self.source,
                 self.run_id,
+                durable=False,
             )
         except BaseException as error:
             # in place but not recorded: the item is fetched again, which is safe
-            for job in placed:
+            for job in batch:
                 job.settle(error)
             return
-        for job in placed:
+        size = sum(job.stored.size for job in batch)
+        with self._due:
+            if not self._unsynced_files:
+                self._unsynced_since = time.monotonic()
+            self._unsynced_files += len(batch)
+            self._unsynced_paths.extend(job.stored.path for job in batch)
+            self._unsynced_bytes += size
+            self._last_seq = max(self._last_seq, seq)
+            if self._unsynced_files >= SYNC_FILES or self._unsynced_bytes >= SYNC_BYTES:
+                self._due.notify_all()
+        for job in batch:
             job.settle(None)
             self.progress.instance_stored(job.stored.size)
+
+    # --- syncing -------------------------------------------------------------------------
+
+    def _sync_due(self) -> bool:
+        if self._closing:
+            return True
+        if not self._unsynced_files:
+            return False
+        return (
+            self._unsynced_files >= SYNC_FILES
+            or self._unsynced_bytes >= SYNC_BYTES
+            or time.monotonic() - self._unsynced_since >= SYNC_SECONDS
+        )
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._due:
+                self._due.wait_for(self._sync_due, timeout=SYNC_SECONDS)
+                if not self._sync_due():
+                    continue
+                closing, upto = self._closing, self._last_seq
+                pending, paths = self._unsynced_files, self._unsynced_paths
+                self._unsynced_files = self._unsynced_bytes = 0
+                self._unsynced_paths = []
+            if pending and self._sync_error is None:  # after a failed sync, trust no later one
+                try:
+                    self._sync(upto, paths)
+                except BaseException as error:  # reported by close(); files stay unsynced
+                    if self._sync_error is None:
+                        self._sync_error = error
+            if closing:
+                return
+
+    def _sync(self, upto: int, paths: list[Path]) -> None:
+        """One sync of the output (and of the checkpoint, if it lives elsewhere), or where
+        that is not safe an fsync of each file and folder; then the records up to `upto`
+        are no longer unsynced."""
+        crash_point("before-sync")
+        if use_syncfs():
+            for folder in _file_systems(self.storage.root, self.checkpoint.path.parent):
+                sync_filesystem(folder)
+        else:
+            with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync") as pool:
+                for _ in pool.map(fsync_path, paths):  # write-back began in the workers
+                    pass
+                for _ in pool.map(fsync_path, {path.parent for path in paths}):
+                    pass
+        self.checkpoint.mark_durable(upto)
+
+
+@functools.cache
+def use_syncfs() -> bool:
+    """`syncfs` reports write-back errors only since Linux 5.8; before that (or without
+    `syncfs`) each file and folder is fsynced instead, which reports them."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "uname"):
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+def _file_systems(*folders: Path) -> list[Path]:
+    """One folder per file system among `folders`."""
+    seen: dict[int, Path] = {}
+    for folder in folders:
+        seen.setdefault(os.stat(folder).st_dev, folder)
+    return list(seen.values())
+
+
+#: Read size when re-hashing unsynced files.
+_HASH_CHUNK = 1024 * 1024
+
+
+def recover_unsynced(root: Path, checkpoint: Checkpoint, logger: Any = None) -> int:
+    """After a crash or power cut: check the files recorded since the last sync.
+
+    Each is re-hashed; one that is missing, shorter, or different is forgotten and its item
+    reopened (fetched again). Those that match are synced before the list is cleared, since
+    after a mere crash they may still be only in memory. Returns how many were lost.
+    """
+    if not checkpoint.has_unsynced():
+        return 0
+    records = checkpoint.unsynced_files()
+    lost: dict[int, list[str]] = defaultdict(list)
+    for record in records:
+        if not _matches(root / record.path, record.size, record.sha256):
+            lost[record.item_id].append(record.sop_instance_uid)
+    for folder in _file_systems(root, checkpoint.path.parent):
+        sync_filesystem(folder)
+    checkpoint.settle_unsynced(lost, "file lost before it was synced (crash or power cut)")
+    count = sum(len(uids) for uids in lost.values())
+    if logger is not None:
+        logger.info("storage.unsynced_checked", files=len(records), lost=count,
+                    items_reopened=len(lost))  # fmt: skip
+    return count
+
+
+def _matches(path: Path, size: int, sha256: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size != size:
+                return False
+            digest = hashlib.sha256()
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256

@@ -52,7 +52,7 @@ from trolley_etl.runner.checkpoint import (
     state_dir,
 )
 from trolley_etl.runner.cohort import Cohort, allowed_unmatched, cohort_json, refused_unmatched
-from trolley_etl.runner.committer import Committer, ItemFiles
+from trolley_etl.runner.committer import Committer, ItemFiles, recover_unsynced
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.progress import Progress
@@ -276,6 +276,8 @@ class Runner:
                 "(what it pulls is different); run with --refresh to re-resolve it, or use "
                 "another storage root"
             )
+        # issue 17: files recorded after the last sync of a killed run may be lost: re-hash
+        recover_unsynced(self.root, checkpoint, self.log.logger)
         self._check_layout(checkpoint)
         self._remove_stale_temp_files()
         provenance = report.run_provenance(
@@ -741,8 +743,11 @@ class _CheckpointWriter:
             raise _Stopped()
         self._staged.write(chunk)
 
+    def content_digest(self) -> bytes:
+        return self._staged.content_digest()
+
     def commit(self) -> None:
-        stored = self._staged.finish(sync=False)  # the committer fsyncs it before the rename
+        stored = self._staged.finish(sync=False)  # synced by the committer, with its batch
         path, deid = self._staged.path, self._sink.runner.deid
         if deid is not None:  # the received file becomes a de-identified one, or is held back
             placed = deid.process(path, stored, self._sink.runner.storage)
@@ -756,8 +761,8 @@ class _CheckpointWriter:
 
 
 class _CheckpointSink:
-    """Stores through the runner's StorageDir; the committer makes the files durable, puts
-    them in place and records them in the checkpoint (see `runner.committer`)."""
+    """Stores through the runner's StorageDir; the committer puts the files in place, records
+    them in the checkpoint and makes them durable by batch (see `runner.committer`)."""
 
     def __init__(self, runner: Runner, committer: Committer, item_id: int) -> None:
         self.runner = runner
