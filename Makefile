@@ -47,12 +47,12 @@ format: setup
 	$(BIN)/ruff check --fix trolley_etl tests bench
 
 demo: setup
-	$(BIN)/python -m trolley_etl.testing.demo --manifest manifests/demo.yaml
+	$(BIN)/python -m trolley_etl._harness.demo --manifest manifests/demo.yaml
 
 # The seeded demo archive on the demo manifest's addresses, until Ctrl-C: try plan, lock,
 # run, status, report and doctor by hand from another terminal (after `. .venv/bin/activate`).
 demo-archive: setup
-	$(BIN)/python -m trolley_etl.testing.demo_archive --manifest manifests/demo.yaml
+	$(BIN)/python -m trolley_etl._harness.demo_archive --manifest manifests/demo.yaml
 
 # The peer tools get their own virtual environment, so their dependencies never mix with ours.
 $(PEERS_VENV)/.installed:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 try:
-    import trolley_etl.testing  # noqa: F401
+    import trolley_etl._harness  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trolley_etl.testing.dicomgen import GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import (
+from trolley_etl._harness.dicomgen import GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import (
     OrthancNotInstalledError,
     OrthancServer,
     free_port,

@@ -19,7 +19,7 @@ from trolley_etl.runner import committer as committer_module
 from trolley_etl.runner.checkpoint import open_checkpoint
 from trolley_etl.runner.committer import Committer, ItemFiles
 from trolley_etl.runner.progress import Progress
-from trolley_etl.testing.dicomgen import make_instance, test_uid
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 
 
 def _instance(n: int, series: str = "se") -> bytes:

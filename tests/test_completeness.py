@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, standard_cohort
-from trolley_etl.testing.proxy import FaultProxy
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl._harness.proxy import FaultProxy
 
 COHORT = standard_cohort()
 
@@ -184,7 +184,7 @@ def test_killed_run_is_aborted_not_running(orthanc, tmp_path) -> None:
 
 
 def test_unreachable_archive_at_start_leaves_an_aborted_run_and_an_empty_root(tmp_path) -> None:
-    from trolley_etl.testing.orthanc import free_port
+    from trolley_etl._harness.orthanc import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     manifest = write_manifest(tmp_path, dead, dead, ["ACC1001"], extra="")
@@ -266,7 +266,7 @@ SHORT_ACCESSION = "ACC1004"
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory):
     """A second Orthanc holding ACC1004 without its last instance (an index out of sync)."""
-    from trolley_etl.testing.orthanc import OrthancServer
+    from trolley_etl._harness.orthanc import OrthancServer
 
     study_uid = COHORT_ACCESSIONS[SHORT_ACCESSION].study_uid
     held = [c for c in COHORT if c.study_uid == study_uid]
@@ -281,7 +281,7 @@ def partial(tmp_path_factory):
 @pytest.mark.parametrize("method", ["c-get", "c-move"])
 def test_dimse_shortfall_is_incomplete_with_the_missing_uid(orthanc, partial, tmp_path,
                                                            method) -> None:  # fmt: skip
-    from trolley_etl.testing.orthanc import free_port
+    from trolley_etl._harness.orthanc import free_port
 
     server, lost = partial
     download = (f'{{backend: {method}, host: 127.0.0.1, port: {server.dicom_port}, '

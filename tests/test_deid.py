@@ -26,7 +26,7 @@ from trolley_etl.deid.keys import Pseudonymizer
 from trolley_etl.deid.profile import KEEP, load_table, resolve_action
 from trolley_etl.deid.stream import deidentify_file
 from trolley_etl.manifest.models import Deid
-from trolley_etl.testing.dicomgen import (
+from trolley_etl._harness.dicomgen import (
     DEID_IDENTIFIERS,
     DEID_PATIENTS,
     DEID_SAFE_PRIVATE,
@@ -35,7 +35,7 @@ from trolley_etl.testing.dicomgen import (
     make_instance,
     test_uid,
 )
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
 
 SECRET_A, SECRET_B = "correct horse battery staple", "another project's key"
 UID_PATTERN = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")

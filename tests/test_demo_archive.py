@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from trolley_etl.testing.orthanc import free_port
+from trolley_etl._harness.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_demo_archive_serves_the_demo_manifest_until_interrupted(tmp_path: Path)
     manifest.write_text((ROOT / "manifests" / "demo.yaml").read_text()
                         .replace("127.0.0.1:18042", f"127.0.0.1:{http}"))  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trolley_etl.testing.demo_archive", "--manifest", str(manifest),
+        [sys.executable, "-m", "trolley_etl._harness.demo_archive", "--manifest", str(manifest),
          "--http-port", str(http), "--dicom-port", str(dicom)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -19,8 +19,8 @@ from trolley_etl.core.errors import (
     ObjectNotFoundError,
 )
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
-from trolley_etl.testing.orthanc import free_port
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
+from trolley_etl._harness.orthanc import free_port
 
 
 def accessions(studies: list[Study]) -> set[str]:

@@ -28,9 +28,9 @@ from trolley_etl.core.errors import (
     StorageError,
 )
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, GeneratedInstance
-from trolley_etl.testing.orthanc import OrthancServer, free_port
-from trolley_etl.testing.qrscp import QRSCPError, QRSCPServer
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer, free_port
+from trolley_etl._harness.qrscp import QRSCPError, QRSCPServer
 
 LOCAL = "127.0.0.1"
 #: The move destination registered in both archives, and one that points elsewhere.

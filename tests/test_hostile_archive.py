@@ -31,7 +31,7 @@ from trolley_etl.core.errors import (
 )
 from trolley_etl.core.model import InstanceReference, StudyReference
 from trolley_etl.core.uids import rejected_rows
-from trolley_etl.testing.dicomgen import GeneratedInstance, make_instance, test_uid
+from trolley_etl._harness.dicomgen import GeneratedInstance, make_instance, test_uid
 
 STUDY = test_uid("hostile", "study")
 SERIES = test_uid("hostile", "series")

@@ -21,7 +21,7 @@ from trolley_etl.backends import CGet
 from trolley_etl.core.errors import DownloadError
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import StudyReference
-from trolley_etl.testing.dicomgen import make_instance, test_uid
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 
 STUDY = test_uid("dimse-hostile", "study")
 OTHER = test_uid("dimse-hostile", "other")

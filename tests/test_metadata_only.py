@@ -24,7 +24,7 @@ from trolley_etl.backends import WadoRS
 from trolley_etl.backends import wado_rs_metadata as metadata
 from trolley_etl.core.errors import DownloadError, ResponseFormatError, StorageError
 from trolley_etl.core.model import SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 
 STUDY = COHORT_ACCESSIONS["ACC1001"]  # two CT series, one with private elements
 

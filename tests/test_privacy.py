@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 
 STUDY = test_uid("privacy", "study")
 

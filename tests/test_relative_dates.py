@@ -14,8 +14,8 @@ import pytest
 
 from trolley_etl.core.relative_dates import RelativeDate, resolve_filters
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.orthanc import OrthancServer
 
 
 @pytest.mark.parametrize(

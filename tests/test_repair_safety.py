@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}

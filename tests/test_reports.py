@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
 
 PATIENTS = "TRL00*"  # the three regular patients, not the hostile study
 
@@ -165,7 +165,7 @@ def with_failure(pulled: Path, tmp_path: Path) -> tuple[Path, str]:
 def test_html_report_renders_offline_in_chromium_with_the_checkpoint_numbers(
     with_failure: tuple[Path, str], tmp_path: Path
 ) -> None:
-    from trolley_etl.testing.browser import Page, find_chromium
+    from trolley_etl._harness.browser import Page, find_chromium
 
     if find_chromium() is None and not os.environ.get("CI"):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pydicom
 
-from trolley_etl.testing.dicomgen import standard_cohort
-from trolley_etl.testing.orthanc import free_port
+from trolley_etl._harness.dicomgen import standard_cohort
+from trolley_etl._harness.orthanc import free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

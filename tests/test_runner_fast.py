@@ -1,6 +1,6 @@
 """The runner in process over an in-memory archive: completeness, drift, retries, accounting.
 
-The same Runner as `trolley-etl run`, with `tests.fakes` in place of real backends, so that
+The same Runner as `trolley-etl run`, with `trolley_etl.testing` in place of real backends, so that
 each behaviour is shown in milliseconds; test_completeness.py shows it against Orthanc.
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeArchive
+from trolley_etl.testing import FakeArchive
 from trolley_etl.manifest import load_manifest
 from trolley_etl.runner.checkpoint import ItemState, RunState, open_checkpoint
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.run import Runner, RunOptions, RunResult
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 

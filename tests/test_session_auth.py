@@ -1,5 +1,5 @@
 """Vitrea and IMPAX session logins, against login gates that answer as those products do
-(trolley_etl.testing.vendor_login) in front of the real Orthanc."""
+(trolley_etl._harness.vendor_login) in front of the real Orthanc."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from trolley_etl import Query, StorageDir, Trolley
 from trolley_etl.backends import QidoRS, WadoRS
 from trolley_etl.backends.session_auth import ImpaxAuth, SessionAuth, VitreaAuth
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.vendor_login import VendorLoginProxy
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.vendor_login import VendorLoginProxy
 
 USERS = {"radiology": "correct horse battery"}
 PASSWORD = USERS["radiology"]
@@ -119,7 +119,7 @@ def test_impax_login_failed_page_is_named(impax):
 
 def test_an_unreachable_login_is_a_connection_error():
     from trolley_etl.core.errors import ConnectionFailedError
-    from trolley_etl.testing.orthanc import free_port
+    from trolley_etl._harness.orthanc import free_port
 
     auth = VitreaAuth(f"http://127.0.0.1:{free_port()}/login", "radiology", PASSWORD)
     with pytest.raises(ConnectionFailedError, match="cannot reach the Vitrea login"):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from trolley_etl.runner.run import root_lock
-from trolley_etl.testing import demo
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer, OrthancStartError, free_port
+from trolley_etl._harness import demo
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer, OrthancStartError, free_port
 
 STUDY = test_uid("holes", "study")
 

@@ -22,8 +22,8 @@ from trolley_etl.core.splitting import (
     date_bounds,
     split_query,
 )
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 
 CAP = 5
 #: Ten studies on ten days of January 2024 and seven more on one busy day, hour by hour.

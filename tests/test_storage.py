@@ -16,7 +16,7 @@ from trolley_etl.core.storage import (
     LayoutTemplate,
     sanitise_component,
 )
-from trolley_etl.testing.dicomgen import make_instance, test_uid
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 
 
 def _instance(**overrides: object):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
 
 PATIENTS = "TRL00*"
 

@@ -29,9 +29,9 @@ from trolley_etl.backends.token_auth import (
 )
 from trolley_etl.cli.main import main
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.orthanc import OrthancServer
-from trolley_etl.testing.proxy import FaultProxy
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import FaultProxy
 
 CLIENT_ID, CLIENT_SECRET = "trolley-client", "s3cr3t-of-the-client"
 

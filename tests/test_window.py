@@ -22,7 +22,7 @@ from trolley_etl.runner.window import (
     check_no_wait,
     waiting_state,
 )
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
 
 UTC = dt.timezone.utc
 AMS = "Europe/Amsterdam"
@@ -227,7 +227,7 @@ def test_a_window_closing_mid_run_with_no_wait_stops_cleanly(
     orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Units in flight finish, the run exits 3, and the next run resumes the rest."""
-    from trolley_etl.testing.proxy import FaultProxy
+    from trolley_etl._harness.proxy import FaultProxy
 
     proxy = FaultProxy(orthanc.url)
     proxy.delay = 0.6  # 12 instances one by one: over 7 s; the window closes after 4-5 s

@@ -25,7 +25,7 @@ import pydicom
 from pynetdicom import AE
 
 from trolley_etl.backends.dimse import VERIFICATION
-from trolley_etl.testing.orthanc import free_port, terminate
+from trolley_etl._harness.orthanc import free_port, terminate
 
 __all__ = ["QRSCPError", "QRSCPServer"]
 

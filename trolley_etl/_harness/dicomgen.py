@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as exc:  # the test extra, not a runtime dependency
+    raise ImportError(
+        "the synthetic DICOM generator needs numpy, a test-only dependency: "
+        "pip install 'trolley-etl[test]' (or run `make setup`)"
+    ) from exc
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from trolley_etl.testing.orthanc import free_port, terminate
+from trolley_etl._harness.orthanc import free_port, terminate
 
 _START_TIMEOUT = 15.0
 

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
-from trolley_etl.testing.proxy import HOP_BY_HOP
+from trolley_etl._harness.proxy import HOP_BY_HOP
 
 VITREA_401 = (
     b"<html><head><title>Error 401 you need to log in to access this page.</title></head>"
