@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
 from trolley_etl.runner import lockfile
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
-from trolley_etl._harness.orthanc import OrthancServer
 
 LOCKED = ("ACC1001", "ACC1003", "ACC1004")  # patients TRL001 and TRL002
 LATE = "ACC1005"  # patient TRL003: added to the archive after the lock

@@ -20,12 +20,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from trolley_etl.deid.engine import build_policy
-from trolley_etl.deid.gate import DeviceRegions
-from trolley_etl.deid.keys import Pseudonymizer
-from trolley_etl.deid.profile import KEEP, load_table, resolve_action
-from trolley_etl.deid.stream import deidentify_file
-from trolley_etl.manifest.models import Deid
 from trolley_etl._harness.dicomgen import (
     DEID_IDENTIFIERS,
     DEID_PATIENTS,
@@ -36,6 +30,12 @@ from trolley_etl._harness.dicomgen import (
     test_uid,
 )
 from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.deid.engine import build_policy
+from trolley_etl.deid.gate import DeviceRegions
+from trolley_etl.deid.keys import Pseudonymizer
+from trolley_etl.deid.profile import KEEP, load_table, resolve_action
+from trolley_etl.deid.stream import deidentify_file
+from trolley_etl.manifest.models import Deid
 
 SECRET_A, SECRET_B = "correct horse battery staple", "another project's key"
 UID_PATTERN = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")

@@ -9,6 +9,8 @@ import pydicom
 import pytest
 
 from trolley_etl import Query, QueryLevel, StorageDir, Study, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
+from trolley_etl._harness.orthanc import free_port
 from trolley_etl.backends import QidoRS, WadoRS, WadoURI
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import (
@@ -19,8 +21,6 @@ from trolley_etl.core.errors import (
     ObjectNotFoundError,
 )
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
-from trolley_etl._harness.orthanc import free_port
 
 
 def accessions(studies: list[Study]) -> set[str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.cli.main import main
 from trolley_etl._harness.dicomgen import GeneratedInstance
 from trolley_etl._harness.orthanc import OrthancServer, free_port
+from trolley_etl.cli.main import main
 
 USERS = {"doctor": "correct-horse"}
 MOVE_AET = "DOCTORMOVE"

@@ -19,6 +19,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import Query, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import GeneratedInstance, make_instance, test_uid
 from trolley_etl.backends import QidoRS, WadoRS, WadoURI
 from trolley_etl.backends.http import HttpClient, abort_transfers, iter_body
 from trolley_etl.core.arrival import CheckedSink, ObjectTooLargeError, UnexpectedInstanceError
@@ -31,7 +32,6 @@ from trolley_etl.core.errors import (
 )
 from trolley_etl.core.model import InstanceReference, StudyReference
 from trolley_etl.core.uids import rejected_rows
-from trolley_etl._harness.dicomgen import GeneratedInstance, make_instance, test_uid
 
 STUDY = test_uid("hostile", "study")
 SERIES = test_uid("hostile", "series")

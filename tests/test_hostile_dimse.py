@@ -17,11 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl.backends import CGet
 from trolley_etl.core.errors import DownloadError
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import StudyReference
-from trolley_etl._harness.dicomgen import make_instance, test_uid
 
 STUDY = test_uid("dimse-hostile", "study")
 OTHER = test_uid("dimse-hostile", "other")

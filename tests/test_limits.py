@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
 from trolley_etl.backends import CGet, WadoRS
 from trolley_etl.backends.limits import BackendLimits, RateLimiter
 from trolley_etl.cli.main import main
 from trolley_etl.core.model import InstanceReference, StudyReference
 from trolley_etl.manifest import ManifestError, load_manifest
-from trolley_etl._harness.dicomgen import GeneratedInstance
-from trolley_etl._harness.orthanc import OrthancServer
-from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 

@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, QueryLevel, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import (
+    COHORT_STUDIES,
+    GeneratedInstance,
+    make_instance,
+    standard_cohort,
+)
 from trolley_etl.backends import LocalFolder
 from trolley_etl.core.errors import ObjectNotFoundError
-from trolley_etl._harness.dicomgen import COHORT_STUDIES, GeneratedInstance, make_instance, standard_cohort
 
 STUDIES = {spec.accession_number: spec for spec in COHORT_STUDIES}
 

@@ -20,11 +20,11 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 from trolley_etl.backends import WadoRS
 from trolley_etl.backends import wado_rs_metadata as metadata
 from trolley_etl.core.errors import DownloadError, ResponseFormatError, StorageError
 from trolley_etl.core.model import SeriesReference, StudyReference
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 
 STUDY = COHORT_ACCESSIONS["ACC1001"]  # two CT series, one with private elements
 

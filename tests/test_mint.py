@@ -17,9 +17,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import Query, QueryLevel, Trolley
+from trolley_etl._harness.dicomgen import COHORT_STUDIES, GeneratedInstance, standard_cohort
 from trolley_etl.backends import LocalFolder, Mint
 from trolley_etl.core.errors import AuthenticationError, BackendError, ResponseFormatError
-from trolley_etl._harness.dicomgen import COHORT_STUDIES, GeneratedInstance, standard_cohort
 
 NS = "http://medical.nema.org/mint"
 STUDIES = {spec.accession_number: spec for spec in COHORT_STUDIES}

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from pytest_httpserver import HTTPServer
 
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.cli import main
 from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import write_instance
 from trolley_etl.core.errors import DiskFullError
 from trolley_etl.core.model import StudyReference
-from trolley_etl._harness.dicomgen import make_instance, test_uid
-from trolley_etl._harness.orthanc import OrthancServer
 
 STUDIES = [test_uid("disk", s) for s in range(2)]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.core.outage import OutageGate
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
 from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl._harness.proxy import FaultProxy
+from trolley_etl.core.outage import OutageGate
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}

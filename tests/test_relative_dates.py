@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.core.relative_dates import RelativeDate, resolve_filters
-from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
 from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.core.relative_dates import RelativeDate, resolve_filters
+from trolley_etl.runner.checkpoint import Checkpoint
 
 
 @pytest.mark.parametrize(

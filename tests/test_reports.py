@@ -16,8 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.runner.checkpoint import Checkpoint
 
 PATIENTS = "TRL00*"  # the three regular patients, not the hostile study
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.runner.report import ROOT_TAG_FILES
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
 from trolley_etl._harness.orthanc import OrthancServer, free_port
 from trolley_etl._harness.proxy import FaultProxy
+from trolley_etl.runner.report import ROOT_TAG_FILES
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}

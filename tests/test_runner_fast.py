@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing import FakeArchive
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
 from trolley_etl.manifest import load_manifest
 from trolley_etl.runner.checkpoint import ItemState, RunState, open_checkpoint
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.run import Runner, RunOptions, RunResult
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl.testing import FakeArchive
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.vendor_login import VendorLoginProxy
 from trolley_etl.backends import QidoRS, WadoRS
 from trolley_etl.backends.session_auth import ImpaxAuth, SessionAuth, VitreaAuth
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
-from trolley_etl._harness.vendor_login import VendorLoginProxy
 
 USERS = {"radiology": "correct horse battery"}
 PASSWORD = USERS["radiology"]
@@ -118,8 +118,8 @@ def test_impax_login_failed_page_is_named(impax):
 
 
 def test_an_unreachable_login_is_a_connection_error():
-    from trolley_etl.core.errors import ConnectionFailedError
     from trolley_etl._harness.orthanc import free_port
+    from trolley_etl.core.errors import ConnectionFailedError
 
     auth = VitreaAuth(f"http://127.0.0.1:{free_port()}/login", "radiology", PASSWORD)
     with pytest.raises(ConnectionFailedError, match="cannot reach the Vitrea login"):

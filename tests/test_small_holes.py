@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.runner.run import root_lock
 from trolley_etl._harness import demo
 from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl._harness.orthanc import OrthancServer, OrthancStartError, free_port
+from trolley_etl.runner.run import root_lock
 
 STUDY = test_uid("holes", "study")
 

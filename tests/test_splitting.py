@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, QueryLevel, Study
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.backends import DicomQR, QidoRS
 from trolley_etl.cli.main import main
 from trolley_etl.core.splitting import (
@@ -22,8 +24,6 @@ from trolley_etl.core.splitting import (
     date_bounds,
     split_query,
 )
-from trolley_etl._harness.dicomgen import make_instance, test_uid
-from trolley_etl._harness.orthanc import OrthancServer
 
 CAP = 5
 #: Ten studies on ten days of January 2024 and seven more on one busy day, hour by hour.

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 
 from trolley_etl import StorageDir
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl.core.backend import write_instance
 from trolley_etl.core.errors import QueryError, StorageError
 from trolley_etl.core.storage import (
@@ -16,7 +17,6 @@ from trolley_etl.core.storage import (
     LayoutTemplate,
     sanitise_component,
 )
-from trolley_etl._harness.dicomgen import make_instance, test_uid
 
 
 def _instance(**overrides: object):

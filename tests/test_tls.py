@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.cli.main import main
 from trolley_etl._harness.certs import LocalPKI, make_pki
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 from trolley_etl._harness.orthanc import OrthancServer, free_port
 from trolley_etl._harness.tls_front import TlsFront
+from trolley_etl.cli.main import main
 
 ACCESSION = "ACC1001"
 INSTANCES = COHORT_ACCESSIONS[ACCESSION].instance_count

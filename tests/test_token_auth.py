@@ -20,6 +20,9 @@ from urllib.parse import parse_qsl
 import pytest
 
 from trolley_etl import Query
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import FaultProxy
 from trolley_etl.backends import QidoRS
 from trolley_etl.backends.token_auth import (
     CommandToken,
@@ -29,9 +32,6 @@ from trolley_etl.backends.token_auth import (
 )
 from trolley_etl.cli.main import main
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
-from trolley_etl._harness.orthanc import OrthancServer
-from trolley_etl._harness.proxy import FaultProxy
 
 CLIENT_ID, CLIENT_SECRET = "trolley-client", "s3cr3t-of-the-client"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.cli.main import main
 from trolley_etl.manifest import ManifestError, load_manifest
 from trolley_etl.runner.window import (
@@ -22,7 +23,6 @@ from trolley_etl.runner.window import (
     check_no_wait,
     waiting_state,
 )
-from trolley_etl._harness.orthanc import OrthancServer
 
 UTC = dt.timezone.utc
 AMS = "Europe/Amsterdam"

@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trolley_etl.cli import exit_codes
-from trolley_etl.cli.main import main as cli_main
 from trolley_etl._harness.dicomgen import standard_cohort
 from trolley_etl._harness.orthanc import OrthancError, OrthancServer
+from trolley_etl.cli import exit_codes
+from trolley_etl.cli.main import main as cli_main
 
 DEMO_HTTP_PORT = 18042
 DEMO_DICOM_PORT = 14242

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from trolley_etl.cli import exit_codes
 from trolley_etl._harness.demo import DEMO_DICOM_PORT, DEMO_HTTP_PORT
 from trolley_etl._harness.dicomgen import standard_cohort
 from trolley_etl._harness.orthanc import OrthancError, OrthancServer
+from trolley_etl.cli import exit_codes
 
 TRY = """\
 Try, in another terminal (with trolley-etl on the PATH: . .venv/bin/activate):
