@@ -19,6 +19,7 @@ import pytest
 
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
 from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.core.errors import LockFileError
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
 from trolley_etl.runner import lockfile
 from trolley_etl.runner.checkpoint import Checkpoint
@@ -193,7 +194,7 @@ def test_lock_format_round_trips_every_reference_level() -> None:
     assert lock.text() == again.text()
     drift = lockfile.diff(lock, {"a": {"1.1", "1.4"}, "b": {"1.2"}})
     assert drift.added == {"a": ["1.4"], "b": []} and drift.removed == {"a": ["1.3"], "b": []}
-    with pytest.raises(lockfile.LockFileError, match="lock_version"):
+    with pytest.raises(LockFileError, match="lock_version"):
         lockfile.Lock.from_json({"lock_version": 99}, "test")
 
 

@@ -186,7 +186,8 @@ def test_deid_refuses_metadata_only_json_files(tmp_path: Path) -> None:
 
 
 def _check_refused(tmp_path: Path, extra: dict, message: str) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = tmp_path / "m.yaml"
     source: dict = {"search": {"backend": "qido-rs", "url": "http://127.0.0.1:9"}}

@@ -22,13 +22,15 @@ from trolley_etl import Query, StorageDir, Trolley
 from trolley_etl._harness.dicomgen import GeneratedInstance, make_instance, test_uid
 from trolley_etl.backends import QidoRS, WadoRS, WadoURI
 from trolley_etl.backends.http import HttpClient, abort_transfers, iter_body
-from trolley_etl.core.arrival import CheckedSink, ObjectTooLargeError, UnexpectedInstanceError
+from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import write_instance
 from trolley_etl.core.errors import (
     BackendError,
     ConnectionFailedError,
     DownloadError,
+    ObjectTooLargeError,
     ResponseFormatError,
+    UnexpectedInstanceError,
 )
 from trolley_etl.core.model import InstanceReference, StudyReference
 from trolley_etl.core.uids import rejected_rows

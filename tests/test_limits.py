@@ -22,8 +22,9 @@ from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
 from trolley_etl.backends import CGet, WadoRS
 from trolley_etl.backends.limits import BackendLimits, RateLimiter
 from trolley_etl.cli.main import main
+from trolley_etl.core.errors import ManifestError
 from trolley_etl.core.model import InstanceReference, StudyReference
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.manifest import load_manifest
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from trolley_etl.cli import main
-from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import Manifest, load_manifest
 from trolley_etl.manifest.schema import manifest_json_schema_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import load_manifest
 
 MANIFEST = """\
 version: 1

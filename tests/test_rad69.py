@@ -22,8 +22,13 @@ from werkzeug import Request, Response
 from trolley_etl import Query, QueryLevel, Trolley
 from trolley_etl._harness.dicomgen import GeneratedInstance, large_series_instances, standard_cohort
 from trolley_etl.backends import LocalFolder, Rad69
-from trolley_etl.backends.rad69 import DocumentsMissingError, Rad69Error, SeriesInstances
-from trolley_etl.core.errors import DownloadError, ResponseFormatError
+from trolley_etl.backends.rad69 import SeriesInstances
+from trolley_etl.core.errors import (
+    DocumentsMissingError,
+    DownloadError,
+    Rad69Error,
+    ResponseFormatError,
+)
 
 REPOSITORY = "1.3.6.1.4.1.21367.13.80.110"
 SOAP = "http://www.w3.org/2003/05/soap-envelope"

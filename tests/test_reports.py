@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.core.errors import MetadataError
 from trolley_etl.runner.checkpoint import Checkpoint
 
 PATIENTS = "TRL00*"  # the three regular patients, not the hostile study
@@ -138,7 +139,7 @@ def test_parquet_without_pyarrow_says_which_extra_to_install(monkeypatch) -> Non
     from trolley_etl.reports import metadata
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(metadata.MetadataError, match=r"trolley-etl\[parquet\]"):
+    with pytest.raises(MetadataError, match=r"trolley-etl\[parquet\]"):
         metadata.write_table(iter([]), ["path"], "parquet", Path("x.parquet"), sys.stdout)
 
 

@@ -18,12 +18,8 @@ from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.backends import DicomQR, QidoRS
 from trolley_etl.cli.main import main
-from trolley_etl.core.splitting import (
-    ResultsCappedError,
-    SplittingSearcher,
-    date_bounds,
-    split_query,
-)
+from trolley_etl.core.errors import ResultsCappedError
+from trolley_etl.core.splitting import SplittingSearcher, date_bounds, split_query
 
 CAP = 5
 #: Ten studies on ten days of January 2024 and seven more on one busy day, hour by hour.

@@ -170,7 +170,8 @@ def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Pat
 
 
 def test_tls_files_must_exist(tmp_path: Path) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = manifest(tmp_path, http_source("https://pacs", "{ca_file: missing-ca.pem}"))
     with pytest.raises(ManifestError, match="file not found"):

@@ -248,7 +248,8 @@ def test_jwt_expiry_times_the_refresh() -> None:
 
 
 def test_a_token_endpoint_needs_https_beyond_loopback(tmp_path: Path) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = tmp_path / "m.yaml"
     path.write_text(

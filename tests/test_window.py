@@ -14,10 +14,10 @@ import pytest
 
 from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.cli.main import main
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError, OutsideWindowError
+from trolley_etl.manifest import load_manifest
 from trolley_etl.runner.window import (
     WAITING_FILE,
-    OutsideWindowError,
     TimeWindow,
     WindowGate,
     check_no_wait,

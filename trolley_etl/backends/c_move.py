@@ -40,7 +40,7 @@ from trolley_etl.backends.dimse import (
 )
 from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
-from trolley_etl.core.errors import BackendError, DimseStatusError
+from trolley_etl.core.errors import BackendError, ConfigurationError, DimseStatusError
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
@@ -72,7 +72,7 @@ class MoveDestination:
             return value
         unknown = set(value) - {"aet", "port", "bind"}
         if unknown or "aet" not in value or "port" not in value:
-            raise ValueError(
+            raise ConfigurationError(
                 f"move_destination needs 'aet' and 'port' (optional 'bind'), got {dict(value)}"
             )
         return cls(str(value["aet"]), int(value["port"]), str(value.get("bind", "0.0.0.0")))

@@ -41,6 +41,7 @@ from trolley_etl.core.backend import InstanceSink, write_instance
 from trolley_etl.core.errors import (
     AssociationRejectedError,
     BackendError,
+    ConfigurationError,
     ConnectionFailedError,
     DimseStatusError,
     IncompleteRetrievalError,
@@ -126,7 +127,9 @@ class DimseTls:
         """For the C-MOVE destination: our certificate; the archive's is required when a
         CA is given."""
         if not self.cert_file:
-            raise ValueError("a C-MOVE destination over TLS needs tls.cert_file (and key_file)")
+            raise ConfigurationError(
+                "a C-MOVE destination over TLS needs tls.cert_file (and key_file)"
+            )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca_file)
         context.load_cert_chain(self.cert_file, self.key_file)
         context.verify_mode = ssl.CERT_REQUIRED if self.ca_file else ssl.CERT_NONE
@@ -157,9 +160,11 @@ class DimseSettings:
         for name in ("called_aet", "calling_aet"):
             value = getattr(self, name)
             if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-                raise ValueError(f"{name} {value!r} is not a valid AE title (1-16 characters)")
+                raise ConfigurationError(
+                    f"{name} {value!r} is not a valid AE title (1-16 characters)"
+                )
         if not 0 < int(self.port) < 65536:
-            raise ValueError(f"port {self.port} is out of range")
+            raise ConfigurationError(f"port {self.port} is out of range")
 
     @property
     def address(self) -> str:
@@ -490,7 +495,7 @@ def storage_contexts(
         if sop_class not in compressed_for:
             contexts.append(build_context(sop_class, list(UNCOMPRESSED_SYNTAXES)))
     if sop_classes is not None and len(contexts) > budget:
-        raise ValueError(
+        raise ConfigurationError(
             f"{len(contexts)} storage presentation contexts asked for; at most {budget} fit"
         )
     return contexts[:budget]
@@ -507,7 +512,7 @@ def parse_retrieval_level(value: QueryLevel | str | None) -> QueryLevel | None:
     try:
         return QueryLevel(value.lower())
     except ValueError:
-        raise ValueError(
+        raise ConfigurationError(
             f"retrieval_level {value!r} is not one of study, series, instance"
         ) from None
 

@@ -29,8 +29,9 @@ from trolley_etl.core.errors import (
     AuthenticationError,
     BackendError,
     ConnectionFailedError,
+    CredentialsUnsendableError,
     ObjectNotFoundError,
-    ResponseFormatError,
+    ResponseTooLargeError,
 )
 from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.outage import OutageGate
@@ -428,15 +429,6 @@ def read_bounded(response: requests.Response, url: str, limit: int) -> bytes:
                 url=url,
             )
     return bytes(body)
-
-
-class CredentialsUnsendableError(AuthenticationError):
-    """The credentials cannot be put in a request (not Latin-1, a line break): never retried,
-    and the message never shows them."""
-
-
-class ResponseTooLargeError(ResponseFormatError):
-    """An answer read into memory grew past its limit."""
 
 
 def _raise_if_cut(response: requests.Response, url: str) -> None:

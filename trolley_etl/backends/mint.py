@@ -28,7 +28,7 @@ from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
 from trolley_etl.backends.matching import deepest_level, matches
 from trolley_etl.backends.xmlsafe import children, local_name, parse_xml
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError
 from trolley_etl.core.model import (
     SERIES_KEYWORDS,
     STUDY_KEYWORDS,
@@ -80,7 +80,7 @@ class Mint(Searcher):
         headers: dict[str, str] | None = None,
     ) -> None:
         if page_size is not None and page_size < 1:
-            raise ValueError("page_size must be at least 1")
+            raise ConfigurationError("page_size must be at least 1")
         self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
         self.page_size = page_size
 

@@ -15,10 +15,10 @@ from trolley_etl.backends.http import (
     HttpClient,
 )
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError, ResultsCappedError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
-from trolley_etl.core.splitting import Event, ResultsCappedError, split_search
+from trolley_etl.core.splitting import Event, split_search
 
 DEFAULT_PAGE_SIZE = 1000
 #: Pages one search may take before it is considered endless.
@@ -58,7 +58,7 @@ class QidoRS(Searcher):
         max_results: int | None = None,
     ) -> None:
         if page_size < 1:
-            raise ValueError("page_size must be at least 1")
+            raise ConfigurationError("page_size must be at least 1")
         self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers,
                                deadline=deadline, max_answer_bytes=max_answer_bytes)  # fmt: skip
         self.page_size = page_size

@@ -41,7 +41,13 @@ from trolley_etl.backends.http import (
 from trolley_etl.backends.multipart import boundary_from_content_type, stream_related
 from trolley_etl.backends.xmlsafe import children, descendants, local_name, parse_xml
 from trolley_etl.core.backend import Downloader, InstanceSink, InstanceWriter, write_instance
-from trolley_etl.core.errors import BackendError, MissingReferencesError, ResponseFormatError
+from trolley_etl.core.errors import (
+    ConfigurationError,
+    DocumentsMissingError,
+    MissingReferencesError,
+    Rad69Error,
+    ResponseFormatError,
+)
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
@@ -112,27 +118,6 @@ class RegistryError:
         return f"{self.code}: {self.context}{where}".strip(": ")
 
 
-class Rad69Error(BackendError):
-    """The source answered with a SOAP fault or a Failure status."""
-
-    def __init__(
-        self, message: str, *, url: str, status: int | None = None, errors: Sequence = ()
-    ) -> None:
-        super().__init__(message, url=url, status=status)
-        self.errors: list[RegistryError] = list(errors)
-
-
-class DocumentsMissingError(Rad69Error):
-    """Some requested documents did not arrive (PartialSuccess); the others were stored."""
-
-    def __init__(
-        self, message: str, *, url: str, missing: Sequence[str], stored: int, errors: Sequence
-    ) -> None:
-        super().__init__(message, url=url, errors=errors)
-        self.missing = list(missing)
-        self.stored = stored
-
-
 class Rad69(Downloader):
     """Download instances from an IHE Imaging Document Source (RAD-69)."""
 
@@ -151,9 +136,9 @@ class Rad69(Downloader):
         headers: dict[str, str] | None = None,
     ) -> None:
         if not repository_id:
-            raise ValueError("repository_id (the source's RepositoryUniqueId) is required")
+            raise ConfigurationError("repository_id (the source's RepositoryUniqueId) is required")
         if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise ConfigurationError("batch_size must be at least 1")
         self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
         self.repository_id = repository_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)

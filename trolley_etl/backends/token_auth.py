@@ -21,7 +21,12 @@ from typing import Any
 import requests
 from requests.auth import AuthBase
 
-from trolley_etl.core.errors import AuthenticationError, BackendError, ConnectionFailedError
+from trolley_etl.core.errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigurationError,
+    ConnectionFailedError,
+)
 
 #: Refresh this share of a token's lifetime early, but no more than MAX_EARLY seconds.
 EARLY_SHARE = 0.2
@@ -141,7 +146,7 @@ class CommandToken(TokenSource):
     def __init__(self, command: Sequence[str], *, timeout: float = COMMAND_TIMEOUT) -> None:
         super().__init__()
         if not command:
-            raise ValueError("the credential command is empty")
+            raise ConfigurationError("the credential command is empty")
         self.command = list(command)
         self.timeout = timeout
 

@@ -21,7 +21,7 @@ from trolley_etl.backends.multipart import (
     stream_single,
 )
 from trolley_etl.core.backend import Downloader, InstanceSink
-from trolley_etl.core.errors import NotFoundError, ResponseFormatError
+from trolley_etl.core.errors import ObjectNotFoundError, ResponseFormatError
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
@@ -129,7 +129,9 @@ class WadoRS(Downloader):
             s for s in tree_from_rows(rows, QueryLevel.INSTANCE) if s.uid == reference.study_uid
         ]
         if not studies:
-            raise NotFoundError(f"{response.url}: no metadata for {reference}")
+            raise ObjectNotFoundError(
+                f"{response.url}: no metadata for {reference}", url=response.url
+            )
         return studies[0]
 
     def close(self) -> None:

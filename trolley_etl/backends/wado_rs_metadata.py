@@ -27,7 +27,7 @@ from typing import Any
 
 from trolley_etl.backends.metadata_types import METADATA_FORMATS, MetadataFormat
 from trolley_etl.core.backend import InstanceSink, write_instance
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError
 
 #: Largest JSON object of one instance that is accepted (it is held in memory while parsed).
 MAX_INSTANCE_BYTES = 64 << 20
@@ -255,7 +255,7 @@ class MetadataWriter:
 
     def __init__(self, file_format: MetadataFormat = "dicom") -> None:
         if file_format not in METADATA_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(METADATA_FORMATS)}")
+            raise ConfigurationError(f"format must be one of {', '.join(METADATA_FORMATS)}")
         self.file_format = file_format
         #: Tag -> how many values of it were dropped from Part 10 files.
         self.dropped_elements: Counter[str] = Counter()

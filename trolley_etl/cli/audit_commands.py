@@ -23,8 +23,8 @@ from trolley_etl.cli.run_commands import (
     execute_run,
     manifest_with_checkpoint,
 )
-from trolley_etl.core.errors import TrolleyError
-from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.core.errors import LockFileError, ManifestError, TrolleyError
+from trolley_etl.manifest import Manifest, load_manifest
 from trolley_etl.runner.checkpoint import open_checkpoint
 
 # The runner, the report and verify are imported by the commands that use them, so that
@@ -64,9 +64,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from trolley_etl.core.errors import RootBusyError
     from trolley_etl.core.relative_dates import resolved_ranges
     from trolley_etl.runner import lockfile, resolve
-    from trolley_etl.runner.run import RootBusyError, Runner, root_lock
+    from trolley_etl.runner.run import Runner, root_lock
 
     try:
         manifest = load_manifest(args.manifest)
@@ -76,7 +77,7 @@ def run_lock(args: argparse.Namespace) -> int:
     path = lockfile.lock_path_for(args.manifest)
     try:
         previous = lockfile.read_lock(path) if path.exists() else None
-    except lockfile.LockFileError as exc:
+    except LockFileError as exc:
         print(f"trolley-etl: {exc} (it will be replaced)", file=sys.stderr)
         previous = None
     log = _log(args, None)
@@ -150,7 +151,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from trolley_etl.runner.run import RootBusyError
+    from trolley_etl.core.errors import RootBusyError
 
     if args.workers is not None and args.workers < 1:
         print("trolley-etl: --workers must be at least 1", file=sys.stderr)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from trolley_etl.cli import exit_codes
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import load_manifest
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

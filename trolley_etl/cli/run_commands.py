@@ -21,9 +21,11 @@ from trolley_etl.core.errors import (
     AuthenticationError,
     ConnectionFailedError,
     DiskFullError,
+    ManifestError,
+    OutsideWindowError,
     TrolleyError,
 )
-from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.manifest import Manifest, load_manifest
 from trolley_etl.runner.checkpoint import (
     FAILED,
     INCOMPLETE,
@@ -32,7 +34,7 @@ from trolley_etl.runner.checkpoint import (
     state_dir,
 )
 from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
-from trolley_etl.runner.window import OutsideWindowError, waiting_state
+from trolley_etl.runner.window import waiting_state
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -210,7 +212,8 @@ def execute_run(
 
     Items that failed are listed on stderr, one JSON object per line.
     """
-    from trolley_etl.runner.run import ManifestChangedError, RootBusyError, Runner, new_run_id
+    from trolley_etl.core.errors import ManifestChangedError, RootBusyError
+    from trolley_etl.runner.run import Runner, new_run_id
 
     started = time.monotonic()
     options.run_id = new_run_id()

@@ -23,8 +23,13 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trolley_etl.core.errors import DiskFullError, ResponseFormatError
-from trolley_etl.core.uids import InvalidUidError, single_uid
+from trolley_etl.core.errors import (
+    DiskFullError,
+    InvalidUidError,
+    ObjectTooLargeError,
+    UnexpectedInstanceError,
+)
+from trolley_etl.core.uids import single_uid
 
 if TYPE_CHECKING:
     from trolley_etl.core.backend import InstanceSink, InstanceWriter
@@ -36,14 +41,6 @@ PREFIX_BYTES = 1 << 20
 #: Default largest object accepted (DICOM lengths are 32-bit; bigger is not a real object).
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-class UnexpectedInstanceError(ResponseFormatError):
-    """The archive sent an object that is not part of what was asked for."""
-
-
-class ObjectTooLargeError(ResponseFormatError):
-    """An object grew past the configured maximum size."""
 
 
 def expected_uids(reference: Reference) -> dict[str, str]:

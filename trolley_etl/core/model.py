@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
-from trolley_etl.core.errors import MissingReferencesError
-from trolley_etl.core.uids import InvalidUidError, rejected_rows, single_uid
+from trolley_etl.core.errors import InvalidUidError, MissingReferencesError
+from trolley_etl.core.uids import rejected_rows, single_uid
 
 if TYPE_CHECKING:
     from pydicom import Dataset

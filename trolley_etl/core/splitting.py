@@ -16,7 +16,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ConfigurationError, ResultsCappedError
 from trolley_etl.core.model import QueryLevel, Study, merge_studies
 from trolley_etl.core.query import Query
 
@@ -27,10 +27,6 @@ EARLIEST_DATE = dt.date(1900, 1, 1)
 DAY_SECONDS = 86400
 
 Event = Callable[..., None]
-
-
-class ResultsCappedError(TrolleyError):
-    """A search returned as many results as the archive's cap and could not be split."""
 
 
 class Splitter:
@@ -49,7 +45,7 @@ class Splitter:
         max_parts: int = MAX_PARTS,
     ) -> None:
         if max_results is not None and max_results < 1:
-            raise ValueError("max_results must be at least 1")
+            raise ConfigurationError("max_results must be at least 1")
         self.search_once = search_once
         self.max_results = max_results
         self.on_event = on_event

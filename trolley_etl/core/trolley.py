@@ -21,9 +21,11 @@ from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
 from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
+    ConfigurationError,
     DownloadError,
     MissingReferencesError,
-    NotFoundError,
+    NoMatchError,
+    SeveralMatchesError,
     TrolleyError,
 )
 from trolley_etl.core.model import (
@@ -55,7 +57,7 @@ class Trolley:
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         if workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ConfigurationError("workers must be at least 1")
         self.searcher = searcher
         self.downloader = downloader
         self.storage = storage
@@ -74,11 +76,12 @@ class Trolley:
     def find_study(self, query: Query) -> Study:
         """The one study matching the query; an error naming the count otherwise."""
         studies = self.find_studies(query)
-        if len(studies) != 1:
+        if not studies:
+            raise NoMatchError(f"expected exactly one study for {_describe(query)}, found 0")
+        if len(studies) > 1:
             uids = ", ".join(s.uid for s in studies[:5]) + (", ..." if len(studies) > 5 else "")
-            found = f" ({uids})" if studies else ""
-            raise NotFoundError(
-                f"expected exactly one study for {_describe(query)}, found {len(studies)}{found}"
+            raise SeveralMatchesError(
+                f"expected exactly one study for {_describe(query)}, found {len(studies)} ({uids})"
             )
         return studies[0]
 
@@ -138,7 +141,7 @@ class Trolley:
         studies = merge_studies(self.searcher.search(Query(query_level=level, filters=filters)))
         matching = [s for s in studies if s.uid == ref.study_uid]
         if not matching:
-            raise NotFoundError(f"the archive has no {level.value}s for {ref}")
+            raise NoMatchError(f"the archive has no {level.value}s for {ref}")
         return matching[0]
 
     def plan(self, objects: Sequence[Retrievable]) -> list[Reference]:

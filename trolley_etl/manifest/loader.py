@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ManifestError
 from trolley_etl.core.layout import LayoutTemplate
 from trolley_etl.manifest.models import BasicAuth, BearerAuth, HttpBackend, Manifest
 from trolley_etl.manifest.yaml_source import (
@@ -35,14 +35,6 @@ class ManifestIssue:
         return (
             f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
         )
-
-
-class ManifestError(TrolleyError):
-    """A manifest that cannot be used; `issues` holds every problem found."""
-
-    def __init__(self, issues: Sequence[ManifestIssue]) -> None:
-        super().__init__("\n".join(str(issue) for issue in issues))
-        self.issues = list(issues)
 
 
 def field_path(path: Sequence[str | int]) -> str:

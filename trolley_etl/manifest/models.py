@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS
-from trolley_etl.core.errors import QueryError
+from trolley_etl.core.errors import LayoutError, QueryError
 from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
 from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
 from trolley_etl.core.relative_dates import RELATIVE_SPEC, RelativeDate
@@ -661,7 +661,7 @@ class Storage(StrictModel):
     def _check_layout(cls, layout: str) -> str:
         try:
             LayoutTemplate(layout)
-        except QueryError as exc:
+        except LayoutError as exc:
             raise error("layout", str(exc)) from None
         return layout
 

@@ -24,7 +24,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, TextIO
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import MetadataError
 
 LEVELS = ("instance", "series", "study")
 #: Keywords shown when the user names none: what a researcher filters a cohort by.
@@ -52,10 +52,6 @@ EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
 #: How many first bytes of a file are read for its header; longer headers go to pydicom.
 HEADER_PREFIX = 64 * 1024
 PARQUET_BATCH = 4096
-
-
-class MetadataError(TrolleyError):
-    """The table cannot be built as asked (unknown keyword, missing optional library)."""
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import LockFileError
 from trolley_etl.core.model import InstanceReference, Reference, SeriesReference, StudyReference
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.checkpoint import Expectation
 
 LOCK_VERSION = 1
 LOCK_SUFFIX = ".lock.json"
-
-
-class LockFileError(TrolleyError):
-    """A lock file that cannot be read, or that belongs to another version of the manifest."""
 
 
 def lock_path_for(manifest_path: Path) -> Path:
