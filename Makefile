@@ -33,9 +33,10 @@ setup: system-packages $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest
 
-# The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server).
+# The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server)
+# and starts no other process; tests/conftest.py fails a test that does so without its marker.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not archive and not slow"
+	$(BIN)/python -m pytest -m "not archive and not subprocess and not slow"
 
 lint: setup
 	$(BIN)/ruff check trolley_etl tests bench

@@ -183,6 +183,7 @@ def test_killed_run_is_aborted_not_running(orthanc, tmp_path) -> None:
     assert "aborted" in text.stdout and text.returncode == 1
 
 
+@pytest.mark.subprocess
 def test_unreachable_archive_at_start_leaves_an_aborted_run_and_an_empty_root(tmp_path) -> None:
     from trolley_etl._harness.orthanc import free_port
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from trolley_etl._harness.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
     return seen
 
 
+@pytest.mark.archive
 def test_demo_archive_serves_the_demo_manifest_until_interrupted(tmp_path: Path) -> None:
     http, dicom = free_port(), free_port()
     manifest = tmp_path / "demo.yaml"

@@ -423,6 +423,7 @@ def test_unknown_study_is_not_found(archive: Archive) -> None:
         CGet(**archive.dimse).fetch(StudyReference("1.2.3.4.5.6"), _ListSink())
 
 
+@pytest.mark.archive
 def test_silent_archive_times_out_quickly() -> None:
     listener = socket.socket()
     listener.bind((LOCAL, 0))

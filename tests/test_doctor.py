@@ -82,6 +82,7 @@ def dimse_source(server: OrthancServer, *, port: int | None = None, aet: str | N
   download: {download}"""
 
 
+@pytest.mark.archive
 def test_healthy_dicomweb_archive(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, http_source(strict.url)), capsys)
     assert code == 0, out
@@ -93,6 +94,7 @@ def test_healthy_dicomweb_archive(strict: OrthancServer, tmp_path: Path, capsys)
         assert expected in out, out
 
 
+@pytest.mark.archive
 def test_healthy_dimse_archive_with_c_get(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict)), capsys)
     assert code == 0, out
@@ -101,6 +103,7 @@ def test_healthy_dimse_archive_with_c_get(strict: OrthancServer, tmp_path: Path,
     assert "c-get delivered 1 instance(s)" in out
 
 
+@pytest.mark.archive
 def test_c_move_destination_known_and_unknown(
     strict: OrthancServer, tmp_path: Path, capsys
 ) -> None:
@@ -117,6 +120,7 @@ def test_c_move_destination_known_and_unknown(
     assert "the archive must know AE 'NOBODY'" in line
 
 
+@pytest.mark.archive
 def test_wrong_port(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict, port=free_port())), capsys)
     assert code == 3
@@ -125,6 +129,7 @@ def test_wrong_port(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     assert "skip  search    dicom-qr     skipped: the archive cannot be reached" in out
 
 
+@pytest.mark.archive
 def test_wrong_called_ae(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict, aet="NOTORTHANC")), capsys)
     assert code == 3
@@ -132,6 +137,7 @@ def test_wrong_called_ae(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     assert "association rejected" in line and "be called 'NOTORTHANC'" in line, out
 
 
+@pytest.mark.archive
 def test_bad_credentials(
     strict: OrthancServer, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,6 +184,7 @@ class DatedServer:
         self.server.server_close()
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize(("skew", "status", "exit_code"), [(2, "ok  ", 0), (-600, "FAIL", 3)])
 def test_clock_skew_against_the_date_header(
     tmp_path: Path, capsys, skew: float, status: str, exit_code: int

@@ -294,6 +294,7 @@ def trickling() -> Iterator[TricklingServer]:
     server.close()
 
 
+@pytest.mark.archive
 def test_a_trickling_body_hits_the_total_deadline(trickling: TricklingServer) -> None:
     client = HttpClient(trickling.url, timeout=(2, 5), deadline=1.5)
     started = time.monotonic()
@@ -304,6 +305,7 @@ def test_a_trickling_body_hits_the_total_deadline(trickling: TricklingServer) ->
     assert time.monotonic() - started < 4  # the idle timeout never fires: bytes keep coming
 
 
+@pytest.mark.archive
 def test_abort_transfers_unblocks_a_stalled_read_at_once(trickling: TricklingServer) -> None:
     trickling.interval = 30  # stalled: nothing after the headers
     client = HttpClient(trickling.url, timeout=(2, 60), deadline=None)

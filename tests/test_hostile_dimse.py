@@ -78,6 +78,7 @@ def cget(port: int, **kwargs: object) -> CGet:
     return CGet("127.0.0.1", port, "HOSTILE", storage_sop_classes=[CTImageStorage], **kwargs)
 
 
+@pytest.mark.archive
 def test_c_get_answer_with_another_studys_instance_is_refused(scp_factory, tmp_path) -> None:
     mine, foreign = dataset(test_uid("d", 1), STUDY), dataset(test_uid("d", 2), OTHER)
     scp = scp_factory([mine, foreign])
@@ -89,6 +90,7 @@ def test_c_get_answer_with_another_studys_instance_is_refused(scp_factory, tmp_p
     assert OTHER not in {p.name for p in tmp_path.rglob("*")}
 
 
+@pytest.mark.archive
 def test_an_endless_association_hits_its_deadline(scp_factory, tmp_path) -> None:
     scp = scp_factory([dataset(test_uid("slow", i), STUDY) for i in range(100)], pause=0.3)
     downloader = cget(scp.port)
@@ -100,6 +102,7 @@ def test_an_endless_association_hits_its_deadline(scp_factory, tmp_path) -> None
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.archive
 def test_abort_transfers_stops_an_association_at_once(scp_factory, tmp_path) -> None:
     scp = scp_factory([dataset(test_uid("stall", i), STUDY) for i in range(3)], pause=60)
     downloader = cget(scp.port)

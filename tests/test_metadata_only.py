@@ -363,6 +363,7 @@ def test_run_with_a_broken_metadata_answer_fails_the_item_without_traceback(
     assert failed[0]["error_type"] == "ResponseFormatError"
 
 
+@pytest.mark.subprocess
 def test_format_json_needs_metadata_only(tmp_path):
     manifest = write_manifest(
         tmp_path, "http://127.0.0.1:1/dicom-web",
@@ -430,6 +431,7 @@ def test_run_c_find_metadata_through_the_runner(orthanc, cohort, tmp_path):
     assert "00080052" not in row  # QueryRetrieveLevel belongs to the answer, not the instance
 
 
+@pytest.mark.subprocess
 def test_c_find_metadata_needs_metadata_only_and_known_keywords(tmp_path):
     base = "backend: dicom-qr, host: 127.0.0.1, port: 104, called_aet: PACS"
     for download, message in [

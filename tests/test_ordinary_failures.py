@@ -97,6 +97,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.archive
 def test_full_disk_stops_the_run_with_one_line_and_the_rerun_completes(
     tmp_path: Path, small_disk: Path
 ) -> None:
@@ -134,6 +135,7 @@ def test_full_disk_stops_the_run_with_one_line_and_the_rerun_completes(
 # --- the storage root and the checkpoint -----------------------------------------------------
 
 
+@pytest.mark.archive
 def test_a_read_only_root_can_be_read_but_not_run_into(tmp_path: Path, small_disk: Path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
@@ -160,6 +162,7 @@ def test_a_read_only_root_can_be_read_but_not_run_into(tmp_path: Path, small_dis
     assert "read-only" in refused.stderr
 
 
+@pytest.mark.subprocess
 def test_a_root_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "data"
     root.write_text("not a folder")
@@ -170,6 +173,7 @@ def test_a_root_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert "a file stands where a folder is needed" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_corrupt_checkpoint_is_named_and_left_alone(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / ".trolley").mkdir(parents=True)

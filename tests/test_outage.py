@@ -109,6 +109,7 @@ def test_search_against_an_archive_that_stays_down_exits_3(archive, tmp_path) ->
         proxy.close()
 
 
+@pytest.mark.archive
 def test_a_pacs_restart_mid_run_is_waited_out(tmp_path, instances) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     proxy = FaultProxy(server.url)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from trolley_etl._harness.dicomgen import standard_cohort
 from trolley_etl._harness.orthanc import free_port
@@ -22,6 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.subprocess
 def test_local_folder_is_reorganised_into_the_standard_layout(tmp_path: Path) -> None:
     """The example manifest, run on a messy folder: nested random names, non-DICOM files."""
     cohort = standard_cohort()

@@ -62,6 +62,7 @@ def _series_level():
     return QueryLevel.SERIES
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_one_login_shared_by_searcher_downloader_and_workers(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -87,6 +88,7 @@ def test_a_session_that_expires_mid_run_is_renewed(product, orthanc, tmp_path):
         assert len(proxy.logins) <= proxy.ended_sessions + 1
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_sessions_ended_by_the_archive_are_renewed_once(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -98,6 +100,7 @@ def test_sessions_ended_by_the_archive_are_renewed_once(product, request, tmp_pa
     assert auth.logins == 2 == len(proxy.logins)
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_a_refused_login_is_an_authentication_error_without_secrets(product, request):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -172,6 +175,7 @@ def run_cli(manifest: Path, password: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_cli_refused_login_exits_3_with_one_line(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)

@@ -41,6 +41,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, env=dict(os.environ))  # fmt: skip
 
 
+@pytest.mark.subprocess
 def test_temp_files_of_a_killed_atomic_write_are_removed_by_the_next_run(tmp_path: Path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
@@ -67,6 +68,7 @@ def test_temp_files_of_a_killed_atomic_write_are_removed_by_the_next_run(tmp_pat
         server.stop()
 
 
+@pytest.mark.subprocess
 def test_lock_refuses_to_run_beside_a_run_of_the_same_root(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(manifest_text("http://127.0.0.1:9"))
@@ -80,6 +82,7 @@ def test_lock_refuses_to_run_beside_a_run_of_the_same_root(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "layout", ["{StudyInstanceUID}/{SeriesInstanceUID}", "{PatientID}/{InstanceNumber}.dcm"]
 )
+@pytest.mark.subprocess
 def test_validate_warns_about_layouts_that_cannot_tell_instances_apart(
     tmp_path: Path, layout: str
 ) -> None:
@@ -104,6 +107,7 @@ class _Other(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.archive
 def test_a_test_archive_refuses_a_port_another_server_answers_on(tmp_path: Path) -> None:
     other = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
     threading.Thread(target=other.serve_forever, daemon=True).start()
@@ -117,6 +121,7 @@ def test_a_test_archive_refuses_a_port_another_server_answers_on(tmp_path: Path)
         other.server_close()
 
 
+@pytest.mark.archive
 def test_the_demo_refuses_a_port_in_use(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     port = free_port()
     monkeypatch.setattr(demo, "DEMO_HTTP_PORT", port)

@@ -137,6 +137,7 @@ def dimse_source(server: OrthancServer, tls: str = "", download: str = "backend:
   download: {{{download}, {where}{extra}}}"""
 
 
+@pytest.mark.archive
 def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
                                     capsys) -> None:  # fmt: skip
     code, err = run(manifest(tmp_path / "a", dimse_source(dicom_tls)), capsys)
@@ -155,6 +156,7 @@ def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: LocalPKI, tmp
     assert "C-ECHO succeeded" in out
 
 
+@pytest.mark.archive
 def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
                           capsys) -> None:  # fmt: skip
     """The archive opens its C-STORE association to our destination over TLS as well."""

@@ -227,6 +227,7 @@ def test_command_tokens_are_renewed_after_a_401(gated: FaultProxy, tokens: Token
     assert statuses(gated, 3) == [200, 401, 200]
 
 
+@pytest.mark.subprocess
 def test_command_output_forms(tmp_path: Path) -> None:
     printed = json.dumps({"access_token": "abc", "expires_in": 42})
     as_json = CommandToken([sys.executable, "-c", f"print({printed!r})"])
