@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.uid import AllTransferSyntaxes
@@ -29,16 +29,17 @@ from trolley_etl.backends.dimse import (
     STUDY_ROOT_MOVE,
     VERIFICATION,
     DimseSettings,
-    DimseTls,
     StoreReceiver,
     apply_timeouts,
     association,
+    check_ae_title,
+    check_port,
     check_retrieve_result,
+    dimse_settings,
     parse_retrieval_level,
     retrieve_identifier,
     run_retrieve,
 )
-from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import BackendError, ConfigurationError, DimseStatusError
 from trolley_etl.core.model import (
@@ -47,6 +48,11 @@ from trolley_etl.core.model import (
     Reference,
     SeriesReference,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.dimse import DimseOptions
 
 #: C-MOVE status "Refused: Move Destination unknown".
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -65,6 +71,10 @@ class MoveDestination:
     aet: str
     port: int
     bind: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        check_ae_title("move_destination aet", self.aet)
+        check_port(self.port)
 
     @classmethod
     def from_value(cls, value: MoveDestination | Mapping[str, Any]) -> MoveDestination:
@@ -106,37 +116,20 @@ class CMove(Downloader):
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        called_aet: str,
+        host: str | DimseSettings,
+        port: int | None = None,
+        called_aet: str | None = None,
         calling_aet: str = "TROLLEY",
         *,
         move_destination: MoveDestination | Mapping[str, Any],
-        connection_timeout: float | None = 10.0,
-        acse_timeout: float = 30.0,
-        dimse_timeout: float | None = 120.0,
-        network_timeout: float | None = 120.0,
-        max_pdu: int = 0,
-        limits: BackendLimits | None = None,
-        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         arrival_grace: float = 5.0,
+        **dimse: Unpack[DimseOptions],
     ) -> None:
-        self.settings = DimseSettings(
-            host=host,
-            port=port,
-            called_aet=called_aet,
-            calling_aet=calling_aet,
-            connection_timeout=connection_timeout,
-            acse_timeout=acse_timeout,
-            dimse_timeout=dimse_timeout,
-            network_timeout=network_timeout,
-            max_pdu=max_pdu,
-            limits=limits,
-            tls=tls,
-        )
+        """`host` names the archive (with `port`, `called_aet` and `dimse` options), or is
+        whole DimseSettings."""
+        self.settings = dimse_settings(host, port, called_aet, calling_aet, dimse)
         self.destination = MoveDestination.from_value(move_destination)
-        DimseSettings(host, self.destination.port, self.destination.aet)  # validates the AE title
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.arrival_grace = arrival_grace
         self._lock = threading.Lock()

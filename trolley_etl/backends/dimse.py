@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -51,6 +51,10 @@ from trolley_etl.core.errors import (
 from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
 from trolley_etl.core.uids import check_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+
 
 #: Study Root Query/Retrieve information model SOP classes (PS3.4 C.6.2) and Verification.
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
@@ -157,14 +161,9 @@ class DimseSettings:
     tls: DimseTls | None = None
 
     def __post_init__(self) -> None:
-        for name in ("called_aet", "calling_aet"):
-            value = getattr(self, name)
-            if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-                raise ConfigurationError(
-                    f"{name} {value!r} is not a valid AE title (1-16 characters)"
-                )
-        if not 0 < int(self.port) < 65536:
-            raise ConfigurationError(f"port {self.port} is out of range")
+        check_ae_title("called_aet", self.called_aet)
+        check_ae_title("calling_aet", self.calling_aet)
+        check_port(self.port)
 
     @property
     def address(self) -> str:
@@ -184,6 +183,54 @@ class DimseSettings:
         ae = AE(ae_title=self.calling_aet)
         apply_timeouts(ae, self)
         return ae
+
+
+def check_ae_title(name: str, value: str) -> None:
+    """An AE title is 1-16 printable characters without a backslash (PS3.5 6.2)."""
+    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ConfigurationError(f"{name} {value!r} is not a valid AE title (1-16 characters)")
+
+
+def check_port(port: int) -> None:
+    """A TCP port number."""
+    if not 0 < int(port) < 65536:
+        raise ConfigurationError(f"port {port} is out of range")
+
+
+if TYPE_CHECKING:
+
+    class DimseOptions(TypedDict, total=False):
+        """The fields of DimseSettings after the AE titles, as keyword arguments."""
+
+        connection_timeout: float | None
+        acse_timeout: float
+        dimse_timeout: float | None
+        network_timeout: float | None
+        max_pdu: int
+        deadline: float | None
+        limits: BackendLimits | None
+        tls: DimseTls | None
+
+
+def dimse_settings(
+    target: str | DimseSettings,
+    port: int | None,
+    called_aet: str | None,
+    calling_aet: str,
+    options: DimseOptions,
+) -> DimseSettings:
+    """`target` if it is settings already, else settings for the archive at host `target`.
+
+    Why both: library callers name an archive in one line (`CGet(host, port, "PACS")`), the
+    manifest and the runner hand over the settings they built once.
+    """
+    if isinstance(target, DimseSettings):
+        if port is not None or called_aet is not None or options:
+            raise ConfigurationError("give either DimseSettings or host, port and AE titles")
+        return target
+    if port is None or called_aet is None:
+        raise ConfigurationError("a DICOM archive needs a host, a port and its called AE title")
+    return DimseSettings(target, port, called_aet, calling_aet, **options)
 
 
 def apply_timeouts(ae: AE, settings: DimseSettings) -> None:

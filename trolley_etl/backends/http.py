@@ -15,8 +15,9 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -28,6 +29,7 @@ from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.errors import (
     AuthenticationError,
     BackendError,
+    ConfigurationError,
     ConnectionFailedError,
     CredentialsUnsendableError,
     ObjectNotFoundError,
@@ -35,6 +37,9 @@ from trolley_etl.core.errors import (
 )
 from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.outage import OutageGate
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
 
 #: (connect, read) seconds; the read timeout is between bytes, not for a whole study.
 DEFAULT_TIMEOUT = (10.0, 300.0)
@@ -53,6 +58,80 @@ USER_AGENT = f"trolley-etl/{__version__}"
 QUERY_SAFE = "*?,/^-._~:@!$'()"
 
 Auth = tuple[str, str] | AuthBase | None
+Timeout = float | tuple[float, float]
+ClientCertificate = str | tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Where an HTTP archive is and how to talk to it: credentials, TLS, waits and caps.
+
+    The one description of an HTTP connection that DICOMweb, WADO-URI, MINT and RAD-69
+    backends share, whether the manifest built it (`HttpBackend.http_settings`) or a caller
+    did; `client()` turns it into the pooled session the backend talks through.
+    """
+
+    url: str
+    auth: Auth = None
+    #: False to skip TLS verification, or the path of a CA bundle.
+    verify: bool | str = True
+    #: (connect, read) seconds; the read timeout is between bytes.
+    timeout: Timeout = DEFAULT_TIMEOUT
+    #: Client certificate for mutual TLS: one PEM file, or (certificate, key).
+    cert: ClientCertificate = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds one streamed answer may take in total.
+    deadline: float | None = DEFAULT_DEADLINE
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    #: Caps shared by every request of the backend (see `backends.limits`).
+    limits: BackendLimits | None = field(default=None, compare=False)
+
+    def client(self, session: requests.Session | None = None) -> HttpClient:
+        """The pooled client; `session` is the caller's own (proxies, adapters, cookies)."""
+        return HttpClient(
+            self.url,
+            auth=self.auth,
+            verify=self.verify,
+            timeout=self.timeout,
+            headers=dict(self.headers),
+            session=session,
+            deadline=self.deadline,
+            max_answer_bytes=self.max_answer_bytes,
+            limits=self.limits,
+            cert=self.cert,
+        )
+
+    def describe(self) -> str:
+        """The URL without credentials, for logs and reports."""
+        return redact_url(self.url)
+
+
+if TYPE_CHECKING:
+
+    class HttpOptions(TypedDict, total=False):
+        """The fields of HttpSettings after `url`, as keyword arguments of a backend."""
+
+        auth: Auth
+        verify: bool | str
+        timeout: Timeout
+        cert: ClientCertificate
+        headers: Mapping[str, str] | None
+        deadline: float | None
+        max_answer_bytes: int
+        limits: BackendLimits | None
+
+
+def http_settings(target: str | HttpSettings, options: HttpOptions) -> HttpSettings:
+    """`target` if it is settings already, else settings for the URL `target` and `options`."""
+    if isinstance(target, HttpSettings):
+        if options:
+            raise ConfigurationError(
+                f"give either HttpSettings or {', '.join(sorted(options))}, not both"
+            )
+        return target
+    if options.get("headers") is None:
+        options = {**options, "headers": {}}
+    return HttpSettings(target, **options)  # type: ignore[arg-type]
 
 
 class BearerAuth(AuthBase):

@@ -19,12 +19,14 @@ rules (trolley_etl.backends.matching), at the level it belongs to.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+import requests
 from pydicom import DataElement, Dataset
 from pydicom.datadict import keyword_for_tag
 
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
+from trolley_etl.backends.http import HttpSettings, http_settings
 from trolley_etl.backends.matching import deepest_level, matches
 from trolley_etl.backends.xmlsafe import children, local_name, parse_xml
 from trolley_etl.core.backend import Searcher
@@ -38,6 +40,11 @@ from trolley_etl.core.model import (
     tree_from_rows,
 )
 from trolley_etl.core.query import FilterValue, Query
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 MINT_NAMESPACE = "http://medical.nema.org/mint"
 #: Study-level keywords a MINT server filters on, sent under their DICOM keyword.
@@ -71,17 +78,16 @@ class Mint(Searcher):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         page_size: int | None = None,
-        headers: dict[str, str] | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
         if page_size is not None and page_size < 1:
             raise ConfigurationError("page_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        self.http = http_settings(url, http).client(session)
         self.page_size = page_size
 
     # --- the Searcher interface --------------------------------------------------------------

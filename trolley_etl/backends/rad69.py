@@ -24,6 +24,7 @@ import binascii
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 from xml.etree import ElementTree
 from xml.etree.ElementTree import Element
@@ -31,9 +32,8 @@ from xml.etree.ElementTree import Element
 import requests
 
 from trolley_etl.backends.http import (
-    DEFAULT_TIMEOUT,
-    Auth,
-    HttpClient,
+    HttpSettings,
+    http_settings,
     iter_body,
     raise_for_status,
     redact_url,
@@ -56,6 +56,11 @@ from trolley_etl.core.model import (
     SeriesReference,
     contained_references,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 SOAP_ENV = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -125,21 +130,20 @@ class Rad69(Downloader):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
         repository_id: str,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        headers: dict[str, str] | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
         if not repository_id:
             raise ConfigurationError("repository_id (the source's RepositoryUniqueId) is required")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        self.http = http_settings(url, http).client(session)
         self.repository_id = repository_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)
         self.batch_size = batch_size

@@ -10,10 +10,16 @@ pixel data (see `wado_rs_metadata`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import requests
 
 from trolley_etl.backends.dicom_json import datasets_from_json, parse_json
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
+from trolley_etl.backends.http import (
+    HttpSettings,
+    http_settings,
+    iter_body,
+)
 from trolley_etl.backends.metadata_types import MetadataFormat
 from trolley_etl.backends.multipart import (
     boundary_from_content_type,
@@ -31,6 +37,11 @@ from trolley_etl.core.model import (
     tree_from_rows,
 )
 from trolley_etl.core.uids import check_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 
 def resource_path(reference: Reference) -> str:
@@ -51,20 +62,19 @@ class WadoRS(Downloader):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         transfer_syntax: str = "*",
-        headers: dict[str, str] | None = None,
         metadata_only: bool = False,
         format: MetadataFormat = "dicom",
+        **http: Unpack[HttpOptions],
     ) -> None:
-        """`metadata_only`: headers only, from `/metadata`, stored as `format` ("dicom":
-        Part 10 without pixel data; "json": DICOM JSON, which needs a StorageDir made with
-        `file_format="json"`)."""
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        """`url` is the base URL (with `http` options) or whole HttpSettings; `session` a
+        requests session of the caller's. `metadata_only`: headers only, from `/metadata`,
+        stored as `format` ("dicom": Part 10 without pixel data; "json": DICOM JSON, which
+        needs a StorageDir made with `file_format="json"`)."""
+        self.http = http_settings(url, http).client(session)
         self.accept = (
             f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         )
