@@ -129,7 +129,7 @@ def _pixels(seed_text: str, frames: int, rows: int, columns: int) -> np.ndarray:
     offsets = (np.arange(frames, dtype=np.uint16) * 13).reshape(frames, 1, 1)
     arr = base[np.newaxis, :, :] + noise + offsets
     arr &= (1 << _BITS_STORED) - 1
-    return arr if frames > 1 else arr[0]
+    return arr if frames > 1 else np.asarray(arr[0])
 
 
 def make_instance(

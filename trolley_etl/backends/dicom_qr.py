@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict
@@ -186,6 +186,6 @@ def _identifier(level: QueryLevel, values: dict[str, str], return_keys: list[str
     ds.QueryRetrieveLevel = level_name(level)
     for keyword in dict.fromkeys([*values, *return_keys]):
         vr = dictionary_VR(keyword_dict[keyword]).split(" or ")[0]
-        empty: str | list | None = [] if vr == "SQ" else None if vr in _BINARY_VRS else ""
+        empty: str | list[Any] | None = [] if vr == "SQ" else None if vr in _BINARY_VRS else ""
         setattr(ds, keyword, values.get(keyword, empty))
     return ds

@@ -218,7 +218,7 @@ class Rad69(Downloader):
         syntaxes = ElementTree.SubElement(request, f"{{{IHE_RAD}}}TransferSyntaxUIDList")
         for syntax in self.transfer_syntaxes:
             ElementTree.SubElement(syntaxes, f"{{{IHE_RAD}}}TransferSyntaxUID").text = syntax
-        return ElementTree.tostring(envelope, encoding="utf-8", xml_declaration=True)
+        return bytes(ElementTree.tostring(envelope, encoding="utf-8", xml_declaration=True))
 
     def _read_response(
         self, response: requests.Response, reference: SeriesInstances, sink: InstanceSink

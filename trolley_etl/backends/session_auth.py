@@ -143,7 +143,7 @@ class SessionAuth(AuthBase):
         generation, jar = self._current()
         _attach(request, jar)
         request._trolley_session = generation  # type: ignore[attr-defined]
-        request.register_hook("response", self._on_response)
+        request.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
         return request
 
     def _on_response(self, response: requests.Response, **kwargs: Any) -> requests.Response:
@@ -161,7 +161,7 @@ class SessionAuth(AuthBase):
             retry._trolley_retried = True  # type: ignore[attr-defined]
             retry._trolley_session = generation  # type: ignore[attr-defined]
             previous = response
-            response = previous.connection.send(retry, **kwargs)  # type: ignore[attr-defined]
+            response = previous.connection.send(retry, **kwargs)
             response.history.append(previous)
             response.request = retry
             if not self.session_ended(response):
@@ -183,7 +183,7 @@ def _attach(request: requests.PreparedRequest, jar: RequestsCookieJar) -> None:
     """Put the session's cookies on a request, replacing any of the same names (a cookie the
     archive set on an unauthenticated answer must not shadow the logged-in one)."""
     existing = request.headers.pop("Cookie", None) or ""  # the jar would not add to it
-    ours = get_cookie_header(jar, request) or ""
+    ours = get_cookie_header(jar, request) or ""  # type: ignore[no-untyped-call]
     names = {cookie.name for cookie in jar}
     kept = [
         part.strip()
@@ -286,7 +286,7 @@ class ImpaxAuth(SessionAuth):
             return False
         # no protocol this project speaks answers HTML: this is the login page, or an error
         page = response.raw.read(LOGIN_PAGE_PEEK, decode_content=True) or b""
-        response._content = page  # type: ignore[attr-defined]  # bounded; read by error messages
+        response._content = page  # bounded; read by error messages
         response._content_consumed = True  # type: ignore[attr-defined]
         return b"j_security_check" in page
 

@@ -15,7 +15,7 @@ from collections.abc import MutableSequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from trolley_etl.core.constants import DEFAULT_LAYOUT
+from trolley_etl.core.constants import DEFAULT_LAYOUT as DEFAULT_LAYOUT  # also ours to offer
 from trolley_etl.core.errors import LayoutError, QueryError
 from trolley_etl.core.query import check_keyword
 

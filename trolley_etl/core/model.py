@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from trolley_etl.core.errors import InvalidUidError, MissingReferencesError
 from trolley_etl.core.uids import rejected_rows, single_uid
@@ -180,7 +180,7 @@ def _merge_data(target: Dataset, source: Dataset) -> None:
             target[element.tag] = element
 
 
-def _merge_children(mine: list | None, theirs: list | None) -> list | None:
+def _merge_children(mine: list[Any] | None, theirs: list[Any] | None) -> list[Any] | None:
     if theirs is None:
         return mine
     if mine is None:

@@ -19,6 +19,7 @@ from pydicom import Dataset
 
 from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
+from trolley_etl.core.constants import DEFAULT_LAYOUT
 from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
     ConfigurationError,
@@ -41,7 +42,7 @@ from trolley_etl.core.model import (
     merge_studies,
 )
 from trolley_etl.core.query import FilterValue, Query
-from trolley_etl.core.storage import DEFAULT_LAYOUT, StorageDir, StoredInstance
+from trolley_etl.core.storage import StorageDir, StoredInstance
 
 DEFAULT_WORKERS = 4
 
@@ -287,7 +288,7 @@ class _DatasetWriter:
 
     def commit(self) -> None:
         self._buffer.seek(0)
-        if self._buffer.getbuffer()[:1] == b"{":  # DICOM JSON of a metadata-only download
+        if self._buffer.getbuffer()[:1].tobytes() == b"{":  # DICOM JSON of a metadata-only download
             dataset = Dataset.from_json(self._buffer.getvalue(), lambda *_: b"")
         else:
             dataset = pydicom.dcmread(self._buffer)

@@ -131,7 +131,7 @@ def _message(err: Any) -> str:
         return f"unknown {name} {ctx.get('tag')!r}: expected one of {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
         return "required field is missing"
-    return message.removeprefix("Value error, ")
+    return str(message).removeprefix("Value error, ")
 
 
 def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):  # type: ignore[no-untyped-def]

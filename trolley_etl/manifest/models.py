@@ -29,8 +29,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS
+from trolley_etl.core.constants import DEFAULT_LAYOUT
 from trolley_etl.core.errors import LayoutError, QueryError
-from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
+from trolley_etl.core.layout import LayoutTemplate
 from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
 from trolley_etl.core.relative_dates import RELATIVE_SPEC, RelativeDate
 from trolley_etl.manifest.csv_list import CsvProblem, read_column

@@ -114,7 +114,7 @@ class Doctor:
         search, download = source.search, source.effective_download
         if isinstance(search, (HttpBackend, DimseBackend)):
             yield from self._backend("search", search)
-        if download is not search and isinstance(download, (HttpBackend, DimseBackend)):
+        if download.backend != "local" and isinstance(download, (HttpBackend, DimseBackend)):
             yield from self._backend("download", download)
 
     def _backend(self, role: str, config: Any) -> Iterator[Check]:
@@ -283,7 +283,7 @@ class Doctor:
         try:
             reference = self._one_instance(self.study_uid)
             sink = _Discard()
-            self.downloader.fetch(reference, sink)  # type: ignore[arg-type]
+            self.downloader.fetch(reference, sink)
         except AuthenticationError as exc:
             yield Check("download", "credentials", FAIL, str(exc), _auth_hint(config))
             return
@@ -313,7 +313,7 @@ class Doctor:
 
     def _get_roles(self) -> Check:
         """Which common image classes the archive lets us receive over C-GET (SCP role)."""
-        from pynetdicom.sop_class import uid_to_sop_class  # type: ignore[attr-defined]
+        from pynetdicom.sop_class import uid_to_sop_class
 
         from trolley_etl.backends.dimse import COMMON_IMAGE_CLASSES, STUDY_ROOT_GET, association
 

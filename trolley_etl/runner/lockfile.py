@@ -172,7 +172,9 @@ def _study_entry(
     return entry
 
 
-def _series_entry(study_uid: str, series_uid: str, expected: dict[Reference, int]) -> dict:
+def _series_entry(
+    study_uid: str, series_uid: str, expected: dict[Reference, int]
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"series_uid": series_uid}
     count = expected.get(SeriesReference(study_uid, series_uid))
     if count is not None:

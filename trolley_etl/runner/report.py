@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.constants import STATE_DIR
 from trolley_etl.core.relative_dates import resolved_ranges
-from trolley_etl.core.storage import STATE_DIR
 from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic

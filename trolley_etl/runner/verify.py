@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trolley_etl.core.storage import STATE_DIR
+from trolley_etl.core.constants import STATE_DIR
 from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, FileRecord
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.report import ROOT_TAG_FILES
