@@ -73,8 +73,13 @@ def http_source(url: str) -> str:
   download: {{backend: wado-rs, url: "{url}/dicom-web", auth: {auth}}}"""
 
 
-def dimse_source(server: OrthancServer, *, port: int | None = None, aet: str | None = None,
-                 download: str = "{backend: c-get}") -> str:  # fmt: skip
+def dimse_source(
+    server: OrthancServer,
+    *,
+    port: int | None = None,
+    aet: str | None = None,
+    download: str = "{backend: c-get}",
+) -> str:
     where = f"host: 127.0.0.1, port: {port or server.dicom_port}, called_aet: {aet or server.aet}"
     download = download.replace("{backend:", "{" + where + ", backend:")
     return f"""\
@@ -86,11 +91,15 @@ def dimse_source(server: OrthancServer, *, port: int | None = None, aet: str | N
 def test_healthy_dicomweb_archive(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, http_source(strict.url)), capsys)
     assert code == 0, out
-    for expected in ("ok    search    address", "ok    search    port",
-                     "skip  search    clock        the server sends no Date header",  # Orthanc
-                     "basic credentials accepted", "ok    search    search",
-                     "ok    download  wado-rs      wado-rs delivered 1 instance(s)",
-                     "every check passed"):  # fmt: skip
+    for expected in (
+        "ok    search    address",
+        "ok    search    port",
+        "skip  search    clock        the server sends no Date header",  # Orthanc
+        "basic credentials accepted",
+        "ok    search    search",
+        "ok    download  wado-rs      wado-rs delivered 1 instance(s)",
+        "every check passed",
+    ):
         assert expected in out, out
 
 

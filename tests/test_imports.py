@@ -170,8 +170,10 @@ def test_public_names_still_import() -> None:
     assert Query(StudyDate="20240101").filters == {"StudyDate": "20240101"}
     assert QueryLevel("series") is QueryLevel.SERIES and issubclass(TrolleyError, Exception)
     assert {Runner.__name__, RunOptions.__name__, RunResult.__name__} == {
-        "Runner", "RunOptions", "RunResult",
-    }  # fmt: skip
+        "Runner",
+        "RunOptions",
+        "RunResult",
+    }
     assert set(trolley_etl.__all__) <= set(dir(trolley_etl))
     for name in trolley_etl.__all__:
         assert getattr(trolley_etl, name) is not None

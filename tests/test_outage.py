@@ -65,8 +65,11 @@ run:
 def trolley(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
-        capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
+    )
 
 
 def events(stderr: str) -> list[dict]:
@@ -87,8 +90,10 @@ def test_search_503_with_retry_after_is_retried(archive, instances, tmp_path) ->
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started >= 2  # both Retry-After waits were honoured
         assert [s for p, s in proxy.requests if p.startswith("/dicom-web/studies?")][:3] == [
-            503, 503, 200,
-        ]  # fmt: skip
+            503,
+            503,
+            200,
+        ]
         assert stored(tmp_path / "data") == len(instances)
     finally:
         proxy.close()
@@ -121,8 +126,10 @@ def test_a_pacs_restart_mid_run_is_waited_out(tmp_path, instances) -> None:
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stderr is not None
         seen = []
         for line in process.stderr:

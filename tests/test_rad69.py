@@ -318,12 +318,21 @@ def test_large_response_streams_with_flat_memory(httpserver: HTTPServer, tmp_pat
     first = instances[0]
     result = subprocess.run(
         [
-            sys.executable, "-c", CLIENT, httpserver.url_for("/rids"), REPOSITORY,
-            first.study_uid, first.series_uid, ",".join(i.sop_uid for i in instances),
+            sys.executable,
+            "-c",
+            CLIENT,
+            httpserver.url_for("/rids"),
+            REPOSITORY,
+            first.study_uid,
+            first.series_uid,
+            ",".join(i.sop_uid for i in instances),
             str(tmp_path),
         ],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["files"] == {i.sop_uid: hashlib.sha256(i.data).hexdigest() for i in instances}
     grown = (figures["peak_kb"] - figures["baseline_kb"]) * 1024

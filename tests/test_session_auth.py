@@ -47,8 +47,12 @@ def auth_for(proxy: VendorLoginProxy, password: str = PASSWORD) -> SessionAuth:
 def pull(proxy: VendorLoginProxy, auth: SessionAuth, root: Path, workers: int = 4) -> set[str]:
     """Search and download both studies through the gate; the stored SOP instance UIDs."""
     url = f"{proxy.url}/dicom-web"
-    trolley = Trolley(searcher=QidoRS(url, auth=auth), downloader=WadoRS(url, auth=auth),
-                      storage=StorageDir(root), workers=workers)  # fmt: skip
+    trolley = Trolley(
+        searcher=QidoRS(url, auth=auth),
+        downloader=WadoRS(url, auth=auth),
+        storage=StorageDir(root),
+        workers=workers,
+    )
     with trolley:
         studies = [trolley.find_study(Query(AccessionNumber=s.accession_number)) for s in STUDIES]
         series = [trolley.ensure_level([study], _series_level())[0] for study in studies]
@@ -167,12 +171,19 @@ run:
 
 
 def run_cli(manifest: Path, password: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ARCHIVE_USER": "radiology", "ARCHIVE_PASSWORD": password,
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    env = {
+        **os.environ,
+        "ARCHIVE_USER": "radiology",
+        "ARCHIVE_PASSWORD": password,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 @pytest.mark.archive

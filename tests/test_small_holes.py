@@ -37,18 +37,31 @@ storage:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trolley_etl", *args], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
 
 
 @pytest.mark.subprocess
 def test_temp_files_of_a_killed_atomic_write_are_removed_by_the_next_run(tmp_path: Path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
-        server.upload(make_instance(
-            patient_id="P", patient_name="N", study_uid=STUDY, series_uid=test_uid("h", "s"),
-            sop_uid=test_uid("h", 1), modality="CT", study_date="20240101", accession_number="A",
-        ).data)  # fmt: skip
+        server.upload(
+            make_instance(
+                patient_id="P",
+                patient_name="N",
+                study_uid=STUDY,
+                series_uid=test_uid("h", "s"),
+                sop_uid=test_uid("h", 1),
+                modality="CT",
+                study_date="20240101",
+                accession_number="A",
+            ).data
+        )
         manifest = tmp_path / "m.yaml"
         manifest.write_text(manifest_text(server.url))
         assert cli("run", str(manifest)).returncode == 0

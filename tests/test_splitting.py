@@ -251,10 +251,15 @@ class AnnouncingArchive:
                 matching = [d for d in archive.days if first <= d <= (last or first)]
                 offset = int(params.get("offset", 0))
                 rows = [] if offset else matching[: archive.CAP_299]
-                body = json.dumps([{
-                    "0020000D": {"vr": "UI", "Value": [test_uid("announcing", day)]},
-                    "00080020": {"vr": "DA", "Value": [day]},
-                } for day in rows]).encode()  # fmt: skip
+                body = json.dumps(
+                    [
+                        {
+                            "0020000D": {"vr": "UI", "Value": [test_uid("announcing", day)]},
+                            "00080020": {"vr": "DA", "Value": [day]},
+                        }
+                        for day in rows
+                    ]
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(body)))

@@ -59,15 +59,19 @@ class TokenServer:
                     token = secrets.token_urlsafe(24)
                     with server.lock:
                         server.issued[token] = time.monotonic() + server.lifetime
-                    answer = {"access_token": token, "token_type": "Bearer",
-                              "expires_in": server.lifetime}  # fmt: skip
+                    answer = {
+                        "access_token": token,
+                        "token_type": "Bearer",
+                        "expires_in": server.lifetime,
+                    }
                     if self.path.endswith("/plain"):
                         body = token.encode()
                     else:
                         body = json.dumps(answer).encode()
                 else:
-                    body = json.dumps({"error": "invalid_client",
-                                       "error_description": "unknown client"}).encode()  # fmt: skip
+                    body = json.dumps(
+                        {"error": "invalid_client", "error_description": "unknown client"}
+                    ).encode()
                 self.send_response(200 if ok else 401)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -129,8 +133,10 @@ def test_a_run_outlives_its_five_second_tokens(
     monkeypatch.setenv("IDP_CLIENT", CLIENT_ID)
     monkeypatch.setenv("IDP_SECRET", CLIENT_SECRET)
     gated.delay = 0.9  # 12 instances, one worker: the run lasts more than two token lifetimes
-    auth = (f"{{type: oauth2, token_url: '{tokens.url}', client_id_env: IDP_CLIENT, "
-            "client_secret_env: IDP_SECRET, scope: pacs.read}")  # fmt: skip
+    auth = (
+        f"{{type: oauth2, token_url: '{tokens.url}', client_id_env: IDP_CLIENT, "
+        "client_secret_env: IDP_SECRET, scope: pacs.read}"
+    )
     manifest = tmp_path / "m.yaml"
     manifest.write_text(
         f"""\

@@ -215,8 +215,9 @@ def test_a_run_started_before_its_window_waits_for_it(
 def test_no_wait_gate_stops_after_draining(tmp_path: Path) -> None:
     window = TimeWindow.parse("19:00-07:00", None, "UTC")
     clock = FakeClock(dt.datetime(2024, 3, 1, 7, 0, 0, tzinfo=UTC))
-    gate = WindowGate(window, log=ListLog(), state_dir=tmp_path, run_id="r", clock=clock,
-                      no_wait=True)  # fmt: skip
+    gate = WindowGate(
+        window, log=ListLog(), state_dir=tmp_path, run_id="r", clock=clock, no_wait=True
+    )
     drained: list[bool] = []
     with pytest.raises(OutsideWindowError, match="opens again at 2024-03-01T19:00"):
         gate.hold(lambda: drained.append(True))

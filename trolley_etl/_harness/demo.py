@@ -31,15 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if port_in_use(DEMO_HTTP_PORT):
-        print(f"demo: port {DEMO_HTTP_PORT} is already in use by another program; stop it "
-              "first (the demo never uploads into a server it did not start)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"demo: port {DEMO_HTTP_PORT} is already in use by another program; stop it "
+            "first (the demo never uploads into a server it did not start)",
+            file=sys.stderr,
+        )
         return exit_codes.USAGE
     with tempfile.TemporaryDirectory(prefix="trolley-demo-") as workdir:
         server = OrthancServer(
-            Path(workdir), http_port=DEMO_HTTP_PORT, dicom_port=DEMO_DICOM_PORT,
+            Path(workdir),
+            http_port=DEMO_HTTP_PORT,
+            dicom_port=DEMO_DICOM_PORT,
             extra_config={"DicomServerEnabled": False},
-        )  # fmt: skip
+        )
         try:
             server.start()
         except OrthancError as exc:

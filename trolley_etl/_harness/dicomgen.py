@@ -594,12 +594,20 @@ def deid_cohort() -> list[GeneratedInstance]:
 
     def base(acc: str, pid: str, date: str, series: int, number: int, **kw: Any) -> Any:
         return make_instance(
-            patient_id=pid, patient_name=DEID_PATIENTS[pid], study_uid=test_uid("deid", acc),
-            series_uid=test_uid("deid", acc, series), sop_uid=test_uid("deid", acc, series, number),
-            study_date=date, study_time="101500", accession_number=acc,
+            patient_id=pid,
+            patient_name=DEID_PATIENTS[pid],
+            study_uid=test_uid("deid", acc),
+            series_uid=test_uid("deid", acc, series),
+            sop_uid=test_uid("deid", acc, series, number),
+            study_date=date,
+            study_time="101500",
+            accession_number=acc,
             study_description=f"Study of {DEID_PATIENTS[pid].split('^')[0]}",
-            series_description="series", series_number=series + 1, instance_number=number, **kw,
-        )  # fmt: skip
+            series_description="series",
+            series_number=series + 1,
+            instance_number=number,
+            **kw,
+        )
 
     out: list[GeneratedInstance] = []
     first = base("DACC01", "DEID001", "20220301", 0, 1, modality="CT", private=True)
@@ -632,8 +640,9 @@ def deid_cohort() -> list[GeneratedInstance]:
     derived = base("DACC02", "DEID001", "20220415", 2, 1, modality="CT")
     out.append(_with_changes(derived, references))
     for number in (1, 2):
-        out.append(_with_changes(base("DACC03", "DEID002", "20210101", 0, number, modality="CT"),
-                                 common))  # fmt: skip
+        out.append(
+            _with_changes(base("DACC03", "DEID002", "20210101", 0, number, modality="CT"), common)
+        )
 
     def unflagged(ds: Dataset) -> None:
         common(ds)

@@ -40,13 +40,26 @@ if TYPE_CHECKING:
 
 #: Return keys asked for by default, like QIDO-RS's default attributes (PS3.18 10.6.3.3).
 STUDY_RETURN_KEYS = (
-    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDescription",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-)  # fmt: skip
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDescription",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
 SERIES_RETURN_KEYS = (
-    "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances",
-)  # fmt: skip
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+)
 INSTANCE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "NumberOfFrames")
 #: VRs whose empty value is None rather than "" (pydicom warns about "" for them).
 _BINARY_VRS = frozenset(

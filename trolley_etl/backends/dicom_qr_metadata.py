@@ -71,8 +71,9 @@ class DicomQRMetadata(Downloader):
             filters["SeriesInstanceUID"] = reference.series_uid
         if isinstance(reference, InstanceReference):
             filters["SOPInstanceUID"] = reference.instance_uid
-        query = Query(query_level=QueryLevel.INSTANCE, filters=filters,
-                      include_fields=self.keywords)  # fmt: skip
+        query = Query(
+            query_level=QueryLevel.INSTANCE, filters=filters, include_fields=self.keywords
+        )
         seen: set[str] = set()
         url = self.finder.settings.url
         expect = expected_uids(reference)

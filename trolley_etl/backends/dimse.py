@@ -270,8 +270,9 @@ def open_association(
         try:
             tls_args = (settings.tls.client_context(), settings.host)
         except (OSError, ssl.SSLError) as exc:
-            raise BackendError(f"{what} {settings.describe()}: cannot load the TLS files: "
-                               f"{exc}", url=settings.url) from None  # fmt: skip
+            raise BackendError(
+                f"{what} {settings.describe()}: cannot load the TLS files: {exc}", url=settings.url
+            ) from None
     assoc = ae.associate(
         settings.host,
         int(settings.port),

@@ -537,8 +537,9 @@ class _Watchdog:
         with self._lock:
             self._watched[id(response)] = (weakref.ref(response), until, seconds)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="http-deadline",
-                                                daemon=True)  # fmt: skip
+                self._thread = threading.Thread(
+                    target=self._loop, name="http-deadline", daemon=True
+                )
                 self._thread.start()
 
     def cut_reason(self, response: requests.Response) -> str | None:

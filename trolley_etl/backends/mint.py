@@ -50,11 +50,18 @@ MINT_NAMESPACE = "http://medical.nema.org/mint"
 #: Study-level keywords a MINT server filters on, sent under their DICOM keyword.
 SERVER_FILTERS = frozenset(
     {
-        "PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID", "ModalitiesInStudy",
-        "StudyDescription", "PatientSex", "InstitutionName", "InstitutionalDepartmentName",
+        "PatientID",
+        "PatientName",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "StudyDescription",
+        "PatientSex",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
         "PatientBirthDate",
     }
-)  # fmt: skip
+)
 #: The oldest and the latest date MINT's minStudyDate/maxStudyDate pair can stand for.
 OPEN_START, OPEN_END = "19000101", "99991231"
 #: At most this many requests are made to split a list filter the server cannot take.

@@ -227,23 +227,33 @@ class VitreaAuth(SessionAuth):
     product = "Vitrea"
 
     def __init__(
-        self, login_url: str, username: str, password: str, realm: str = DEFAULT_REALM,
+        self,
+        login_url: str,
+        username: str,
+        password: str,
+        realm: str = DEFAULT_REALM,
         **options: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(login_url, username, password, **options)
         self.realm = realm
 
     def _log_in(self, session: requests.Session) -> None:
-        headers = {"X-Userid": self._username, "X-Password": self._password,
-                   "X-Realm": self.realm}  # fmt: skip
-        with session.post(self.login_url, headers=headers, timeout=self._timeout,
-                          stream=True, allow_redirects=False) as response:  # fmt: skip
+        headers = {"X-Userid": self._username, "X-Password": self._password, "X-Realm": self.realm}
+        with session.post(
+            self.login_url,
+            headers=headers,
+            timeout=self._timeout,
+            stream=True,
+            allow_redirects=False,
+        ) as response:
             response.raw.read(LOGIN_PAGE_PEEK)
             if response.status_code != 200:
                 raise _refused(
-                    self.product, self.login_url, response,
+                    self.product,
+                    self.login_url,
+                    response,
                     f"HTTP {response.status_code} {response.reason or ''}".rstrip(),
-                )  # fmt: skip
+                )
 
 
 class ImpaxAuth(SessionAuth):
@@ -268,14 +278,17 @@ class ImpaxAuth(SessionAuth):
         with session.get(self.app_url, timeout=self._timeout, stream=True) as opened:
             opened.raw.read(LOGIN_PAGE_PEEK)  # the servlet only accepts a form for a session
         form = {"j_username": self._username, "j_password": self._password}
-        with session.post(self.form_url, data=form, timeout=self._timeout, stream=True,
-                          allow_redirects=False) as response:  # fmt: skip
+        with session.post(
+            self.form_url, data=form, timeout=self._timeout, stream=True, allow_redirects=False
+        ) as response:
             page = response.raw.read(LOGIN_PAGE_PEEK, decode_content=True) or b""
             if response.status_code == 403 or 300 <= response.status_code < 400:
                 return  # IMPAX answers a successful login with 403, other servlets redirect
-            detail = "the login page answered Login Failed" if b"Login Failed" in page else (
-                f"HTTP {response.status_code} {response.reason or ''}".rstrip()
-            )  # fmt: skip
+            detail = (
+                "the login page answered Login Failed"
+                if b"Login Failed" in page
+                else (f"HTTP {response.status_code} {response.reason or ''}".rstrip())
+            )
             raise _refused(self.product, self.form_url, response, detail)
 
     def session_ended(self, response: requests.Response) -> bool:

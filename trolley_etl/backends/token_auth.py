@@ -103,14 +103,22 @@ class OAuth2ClientCredentials(TokenSource):
         return f"the token endpoint {self.token_url}"
 
     def fetch(self) -> tuple[str, float | None]:
-        form = {"grant_type": "client_credentials", "client_id": self._client_id,
-                "client_secret": self._client_secret}  # fmt: skip
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+        }
         if self.scope:
             form["scope"] = self.scope
         try:
-            response = requests.post(self.token_url, data=form, timeout=self.timeout,
-                                     verify=self.verify, headers={"Accept": "application/json"},
-                                     stream=True)  # fmt: skip
+            response = requests.post(
+                self.token_url,
+                data=form,
+                timeout=self.timeout,
+                verify=self.verify,
+                headers={"Accept": "application/json"},
+                stream=True,
+            )
             with response:
                 body = response.raw.read(MAX_ANSWER + 1, decode_content=True)
         except requests.RequestException as exc:
@@ -155,8 +163,13 @@ class CommandToken(TokenSource):
 
     def fetch(self) -> tuple[str, float | None]:
         try:
-            done = subprocess.run(self.command, capture_output=True, timeout=self.timeout,
-                                  stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+            done = subprocess.run(
+                self.command,
+                capture_output=True,
+                timeout=self.timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except FileNotFoundError:
             raise BackendError(f"{self.describe()} was not found (is it installed?)") from None
         except subprocess.TimeoutExpired:

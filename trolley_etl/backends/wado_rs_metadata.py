@@ -159,8 +159,11 @@ REFERENCE_TAGS = ("0020000D", "0020000E", SOP_INSTANCE_UID_TAG)
 
 def expected_uids(reference: Any) -> dict[str, str]:
     """What every instance answered for `reference` must carry, as tag -> UID."""
-    uids = [reference.study_uid, getattr(reference, "series_uid", ""),
-            getattr(reference, "instance_uid", "")]  # fmt: skip
+    uids = [
+        reference.study_uid,
+        getattr(reference, "series_uid", ""),
+        getattr(reference, "instance_uid", ""),
+    ]
     return {tag: uid for tag, uid in zip(REFERENCE_TAGS, uids, strict=True) if uid}
 
 

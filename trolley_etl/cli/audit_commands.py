@@ -142,8 +142,11 @@ def run_report(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if not args.quiet:
         summary = audit["summary"]
-        print(f"report saved to {saved}: {summary['instances']} instances in "
-              f"{summary['studies']} studies, {summary['by_status']}", file=sys.stderr)  # fmt: skip
+        print(
+            f"report saved to {saved}: {summary['instances']} instances in "
+            f"{summary['studies']} studies, {summary['by_status']}",
+            file=sys.stderr,
+        )
     return exit_codes.OK
 
 
@@ -205,8 +208,11 @@ def _repair_run(args: argparse.Namespace, manifest: Manifest, root: Path) -> int
     if code == exit_codes.OK:
         return None
     if code == exit_codes.ITEMS_FAILED:  # the forgotten files would not show in a new verify
-        print("trolley-etl: the repair could not download everything (see above); "
-              "`trolley-etl status` lists it", file=sys.stderr)  # fmt: skip
+        print(
+            "trolley-etl: the repair could not download everything (see above); "
+            "`trolley-etl status` lists it",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -225,20 +231,34 @@ def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
 
 
 def _print_result(
-    result: VerifyResult, style: str, root: Path, *, replaced: list[str] | None = None,
+    result: VerifyResult,
+    style: str,
+    root: Path,
+    *,
+    replaced: list[str] | None = None,
     out: TextIO | None = None,
-) -> None:  # fmt: skip
+) -> None:
     stream = out or sys.stdout
     if style == "json":
-        print(json.dumps({"root": str(root), **result.to_json(),
-                          "replaced_content": replaced or []}, indent=2), file=stream)  # fmt: skip
+        print(
+            json.dumps(
+                {"root": str(root), **result.to_json(), "replaced_content": replaced or []},
+                indent=2,
+            ),
+            file=stream,
+        )
         return
     for problem in result.problems:
         print(problem.describe(), file=stream)
     for path in replaced or []:
-        print(f"replaced {path}: the archive now sends other bytes than the first download",
-              file=stream)  # fmt: skip
+        print(
+            f"replaced {path}: the archive now sends other bytes than the first download",
+            file=stream,
+        )
     counts = result.to_json()["counts"]
-    print(f"{result.checked} files checked ({result.bytes / 2**20:.1f} MiB) in {root}: "
-          f"{counts['missing']} missing, {counts['changed']} changed, "
-          f"{counts['unexpected']} unexpected", file=stream)  # fmt: skip
+    print(
+        f"{result.checked} files checked ({result.bytes / 2**20:.1f} MiB) in {root}: "
+        f"{counts['missing']} missing, {counts['changed']} changed, "
+        f"{counts['unexpected']} unexpected",
+        file=stream,
+    )

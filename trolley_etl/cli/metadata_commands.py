@@ -47,6 +47,9 @@ def run_metadata(args: argparse.Namespace) -> int:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     if not args.quiet and args.output:
-        print(f"wrote {count} {args.level} rows to {args.output} "
-              f"in {time.monotonic() - started:.1f} s", file=sys.stderr)  # fmt: skip
+        print(
+            f"wrote {count} {args.level} rows to {args.output} "
+            f"in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
     return exit_codes.OK

@@ -230,20 +230,38 @@ def iter_references(objects: Iterable[Retrievable]) -> Iterator[Reference]:
 #: study-level query attributes); a series- or instance-level search row is split on these.
 STUDY_KEYWORDS = frozenset(
     {
-        "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "IssuerOfPatientID",
-        "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-        "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
-        "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "InstitutionName",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "IssuerOfPatientID",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "InstitutionName",
     }
-)  # fmt: skip
+)
 
 SERIES_KEYWORDS = frozenset(
     {
-        "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-        "SeriesTime", "BodyPartExamined", "NumberOfSeriesRelatedInstances",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "NumberOfSeriesRelatedInstances",
         "PerformedProcedureStepStartDate",
     }
-)  # fmt: skip
+)
 
 
 #: The UIDs that place a row at each level in the tree (and that rows are deduplicated on);

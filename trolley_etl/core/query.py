@@ -34,16 +34,35 @@ _DATETIME = re.compile(
 #: dictionary gives them (a test compares the two): checking these needs no pydicom, which is
 #: slow to import (it loads numpy), so `trolley-etl status` reads a manifest without it.
 COMMON_KEYWORD_VRS: dict[str, str] = {
-    "AccessionNumber": "SH", "BodyPartExamined": "CS", "InstanceNumber": "IS",
-    "InstitutionName": "LO", "IssuerOfPatientID": "LO", "ModalitiesInStudy": "CS",
-    "Modality": "CS", "NumberOfSeriesRelatedInstances": "IS",
-    "NumberOfStudyRelatedInstances": "IS", "NumberOfStudyRelatedSeries": "IS",
-    "PatientBirthDate": "DA", "PatientID": "LO", "PatientName": "PN", "PatientSex": "CS",
-    "PerformedProcedureStepStartDate": "DA", "ReferringPhysicianName": "PN",
-    "SOPClassUID": "UI", "SOPInstanceUID": "UI", "SeriesDate": "DA", "SeriesDescription": "LO",
-    "SeriesInstanceUID": "UI", "SeriesNumber": "IS", "SeriesTime": "TM", "StudyDate": "DA",
-    "StudyDescription": "LO", "StudyID": "SH", "StudyInstanceUID": "UI", "StudyTime": "TM",
-}  # fmt: skip
+    "AccessionNumber": "SH",
+    "BodyPartExamined": "CS",
+    "InstanceNumber": "IS",
+    "InstitutionName": "LO",
+    "IssuerOfPatientID": "LO",
+    "ModalitiesInStudy": "CS",
+    "Modality": "CS",
+    "NumberOfSeriesRelatedInstances": "IS",
+    "NumberOfStudyRelatedInstances": "IS",
+    "NumberOfStudyRelatedSeries": "IS",
+    "PatientBirthDate": "DA",
+    "PatientID": "LO",
+    "PatientName": "PN",
+    "PatientSex": "CS",
+    "PerformedProcedureStepStartDate": "DA",
+    "ReferringPhysicianName": "PN",
+    "SOPClassUID": "UI",
+    "SOPInstanceUID": "UI",
+    "SeriesDate": "DA",
+    "SeriesDescription": "LO",
+    "SeriesInstanceUID": "UI",
+    "SeriesNumber": "IS",
+    "SeriesTime": "TM",
+    "StudyDate": "DA",
+    "StudyDescription": "LO",
+    "StudyID": "SH",
+    "StudyInstanceUID": "UI",
+    "StudyTime": "TM",
+}
 
 
 def suggest_keyword(name: str) -> str:

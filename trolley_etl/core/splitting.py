@@ -55,8 +55,9 @@ class Splitter:
         if query.query_level is QueryLevel.INSTANCE:
             return self.search_once(query)  # the cap is on studies and series (see README)
         budget = [self.max_parts]
-        whole = query.model_copy(update={"limit": None, "offset": 0}) if self._splits(query) \
-            else query  # fmt: skip
+        whole = (
+            query.model_copy(update={"limit": None, "offset": 0}) if self._splits(query) else query
+        )
         studies = self._search(whole, budget, depth=0)
         if whole is query:
             return studies
@@ -92,8 +93,13 @@ class Splitter:
                 "StudyDate range, or raise max_results if the archive allows more"
             )
         if self.on_event is not None:
-            self.on_event("search.split", filters=dict(query.filters), reason=reason,
-                          parts=[dict(p.filters) for p in parts], depth=depth)  # fmt: skip
+            self.on_event(
+                "search.split",
+                filters=dict(query.filters),
+                reason=reason,
+                parts=[dict(p.filters) for p in parts],
+                depth=depth,
+            )
         found = merge_studies([s for part in parts for s in self._search(part, budget, depth + 1)])
         missed = {s.uid for s in studies} - {s.uid for s in found}
         if missed:
@@ -197,8 +203,10 @@ def _time_bounds(value: str | tuple[str, ...] | None) -> tuple[int, int] | None:
     if isinstance(value, tuple) or "-" not in value:
         return None
     start, _, end = value.partition("-")
-    return (_seconds(start, pad="00") if start else 0,
-            _seconds(end, pad="59") if end else DAY_SECONDS - 1)  # fmt: skip
+    return (
+        _seconds(start, pad="00") if start else 0,
+        _seconds(end, pad="59") if end else DAY_SECONDS - 1,
+    )
 
 
 def _seconds(text: str, pad: str) -> int:

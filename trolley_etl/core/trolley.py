@@ -193,8 +193,12 @@ class Trolley:
 
             # the runner's engine: bounded, fetching while the other objects are planned
             # every object is checked against the reference it was fetched for (CheckedSink)
-            execute(planned(), lambda ref: self.downloader.fetch(ref, CheckedSink(sink, ref)),
-                    workers=workers, on_done=finished)  # fmt: skip
+            execute(
+                planned(),
+                lambda ref: self.downloader.fetch(ref, CheckedSink(sink, ref)),
+                workers=workers,
+                on_done=finished,
+            )
         if failures:
             raise DownloadError(failures, stored)
         return stored

@@ -40,9 +40,16 @@ WRITTEN_BY_US = {0x00120062, 0x00120063, 0x00120064, 0x00280303}
 TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "CS", "AE"}
 NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
 DUMMIES = {
-    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS",
-    "CS": "ANONYMIZED", "IS": "0", "DS": "0", "AS": "000Y", "AE": "ANONYMOUS",
-}  # fmt: skip
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "PN": "ANONYMOUS",
+    "CS": "ANONYMIZED",
+    "IS": "0",
+    "DS": "0",
+    "AS": "000Y",
+    "AE": "ANONYMOUS",
+}
 
 
 @dataclass
@@ -299,8 +306,14 @@ def _text(ds: Dataset, tag: int) -> str:
 def _identifiers(ds: Dataset) -> list[str]:
     """Values that must not survive in free text: names, IDs, the accession number."""
     found: set[str] = set()
-    for keyword in ("PatientID", "AccessionNumber", "OtherPatientIDs", "PatientBirthDate",
-                    "StudyID", "MedicalRecordLocator"):  # fmt: skip
+    for keyword in (
+        "PatientID",
+        "AccessionNumber",
+        "OtherPatientIDs",
+        "PatientBirthDate",
+        "StudyID",
+        "MedicalRecordLocator",
+    ):
         element = ds.get(keyword)
         if element is not None:
             found.update(v.strip() for v in _values(element))

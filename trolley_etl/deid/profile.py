@@ -29,11 +29,17 @@ from trolley_etl.core.errors import ConfigurationError, ProfileTableMissingError
 
 #: The option names of the manifest, in the order of the standard's table columns.
 OPTION_NAMES = (
-    "retain_safe_private", "retain_uids", "retain_device_identity",
-    "retain_institution_identity", "retain_patient_characteristics",
-    "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
-    "clean_descriptors", "clean_structured_content", "clean_graphics",
-)  # fmt: skip
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
 
 #: PS3.16 CID 7050 "De-identification Method" (scheme DCM), for DeidentificationMethodCode.
 METHOD_CODES = {
@@ -42,15 +48,19 @@ METHOD_CODES = {
     "clean_structured_content": ("113104", "Clean Structured Content Option"),
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
     "retain_longitudinal_full_dates": (
-        "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     "retain_longitudinal_modified_dates": (
-        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
     "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain_device_identity": ("113109", "Retain Device Identity Option"),
     "retain_uids": ("113110", "Retain UIDs Option"),
     "retain_safe_private": ("113111", "Retain Safe Private Option"),
     "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
-}  # fmt: skip
+}
 
 #: One action per attribute after resolution.
 REMOVE, EMPTY, DUMMY, KEEP, CLEAN, UID = "X", "Z", "D", "K", "C", "U"

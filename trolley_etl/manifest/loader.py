@@ -142,8 +142,13 @@ def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):
         auth = backend.auth
         if not isinstance(auth, (BasicAuth, BearerAuth)) and auth.type != "oauth2":
             continue
-        for field_name in ("username_env", "password_env", "token_env", "client_id_env",
-                           "client_secret_env"):  # fmt: skip
+        for field_name in (
+            "username_env",
+            "password_env",
+            "token_env",
+            "client_id_env",
+            "client_secret_env",
+        ):
             variable = getattr(auth, field_name, None)
             if variable and variable not in os.environ:
                 path: Path_ = ("source", role, "auth", field_name)

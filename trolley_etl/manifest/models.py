@@ -70,8 +70,10 @@ def _relative_date(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     if set(value) != {"last"} or not RELATIVE_SPEC.match(str(value["last"])):
-        raise error("relative_date", "a relative date is {last: N<unit>} with unit d, w, m "
-                    "or y, e.g. {last: 7d}")  # fmt: skip
+        raise error(
+            "relative_date",
+            "a relative date is {last: N<unit>} with unit d, w, m or y, e.g. {last: 7d}",
+        )
     return RelativeDate(last=str(value["last"]))
 
 
@@ -987,11 +989,17 @@ class RunSettings(StrictModel):
 # --- de-identification (issue 14) -----------------------------------------------------------
 
 DeidOption = Literal[
-    "retain_safe_private", "retain_uids", "retain_device_identity",
-    "retain_institution_identity", "retain_patient_characteristics",
-    "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
-    "clean_descriptors", "clean_structured_content", "clean_graphics",
-]  # fmt: skip
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
 
 
 class BlankRegions(StrictModel):
@@ -1128,8 +1136,12 @@ class Manifest(StrictModel):
             target = (base / self.deid.pseudonym_map).resolve()
             root = (base / self.storage.root).resolve()
             if target == root or root in target.parents:
-                raise error("pseudonym_map", "must lie outside storage.root (the export)",
-                            "deid", "pseudonym_map")  # fmt: skip
+                raise error(
+                    "pseudonym_map",
+                    "must lie outside storage.root (the export)",
+                    "deid",
+                    "pseudonym_map",
+                )
         return self
 
     @model_validator(mode="after")
@@ -1137,8 +1149,12 @@ class Manifest(StrictModel):
         # the de-identification step rewrites Part 10 files; DICOM JSON files would leave as
         # the archive sent them, so the two are refused together rather than half-applied
         if self.deid is not None and self.source.file_format == "json":
-            raise error("deid", "de-identification works on Part 10 files: use the default "
-                        "`format: dicom` for metadata-only pulls with `deid`", "deid")  # fmt: skip
+            raise error(
+                "deid",
+                "de-identification works on Part 10 files: use the default "
+                "`format: dicom` for metadata-only pulls with `deid`",
+                "deid",
+            )
         return self
 
     @property

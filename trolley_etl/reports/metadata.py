@@ -30,19 +30,41 @@ LEVELS = ("instance", "series", "study")
 #: Keywords shown when the user names none: what a researcher filters a cohort by.
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "instance": (
-        "PatientID", "AccessionNumber", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID",
-        "SOPInstanceUID", "SOPClassUID", "Modality", "SeriesNumber", "InstanceNumber",
-        "Rows", "Columns", "NumberOfFrames",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "Modality",
+        "SeriesNumber",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
     ),
     "series": (
-        "PatientID", "AccessionNumber", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID",
-        "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
     ),
     "study": (
-        "PatientID", "PatientSex", "PatientBirthDate", "AccessionNumber", "StudyDate",
-        "StudyInstanceUID", "StudyDescription",
+        "PatientID",
+        "PatientSex",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "StudyDescription",
     ),
-}  # fmt: skip
+}
 #: Columns every row has after the keywords, per level.
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
     "instance": ("path", "size", "sha256"),
@@ -121,8 +143,12 @@ def iter_rows(
         raise MetadataError(f"--level must be one of {', '.join(LEVELS)}")
     if level == "instance":
         for f in files:
-            yield {**read_values(root / f.path, f.size, fields),
-                   "path": f.path, "size": f.size, "sha256": f.sha256}  # fmt: skip
+            yield {
+                **read_values(root / f.path, f.size, fields),
+                "path": f.path,
+                "size": f.size,
+                "sha256": f.sha256,
+            }
         return
     key = (lambda f: (f.study_uid, f.series_uid)) if level == "series" else (lambda f: f.study_uid)
     for _, group in groupby(files, key=key):
@@ -132,8 +158,12 @@ def iter_rows(
         if level == "study":
             row["modalities"] = "\\".join(sorted({m.modality for m in members if m.modality}))
             row["series"] = len({m.series_uid for m in members})
-        row.update(instances=len(members), size=sum(m.size for m in members),
-                   path=_common_folder(members), sha256=_digest(members))  # fmt: skip
+        row.update(
+            instances=len(members),
+            size=sum(m.size for m in members),
+            path=_common_folder(members),
+            sha256=_digest(members),
+        )
         yield row
 
 
@@ -141,8 +171,14 @@ def stored_files(checkpoint: Any) -> Iterator[StoredFile]:
     """The checkpoint's files in study, series, path order (what `iter_rows` needs)."""
     records = sorted(checkpoint.files(), key=lambda r: (r["study_uid"], r["series_uid"], r["path"]))
     for r in records:
-        yield StoredFile(r["path"], r["size"], r["sha256"], r["study_uid"], r["series_uid"],
-                         r.get("modality") or "")  # fmt: skip
+        yield StoredFile(
+            r["path"],
+            r["size"],
+            r["sha256"],
+            r["study_uid"],
+            r["series_uid"],
+            r.get("modality") or "",
+        )
 
 
 # --- writers ----------------------------------------------------------------------------------
@@ -193,9 +229,12 @@ def write_parquet(rows: Iterable[dict[str, Any]], names: list[str], path: Path) 
 
 
 def write_table(
-    rows: Iterable[dict[str, Any]], names: list[str], style: str, output: Path | None,
+    rows: Iterable[dict[str, Any]],
+    names: list[str],
+    style: str,
+    output: Path | None,
     stdout: TextIO,
-) -> int:  # fmt: skip
+) -> int:
     """Write the rows; to `output` through a private temp file renamed at the end (a reader
     never sees half a table), or CSV to `stdout`. Returns the row count."""
     if style == "parquet":

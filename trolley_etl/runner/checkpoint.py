@@ -304,9 +304,16 @@ class Checkpoint:
             self._db.execute(
                 "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance, pid, "
                 "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, now(), RunState.RUNNING.value, manifest_hash,
-                 json.dumps(provenance or {}, sort_keys=True), os.getpid(), socket.gethostname()),
-            )  # fmt: skip
+                (
+                    run_id,
+                    now(),
+                    RunState.RUNNING.value,
+                    manifest_hash,
+                    json.dumps(provenance or {}, sort_keys=True),
+                    os.getpid(),
+                    socket.gethostname(),
+                ),
+            )
 
     def mark_abandoned_runs(self) -> list[str]:
         """Runs still `running` whose process is gone become `aborted`, with what they did.
@@ -334,9 +341,11 @@ class Checkpoint:
                 self._db.executemany(
                     "UPDATE runs SET status = ?, summary = COALESCE(summary, ?) "
                     "WHERE run_id = ? AND status = ?",
-                    [(RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
-                     for run_id in aborted],
-                )  # fmt: skip
+                    [
+                        (RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
+                        for run_id in aborted
+                    ],
+                )
         return aborted
 
     def add_run_provenance(self, run_id: str, **values: Any) -> None:
@@ -397,11 +406,17 @@ class Checkpoint:
             self._db.executemany(
                 "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (s.study_uid, s.query_set, s.patient_id, s.accession_number,
-                     s.study_date, s.modalities)
+                    (
+                        s.study_uid,
+                        s.query_set,
+                        s.patient_id,
+                        s.accession_number,
+                        s.study_date,
+                        s.modalities,
+                    )
                     for s in studies
                 ],
-            )  # fmt: skip
+            )
             existing = {
                 (row[1], row[2], row[3]): row[0]
                 for row in self._db.execute(
@@ -425,9 +440,12 @@ class Checkpoint:
             self._db.executemany(
                 "UPDATE items SET expected_instances = ?, expected_uids = ? "
                 "WHERE study_uid = ? AND series_uid = ? AND instance_uid = ?",
-                [(exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
-                 for key, exp in expected.items() if key in wanted],
-            )  # fmt: skip
+                [
+                    (exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
+                    for key, exp in expected.items()
+                    if key in wanted
+                ],
+            )
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('resolution_hash', ?)", (resolution_hash,)
             )
@@ -478,13 +496,24 @@ class Checkpoint:
                 "modality, patient_id, accession_number, study_date, run_id) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    stored.sop_instance_uid, item_id, stored.study_uid, stored.series_uid,
-                    stored.relative_path.as_posix(), stored.size, stored.sha256,
-                    stored.transfer_syntax, stored.sop_class_uid, source, now(),
-                    stored.modality, stored.patient_id, stored.accession_number,
-                    stored.study_date, run_id,
+                    stored.sop_instance_uid,
+                    item_id,
+                    stored.study_uid,
+                    stored.series_uid,
+                    stored.relative_path.as_posix(),
+                    stored.size,
+                    stored.sha256,
+                    stored.transfer_syntax,
+                    stored.sop_class_uid,
+                    source,
+                    now(),
+                    stored.modality,
+                    stored.patient_id,
+                    stored.accession_number,
+                    stored.study_date,
+                    run_id,
                 ),
-            )  # fmt: skip
+            )
 
     def record_files(
         self, item_id: int, stored: list[StoredInstance], source: str, run_id: str | None = None
@@ -506,14 +535,26 @@ class Checkpoint:
         at = now()
         rows = [
             (
-                s.sop_instance_uid, item_id, s.study_uid, s.series_uid,
-                s.relative_path.as_posix(), s.size, s.sha256, s.transfer_syntax,
-                s.sop_class_uid, source, at, s.modality, s.patient_id, s.accession_number,
-                s.study_date, run_id,
+                s.sop_instance_uid,
+                item_id,
+                s.study_uid,
+                s.series_uid,
+                s.relative_path.as_posix(),
+                s.size,
+                s.sha256,
+                s.transfer_syntax,
+                s.sop_class_uid,
+                source,
+                at,
+                s.modality,
+                s.patient_id,
+                s.accession_number,
+                s.study_date,
+                run_id,
             )
             for item_id, stored in batches
             for s in stored
-        ]  # fmt: skip
+        ]
         if not rows:
             return
         with self._lock, self._db:
@@ -656,12 +697,16 @@ _FILE_FIELDS = frozenset(f for f in FileRecord.__dataclass_fields__ if f != "ext
 def _item(row: tuple[Any, ...]) -> Item:
     uids = json.loads(row[8]) if row[8] else None
     return Item(
-        row[0], reference_of(row[1], row[2], row[3]), ItemState(row[4]), row[5], row[6],
+        row[0],
+        reference_of(row[1], row[2], row[3]),
+        ItemState(row[4]),
+        row[5],
+        row[6],
         expected=Expectation(row[7], None if uids is None else tuple(uids)),
         stored_instances=row[9],
         missing_uids=tuple(json.loads(row[10])) if row[10] else (),
         extra_instances=row[11] or 0,
-    )  # fmt: skip
+    )
 
 
 def _union(known: Expectation | None, more: Expectation) -> Expectation:

@@ -83,8 +83,9 @@ class Lock:
         return {uid: name for name, studies in self.query_sets.items() for uid in studies}
 
     def references(self) -> list[Reference]:
-        return [ref for studies in self.query_sets.values() for refs in studies.values()
-                for ref in refs]  # fmt: skip
+        return [
+            ref for studies in self.query_sets.values() for refs in studies.values() for ref in refs
+        ]
 
     def expectations(self) -> dict[Reference, Expectation]:
         """The expectation of each unit as locked: a count, or the listed instance."""
@@ -129,8 +130,11 @@ class Lock:
                     f"(this trolley-etl writes {LOCK_VERSION})"
                 )
             manifest = data["manifest"]
-            lock = cls(str(manifest["name"]), str(manifest["manifest_hash"]),
-                       tool_version=str(data.get("tool_version", "")))  # fmt: skip
+            lock = cls(
+                str(manifest["name"]),
+                str(manifest["manifest_hash"]),
+                tool_version=str(data.get("tool_version", "")),
+            )
             lock.resolved_dates = dict(data.get("resolved_dates") or {})
             for name, content in data["query_sets"].items():
                 studies = lock.query_sets.setdefault(str(name), {})
@@ -165,10 +169,11 @@ def _study_entry(
         elif isinstance(ref, SeriesReference):
             series[ref.series_uid] = None  # the whole series
     entry["series"] = [
-        _series_entry(study_uid, uid, expected) if instances is None
+        _series_entry(study_uid, uid, expected)
+        if instances is None
         else {"series_uid": uid, "instances": sorted(instances)}
         for uid, instances in sorted(series.items())
-    ]  # fmt: skip
+    ]
     return entry
 
 

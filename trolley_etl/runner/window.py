@@ -80,8 +80,12 @@ class TimeWindow:
         unknown = [d for d in names if d not in DAY_NAMES]
         if unknown or not names:
             raise ConfigurationError(f"days must be some of {', '.join(DAY_NAMES)}")
-        return cls(start, parse_clock(last), frozenset(DAY_NAMES.index(d) for d in names),
-                   load_zone(timezone))  # fmt: skip
+        return cls(
+            start,
+            parse_clock(last),
+            frozenset(DAY_NAMES.index(d) for d in names),
+            load_zone(timezone),
+        )
 
     def _span(self, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
         """The window that starts on `day` (whether or not `day` is one of the days)."""
@@ -165,8 +169,11 @@ class WindowGate:
                 f"the time window closed; it opens again at {until.isoformat(timespec='minutes')}"
                 "; the run stopped after the units in flight (run again to resume)"
             )
-        self.log.warning("window.closed", until=until.isoformat(),
-                         waiting_s=round((until - since).total_seconds()))  # fmt: skip
+        self.log.warning(
+            "window.closed",
+            until=until.isoformat(),
+            waiting_s=round((until - since).total_seconds()),
+        )
         self._note_waiting(until, since)
         try:
             while not self.is_open():
@@ -186,14 +193,23 @@ class WindowGate:
             self.state_file.write_text(json.dumps(payload))
 
 
-def gate_for(config: Any, *, ignore: bool, log: Any, state_dir: Path, run_id: str,
-             stop: threading.Event, no_wait: bool = False) -> WindowGate | None:  # fmt: skip
+def gate_for(
+    config: Any,
+    *,
+    ignore: bool,
+    log: Any,
+    state_dir: Path,
+    run_id: str,
+    stop: threading.Event,
+    no_wait: bool = False,
+) -> WindowGate | None:
     """The gate for a manifest's `run.window`; None without one or with --ignore-window."""
     if config is None or ignore:
         return None
     window = TimeWindow.parse(config.hours, config.days, config.timezone)
-    return WindowGate(window, log=log, state_dir=state_dir, run_id=run_id, stop=stop,
-                      no_wait=no_wait)  # fmt: skip
+    return WindowGate(
+        window, log=log, state_dir=state_dir, run_id=run_id, stop=stop, no_wait=no_wait
+    )
 
 
 def check_no_wait(config: Any, *, ignore: bool, now: dt.datetime | None = None) -> None:
