@@ -61,6 +61,7 @@ class CGet(Downloader):
         self.roles = [build_role(uid, scp_role=True) for uid in storage_classes_of(self.contexts)]
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve everything under `reference` with one C-GET into `sink`; returns the count."""
         ae = self.settings.make_ae()
         ae.add_requested_context(STUDY_ROOT_GET)
         for context in self.contexts:

@@ -78,6 +78,7 @@ class MoveDestination:
 
     @classmethod
     def from_value(cls, value: MoveDestination | Mapping[str, Any]) -> MoveDestination:
+        """The destination as given: already one, or a mapping with aet, port and bind."""
         if isinstance(value, MoveDestination):
             return value
         unknown = set(value) - {"aet", "port", "bind"}
@@ -140,6 +141,7 @@ class CMove(Downloader):
 
     @property
     def destination_name(self) -> str:
+        """The destination as error messages name it."""
         return f"{self.destination.aet} (port {self.destination.port})"
 
     # --- the Storage SCP -----------------------------------------------------------------
@@ -218,6 +220,7 @@ class CMove(Downloader):
             return request
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Move everything under `reference` to our Storage SCP and into `sink`; the count."""
         self._ensure_server()
         request = self._register(reference, sink)
         try:

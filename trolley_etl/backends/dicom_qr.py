@@ -99,6 +99,7 @@ class DicomQR(Searcher):
         self.settings = dimse_settings(host, port, called_aet, calling_aet, dimse)
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query` (split by date when the archive caps answers)."""
         return split_search(self.search_once, query, self.max_results, self.on_split)
 
     def search_once(self, query: Query) -> list[Study]:

@@ -63,9 +63,11 @@ class DicomQRMetadata(Downloader):
 
     @property
     def file_format(self) -> str:
+        """What the stored files are: `dicom` (Part 10 headers) or `json`."""
         return self.metadata_writer.file_format
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Write the header of every instance under `reference` to `sink`; the count."""
         filters: dict[str, Any] = {"StudyInstanceUID": reference.study_uid}
         if isinstance(reference, (SeriesReference, InstanceReference)):
             filters["SeriesInstanceUID"] = reference.series_uid
@@ -90,4 +92,5 @@ class DicomQRMetadata(Downloader):
         return len(seen)
 
     def drain_warnings(self) -> list[tuple[str, dict[str, Any]]]:
+        """The warnings gathered since the last call (event name and fields), then forgets them."""
         return self.metadata_writer.drain_warnings()

@@ -167,6 +167,7 @@ class DimseSettings:
 
     @property
     def address(self) -> str:
+        """`host:port`."""
         return f"{self.host}:{self.port}"
 
     @property
@@ -176,6 +177,7 @@ class DimseSettings:
         return f"{scheme}://{self.called_aet}@{self.address}"
 
     def describe(self) -> str:
+        """Both AE titles and the address, for messages."""
         return f"{self.calling_aet} -> {self.called_aet} at {self.address}"
 
     def make_ae(self) -> AE:
@@ -234,6 +236,7 @@ def dimse_settings(
 
 
 def apply_timeouts(ae: AE, settings: DimseSettings) -> None:
+    """Set the settings' timeouts and maximum PDU size on a pynetdicom AE."""
     ae.connection_timeout = settings.connection_timeout
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
@@ -407,10 +410,12 @@ def lost_association_error(
 
 
 def status_of(status: Dataset) -> int | None:
+    """The Status of a DIMSE response, or None when it has none."""
     return int(status.Status) if "Status" in status else None
 
 
 def describe_reference(reference: Reference) -> str:
+    """A reference as messages name it (`study 1.2.3`, `series ...`)."""
     if isinstance(reference, InstanceReference):
         return f"instance {reference.instance_uid}"
     if isinstance(reference, SeriesReference):
@@ -550,6 +555,7 @@ def storage_contexts(
 
 
 def storage_classes_of(contexts: Sequence[PresentationContext]) -> list[UID]:
+    """The SOP classes of the contexts, each once, in order."""
     return list(dict.fromkeys(UID(str(cx.abstract_syntax)) for cx in contexts))
 
 

@@ -141,6 +141,7 @@ class BearerAuth(AuthBase):
         self._token = token
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Add the header to the request."""
         request.headers["Authorization"] = f"Bearer {self._token}"
         return request
 
@@ -202,6 +203,7 @@ class LimitedAdapter(HTTPAdapter):
     def send(  # type: ignore[override]
         self, request: requests.PreparedRequest, stream: bool = False, **kwargs: Any
     ) -> requests.Response:
+        """Send within the caps: wait for the request rate, count a body read at once."""
         if self.limits is not None:
             self.limits.request()
         response = super().send(request, stream=stream, **kwargs)
@@ -265,6 +267,7 @@ class HttpClient:
             self.session.cert = cert
 
     def url(self, path: str) -> str:
+        """The full URL of `path` below the base URL (a query string is appended as is)."""
         if not path or path.startswith("?"):
             return self.base_url + path
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -392,6 +395,7 @@ class HttpClient:
             return response, read_bounded(response, response.url, self.max_answer_bytes)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.session.close()
 
 
@@ -402,6 +406,7 @@ def encode_query(params: Iterable[tuple[str, object]] | dict[str, object]) -> st
 
 
 def raise_for_status(response: requests.Response) -> None:
+    """Raise the project error for a non-2xx answer, naming URL, status and message."""
     if response.status_code < 400:
         return
     url = redact_url(response.url)

@@ -86,6 +86,7 @@ class BackendLimits:
             self._bytes = RateLimiter(rate, burst=rate / 4)
 
     def describe(self) -> dict[str, Any]:
+        """The caps as log fields."""
         return {
             "max_connections": self.max_connections,
             "requests_per_second": self.requests_per_second,

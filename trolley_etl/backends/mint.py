@@ -100,6 +100,7 @@ class Mint(Searcher):
     # --- the Searcher interface --------------------------------------------------------------
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query`, as the MINT service answers."""
         level = deepest_level(query.filters, query.query_level)
         server = {k: v for k, v in query.filters.items() if k in SERVER_FILTERS or k == "StudyDate"}
         rows = [
@@ -117,6 +118,7 @@ class Mint(Searcher):
         return tree_from_rows(rows, query.query_level)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
     # --- requests ----------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class QidoRS(Searcher):
         self.on_split: Event | None = None
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query`, page by page (split by date at the archive's cap)."""
         return split_search(self.search_once, query, self.max_results, self.on_split)
 
     def search_once(self, query: Query) -> list[Study]:
@@ -159,6 +160,7 @@ class QidoRS(Searcher):
             row.SeriesInstanceUID = parts[3]
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
 

@@ -169,6 +169,7 @@ class Rad69(Downloader):
     # --- retrieval ----------------------------------------------------------------------------
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve the instances under `reference` in batches into `sink`; the count."""
         if isinstance(reference, InstanceReference):
             reference = SeriesInstances(
                 reference.study_uid, reference.series_uid, (reference.instance_uid,)
@@ -251,6 +252,7 @@ class Rad69(Downloader):
         return _check_result(result, reader, reference, stored, url)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
 
@@ -259,6 +261,8 @@ class Rad69(Downloader):
 
 @dataclass
 class DocumentResponse:
+    """One document of a RAD-69 answer: its ids and MTOM part."""
+
     document_uid: str
     content_id: str | None  # the cid of an xop:Include, None when the document is inline
     inline: Element | None = None
@@ -266,6 +270,8 @@ class DocumentResponse:
 
 @dataclass
 class RetrieveResult:
+    """What one RAD-69 request returned: status, errors and documents."""
+
     status: str
     errors: list[RegistryError] = field(default_factory=list)
     documents: list[DocumentResponse] = field(default_factory=list)

@@ -91,6 +91,7 @@ class WadoRS(Downloader):
         return self.metadata_writer.file_format if self.metadata_writer else "dicom"
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve everything under `reference` (or its metadata) into `sink`; the count."""
         if self.metadata_writer is not None:
             return self._fetch_metadata(reference, sink)
         path = resource_path(reference)
@@ -145,4 +146,5 @@ class WadoRS(Downloader):
         return studies[0]
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()

@@ -45,6 +45,7 @@ class WadoURI(Downloader):
         self.transfer_syntax = transfer_syntax
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve one instance into `sink` (WADO-URI names instances only); the count."""
         if not isinstance(reference, InstanceReference):
             raise MissingReferencesError(
                 QueryLevel.INSTANCE, f"WADO-URI retrieves single instances, not {reference}"
@@ -63,4 +64,5 @@ class WadoURI(Downloader):
             return stream_single(iter_body(response, response.url), sink)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()

@@ -29,6 +29,7 @@ class QueryLevel(str, Enum):
 
     @property
     def depth(self) -> int:
+        """0 for study, 1 for series, 2 for instance."""
         return _DEPTH[self]
 
     def is_above(self, other: QueryLevel) -> bool:
@@ -44,31 +45,40 @@ _DEPTH = {QueryLevel.STUDY: 0, QueryLevel.SERIES: 1, QueryLevel.INSTANCE: 2}
 
 @dataclass(frozen=True)
 class StudyReference:
+    """A whole study, by its Study Instance UID."""
+
     study_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.STUDY
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself; a deeper level raises MissingReferencesError (those must be searched)."""
         return _own_reference_or_raise(self, max_level)
 
 
 @dataclass(frozen=True)
 class SeriesReference:
+    """One series of a study."""
+
     study_uid: str
     series_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.SERIES
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself; instance level raises MissingReferencesError (those must be searched)."""
         return _own_reference_or_raise(self, max_level)
 
 
 @dataclass(frozen=True)
 class InstanceReference:
+    """One instance of a series."""
+
     study_uid: str
     series_uid: str
     instance_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.INSTANCE
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself: an instance is the deepest level."""
         return _own_reference_or_raise(self, max_level)
 
 
@@ -96,6 +106,8 @@ def _empty_dataset() -> Dataset:
 
 @dataclass(eq=False)
 class Instance:
+    """A found instance and its search row."""
+
     uid: str
     series_uid: str
     study_uid: str
@@ -103,17 +115,22 @@ class Instance:
     level: ClassVar[QueryLevel] = QueryLevel.INSTANCE
 
     def reference(self) -> InstanceReference:
+        """The reference that retrieves it."""
         return InstanceReference(self.study_uid, self.series_uid, self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Its own reference."""
         return [self.reference()]
 
     def merge(self, other: Instance) -> None:
+        """Take in the attributes another row gave for the same instance."""
         _merge_data(self.data, other.data)
 
 
 @dataclass(eq=False)
 class Series:
+    """A found series, its search row, and its instances once searched."""
+
     uid: str
     study_uid: str
     data: Dataset = field(default_factory=_empty_dataset, repr=False)
@@ -122,9 +139,11 @@ class Series:
     level: ClassVar[QueryLevel] = QueryLevel.SERIES
 
     def reference(self) -> SeriesReference:
+        """The reference that retrieves it."""
         return SeriesReference(self.study_uid, self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself, or its instances at instance level (MissingReferencesError until searched)."""
         if max_level is not QueryLevel.INSTANCE:
             return [self.reference()]
         if self.instances is None:
@@ -134,12 +153,15 @@ class Series:
         return [instance.reference() for instance in self.instances]
 
     def merge(self, other: Series) -> None:
+        """Take in another row for the same series, and its instances."""
         _merge_data(self.data, other.data)
         self.instances = _merge_children(self.instances, other.instances)
 
 
 @dataclass(eq=False)
 class Study:
+    """A found study, its search row, and its series once searched."""
+
     uid: str
     data: Dataset = field(default_factory=_empty_dataset, repr=False)
     series: list[Series] | None = None  # None: not searched yet; [] means known empty
@@ -147,9 +169,11 @@ class Study:
     level: ClassVar[QueryLevel] = QueryLevel.STUDY
 
     def reference(self) -> StudyReference:
+        """The reference that retrieves it."""
         return StudyReference(self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself, or its series or instances when a deeper level is needed."""
         if max_level is QueryLevel.STUDY:
             return [self.reference()]
         if self.series is None:
@@ -164,9 +188,11 @@ class Study:
         self.series = _merge_children(self.series, other.series)
 
     def all_series(self) -> list[Series]:
+        """Every series searched so far."""
         return list(self.series or [])
 
     def all_instances(self) -> list[Instance]:
+        """Every instance searched so far."""
         return [i for s in self.all_series() for i in (s.instances or [])]
 
 

@@ -72,6 +72,7 @@ class Trolley:
         return self.searcher
 
     def find_studies(self, query: Query) -> list[Study]:
+        """Every study matching `query`, as the searcher answers."""
         return self._require_searcher().search(query)
 
     def find_study(self, query: Query) -> Study:
@@ -252,6 +253,7 @@ class Trolley:
             thread.join(timeout=30)
 
     def close(self) -> None:
+        """Close the searcher and the downloader."""
         if self.searcher is not None:
             self.searcher.close()
         self.downloader.close()

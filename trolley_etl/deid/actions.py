@@ -178,15 +178,13 @@ class _Instance:
             self.outcome.count("kept", tag)
             return
         self.outcome.count("replaced", tag)
+        self.replace(element, tag, action)
+
+    def replace(self, element: DataElement, tag: BaseTag, action: str) -> None:
+        """Apply a replacing action (pseudonym, empty, dummy, new UID, clean) in place."""
+        vr = element.VR
         if action == "P":
-            original = _first(element.value)
-            if tag == PATIENT_ID:
-                new = policy.pseudonyms.patient_id(original)
-                self.outcome.mapped[("PatientID", original)] = new
-            else:
-                new = policy.pseudonyms.patient_name(self.patient_key)
-                self.outcome.mapped[("PatientName", original)] = new
-            element.value = new
+            self.pseudonymise(element, tag)
         elif action == EMPTY:
             element.value = Sequence() if vr == "SQ" else None
         elif action == DUMMY:
@@ -195,6 +193,17 @@ class _Instance:
             self.replace_uids(element, tag)
         elif action == CLEAN:
             self.clean(element)
+
+    def pseudonymise(self, element: DataElement, tag: BaseTag) -> None:
+        """PatientID and PatientName get their keyed pseudonyms; the pair is remembered."""
+        original = _first(element.value)
+        if tag == PATIENT_ID:
+            new = self.policy.pseudonyms.patient_id(original)
+            self.outcome.mapped[("PatientID", original)] = new
+        else:
+            new = self.policy.pseudonyms.patient_name(self.patient_key)
+            self.outcome.mapped[("PatientName", original)] = new
+        element.value = new
 
     def walk_items(self, ds: Dataset, tag: BaseTag) -> None:
         raw = ds.get_item(tag)

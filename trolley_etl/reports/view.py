@@ -102,20 +102,28 @@ def _worst(states: dict[str, int]) -> str:
     return next(iter(states), UNKNOWN)
 
 
-def build_view(report: dict[str, Any]) -> ReportView:
-    summary = report.get("summary", {})
-    # a run's own report lists only the rows not stored (reports.run_report)
-    rows: list[dict[str, Any]] = report.get("instances", report.get("not_stored", []))
+def _series_and_meta(
+    rows: list[dict[str, Any]],
+) -> tuple[dict[str, set[str]], dict[str, dict[str, Any]]]:
+    """The series UIDs of each study, and each study's descriptive keys from any of its rows
+    (failed rows may carry the keys the stored rows lack, or the reverse)."""
     series_of: dict[str, set[str]] = {}
+    study_meta: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row.get("series_uid"):
             series_of.setdefault(row["study_uid"], set()).add(row["series_uid"])
-    study_meta: dict[str, dict[str, Any]] = {}
-    for row in rows:  # failed rows may carry the keys the stored rows lack, or the reverse
         meta = study_meta.setdefault(row["study_uid"], {})
         for key in ("patient_id", "accession_number", "study_date", "query_set"):
             if row.get(key) and not meta.get(key):
                 meta[key] = row[key]
+    return series_of, study_meta
+
+
+def build_view(report: dict[str, Any]) -> ReportView:
+    summary = report.get("summary", {})
+    # a run's own report lists only the rows not stored (reports.run_report)
+    rows: list[dict[str, Any]] = report.get("instances", report.get("not_stored", []))
+    series_of, study_meta = _series_and_meta(rows)
     expected = {
         s.get("study_uid"): s.get("expected_instances")
         for s in report.get("studies", [])
