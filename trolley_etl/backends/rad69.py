@@ -87,10 +87,8 @@ DEFAULT_BATCH_SIZE = 500
 #: The root SOAP part lists every document; a few MiB is far more than any real one needs.
 MAX_ROOT_BYTES = 16 * 1024 * 1024
 
-ElementTree.register_namespace("s", SOAP_ENV)
-ElementTree.register_namespace("a", WSA)
-ElementTree.register_namespace("iherad", IHE_RAD)
-ElementTree.register_namespace("ihe", IHE_XDS)
+#: The prefixes of the request envelope, declared on its root element.
+_PREFIXES = {"xmlns:s": SOAP_ENV, "xmlns:a": WSA, "xmlns:iherad": IHE_RAD, "xmlns:ihe": IHE_XDS}
 
 
 @dataclass(frozen=True)
@@ -194,31 +192,33 @@ class Rad69(Downloader):
 
     def request_body(self, reference: SeriesInstances) -> bytes:
         """The SOAP 1.2 envelope of a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.1.2)."""
-        envelope = Element(f"{{{SOAP_ENV}}}Envelope")
-        header = ElementTree.SubElement(envelope, f"{{{SOAP_ENV}}}Header")
-        action = ElementTree.SubElement(header, f"{{{WSA}}}Action")
-        action.set(f"{{{SOAP_ENV}}}mustUnderstand", "1")
+        # prefixed names and their xmlns declarations written as they are: no entry in
+        # ElementTree's process-wide prefix registry (register_namespace) is needed
+        envelope = Element("s:Envelope", _PREFIXES)
+        header = ElementTree.SubElement(envelope, "s:Header")
+        action = ElementTree.SubElement(header, "a:Action")
+        action.set("s:mustUnderstand", "1")
         action.text = ACTION
-        ElementTree.SubElement(header, f"{{{WSA}}}MessageID").text = f"urn:uuid:{uuid.uuid4()}"
-        reply_to = ElementTree.SubElement(header, f"{{{WSA}}}ReplyTo")
-        reply_to.set(f"{{{SOAP_ENV}}}mustUnderstand", "1")
-        address = ElementTree.SubElement(reply_to, f"{{{WSA}}}Address")
+        ElementTree.SubElement(header, "a:MessageID").text = f"urn:uuid:{uuid.uuid4()}"
+        reply_to = ElementTree.SubElement(header, "a:ReplyTo")
+        reply_to.set("s:mustUnderstand", "1")
+        address = ElementTree.SubElement(reply_to, "a:Address")
         address.text = "http://www.w3.org/2005/08/addressing/anonymous"
-        ElementTree.SubElement(header, f"{{{WSA}}}To").text = redact_url(self.http.base_url)
-        body = ElementTree.SubElement(envelope, f"{{{SOAP_ENV}}}Body")
-        request = ElementTree.SubElement(body, f"{{{IHE_RAD}}}RetrieveImagingDocumentSetRequest")
-        study = ElementTree.SubElement(request, f"{{{IHE_RAD}}}StudyRequest")
+        ElementTree.SubElement(header, "a:To").text = redact_url(self.http.base_url)
+        body = ElementTree.SubElement(envelope, "s:Body")
+        request = ElementTree.SubElement(body, "iherad:RetrieveImagingDocumentSetRequest")
+        study = ElementTree.SubElement(request, "iherad:StudyRequest")
         study.set("studyInstanceUID", reference.study_uid)
-        series = ElementTree.SubElement(study, f"{{{IHE_RAD}}}SeriesRequest")
+        series = ElementTree.SubElement(study, "iherad:SeriesRequest")
         series.set("seriesInstanceUID", reference.series_uid)
         for instance_uid in reference.instance_uids:
-            document = ElementTree.SubElement(series, f"{{{IHE_XDS}}}DocumentRequest")
-            repository = ElementTree.SubElement(document, f"{{{IHE_XDS}}}RepositoryUniqueId")
+            document = ElementTree.SubElement(series, "ihe:DocumentRequest")
+            repository = ElementTree.SubElement(document, "ihe:RepositoryUniqueId")
             repository.text = self.repository_id
-            ElementTree.SubElement(document, f"{{{IHE_XDS}}}DocumentUniqueId").text = instance_uid
-        syntaxes = ElementTree.SubElement(request, f"{{{IHE_RAD}}}TransferSyntaxUIDList")
+            ElementTree.SubElement(document, "ihe:DocumentUniqueId").text = instance_uid
+        syntaxes = ElementTree.SubElement(request, "iherad:TransferSyntaxUIDList")
         for syntax in self.transfer_syntaxes:
-            ElementTree.SubElement(syntaxes, f"{{{IHE_RAD}}}TransferSyntaxUID").text = syntax
+            ElementTree.SubElement(syntaxes, "iherad:TransferSyntaxUID").text = syntax
         return bytes(ElementTree.tostring(envelope, encoding="utf-8", xml_declaration=True))
 
     def _read_response(

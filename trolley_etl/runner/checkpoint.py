@@ -379,9 +379,6 @@ class Checkpoint:
 
     # --- the resolved work -----------------------------------------------------------------
 
-    def is_resolved(self) -> bool:
-        return self.get_meta("resolution_hash") is not None
-
     def save_resolution(
         self,
         resolution_hash: str,
@@ -489,37 +486,7 @@ class Checkpoint:
         self, item_id: int, stored: StoredInstance, source: str, run_id: str | None = None
     ) -> None:
         """Record a file that is already renamed into place and fsynced."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO files (sop_instance_uid, item_id, study_uid, series_uid, "
-                "path, size, sha256, transfer_syntax, sop_class_uid, source, stored_at, "
-                "modality, patient_id, accession_number, study_date, run_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    stored.sop_instance_uid,
-                    item_id,
-                    stored.study_uid,
-                    stored.series_uid,
-                    stored.relative_path.as_posix(),
-                    stored.size,
-                    stored.sha256,
-                    stored.transfer_syntax,
-                    stored.sop_class_uid,
-                    source,
-                    now(),
-                    stored.modality,
-                    stored.patient_id,
-                    stored.accession_number,
-                    stored.study_date,
-                    run_id,
-                ),
-            )
-
-    def record_files(
-        self, item_id: int, stored: list[StoredInstance], source: str, run_id: str | None = None
-    ) -> None:
-        """Record files of one item already renamed into place and durable."""
-        self.record_files_of_items([(item_id, stored)], source, run_id)
+        self.record_files_of_items([(item_id, [stored])], source, run_id)
 
     def record_files_of_items(
         self,

@@ -13,7 +13,6 @@ is pulled does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.errors import LockFileError
+from trolley_etl.core.files import file_sha256
 from trolley_etl.core.model import InstanceReference, Reference, SeriesReference, StudyReference
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.checkpoint import Expectation
@@ -227,7 +227,7 @@ def read_lock(path: Path) -> Lock:
 
 def lock_hash(path: Path) -> str:
     """SHA-256 of the lock file as stored: what reports cite and the checkpoint remembers."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def write_lock(path: Path, lock: Lock) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import getpass
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 from trolley_etl import __version__
 from trolley_etl.core.constants import STATE_DIR
+from trolley_etl.core.files import file_sha256, recorded_size_problem
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
@@ -84,14 +84,6 @@ def current_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # a container uid with no passwd entry
         return str(os.getuid())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_provenance(
@@ -280,12 +272,9 @@ def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[s
 
 
 def _file_status(path: Path, size: int, item_state: str | None) -> str:
-    try:
-        actual = path.stat().st_size
-    except FileNotFoundError:
-        return "missing"
-    if actual != size:
-        return "changed"
+    problem = recorded_size_problem(path, size)
+    if problem is not None:
+        return problem
     return "stale" if item_state == STALE else "stored"
 
 

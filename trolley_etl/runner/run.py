@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import secrets
 import threading
 import time
@@ -33,6 +32,7 @@ from trolley_etl.core.errors import (
     RootBusyError,
     TrolleyError,
 )
+from trolley_etl.core.files import file_sha256
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
 from trolley_etl.core.privacy import prepare_root
@@ -106,7 +106,7 @@ def new_run_id() -> str:
 
 
 def manifest_file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 @contextlib.contextmanager
