@@ -24,12 +24,14 @@ def build_backends(
     """The searcher and the downloader the manifest names (one object for a local folder).
 
     `stop` cuts their transfers short when the run stops; `log` (a structlog logger) hears
-    about each backend's caps, waits and split searches.
+    about each backend's caps, waits and split searches, through a logger bound to the
+    backend's role.
     """
     search, download = manifest.source.search, manifest.source.effective_download
     searcher = search.searcher(manifest.base_dir, _limits(search, "search", log))
     if log is not None and hasattr(searcher, "on_split"):
-        searcher.on_split = lambda name, **fields: log.info(name, **fields)
+        split_log = _for_role(log, "search")
+        searcher.on_split = lambda name, **fields: split_log.info(name, **fields)
     if download.backend == "local" and isinstance(searcher, Downloader):
         return searcher, searcher
     downloader = download.downloader(_limits(download, "download", log))
@@ -43,9 +45,15 @@ def _limits(config: SearchConfig | DownloadConfig, role: str, log: Any) -> Backe
         return None
     limits = config.backend_limits()
     if log is not None:
-        limits.on_event = lambda name, **fields: log.info(name, role=role, **fields)
-        log.info("backend.limits", role=role, source=config.describe(), **limits.describe())
+        bound = _for_role(log, role)
+        limits.on_event = lambda name, **fields: bound.info(name, **fields)
+        bound.info("backend.limits", source=config.describe(), **limits.describe())
     return limits
+
+
+def _for_role(log: Any, role: str) -> Any:
+    """`log` bound to a backend's role."""
+    return log.bind(role=role)
 
 
 def describe_source(config: SearchConfig | DownloadConfig) -> str:
