@@ -41,9 +41,10 @@ setup: system-packages $(VENV)/.installed
 test: setup test-packages
 	$(BIN)/python -m pytest
 
-# The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server).
+# The inner loop: every test that needs no server (no Orthanc, no qrscp, no local HTTP server)
+# and starts no other process; tests/conftest.py fails a test that does so without its marker.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not archive and not slow"
+	$(BIN)/python -m pytest -m "not archive and not subprocess and not slow"
 
 lint: setup
 	$(BIN)/ruff check trolley_etl tests bench
@@ -55,12 +56,12 @@ format: setup
 	$(BIN)/ruff check --fix trolley_etl tests bench
 
 demo: setup
-	$(BIN)/python -m trolley_etl.testing.demo --manifest manifests/demo.yaml
+	$(BIN)/python -m trolley_etl._harness.demo --manifest manifests/demo.yaml
 
 # The seeded demo archive on the demo manifest's addresses, until Ctrl-C: try plan, lock,
 # run, status, report and doctor by hand from another terminal (after `. .venv/bin/activate`).
 demo-archive: setup
-	$(BIN)/python -m trolley_etl.testing.demo_archive --manifest manifests/demo.yaml
+	$(BIN)/python -m trolley_etl._harness.demo_archive --manifest manifests/demo.yaml
 
 # The peer tools get their own virtual environment, so their dependencies never mix with ours.
 $(PEERS_VENV)/.installed:

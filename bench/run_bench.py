@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORKLOADS = BENCH_DIR / "workloads.py"

@@ -9,16 +9,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 try:
-    import trolley_etl.testing  # noqa: F401
+    import trolley_etl._harness  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trolley_etl.testing.dicomgen import GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import (
+from trolley_etl._harness.dicomgen import GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import (
     OrthancNotInstalledError,
     OrthancServer,
     free_port,
@@ -91,3 +92,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.archive)
+
+
+#: Tiers a test must be marked with to start a server or another process.
+_TIER_MARKERS = {"listen": ("archive", "slow"), "process": ("subprocess", "archive", "slow")}
+#: The markers of the test being run (its fixtures included); None between tests.
+_running: dict[str, object] = {"node": None, "markers": None}
+
+
+def _guard(kind: str, real: Any) -> Any:
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        markers = _running["markers"]
+        if isinstance(markers, set) and not markers.intersection(_TIER_MARKERS[kind]):
+            what = "starts a server" if kind == "listen" else "starts a process"
+            needed = " or ".join(_TIER_MARKERS[kind][:-1])
+            raise AssertionError(f"{_running['node']} {what}: mark it {needed}")
+        return real(*args, **kwargs)
+
+    return checked
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fast tier stays fast: a test (or a fixture it pulls in) that listens on a socket
+    or starts a process without the `archive` or `subprocess` marker fails, naming it."""
+    import socket
+    import subprocess
+
+    socket.socket.listen = _guard("listen", socket.socket.listen)  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = _guard("process", subprocess.Popen.__init__)  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.update(node=item.nodeid, markers={mark.name for mark in item.iter_markers()})
+    try:
+        yield
+    finally:
+        _running.update(node=None, markers=None)

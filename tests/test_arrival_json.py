@@ -19,8 +19,10 @@ def _json(uids: dict[str, str], padding: int = 0) -> bytes:
 
 def test_uids_of_a_whole_json_object() -> None:
     assert read_uids(_json(UIDS), complete=True) == {
-        "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4", "SOPInstanceUID": "1.2.3.4.5",
-    }  # fmt: skip
+        "StudyInstanceUID": "1.2.3",
+        "SeriesInstanceUID": "1.2.3.4",
+        "SOPInstanceUID": "1.2.3.4.5",
+    }
 
 
 def test_uids_of_a_json_object_longer_than_the_kept_prefix() -> None:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.core.errors import LockFileError
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
 from trolley_etl.runner import lockfile
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import OrthancServer
 
 LOCKED = ("ACC1001", "ACC1003", "ACC1004")  # patients TRL001 and TRL002
 LATE = "ACC1005"  # patient TRL003: added to the archive after the lock
@@ -47,8 +48,9 @@ def archive(tmp_path_factory, expected) -> Iterator[OrthancServer]:
         server.stop()
 
 
-def write_manifest(folder: Path, search: str, *, patients: str = "TRL00*",
-                   layout: str | None = None) -> Path:  # fmt: skip
+def write_manifest(
+    folder: Path, search: str, *, patients: str = "TRL00*", layout: str | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pull.yaml"
     storage = f'\n  layout: "{layout}"' if layout else ""
@@ -193,7 +195,7 @@ def test_lock_format_round_trips_every_reference_level() -> None:
     assert lock.text() == again.text()
     drift = lockfile.diff(lock, {"a": {"1.1", "1.4"}, "b": {"1.2"}})
     assert drift.added == {"a": ["1.4"], "b": []} and drift.removed == {"a": ["1.3"], "b": []}
-    with pytest.raises(lockfile.LockFileError, match="lock_version"):
+    with pytest.raises(LockFileError, match="lock_version"):
         lockfile.Lock.from_json({"lock_version": 99}, "test")
 
 
@@ -267,8 +269,12 @@ def test_report_counts_and_checksums_match_the_disk(archive, expected, tmp_path)
     bag_manifest = (root / "manifest-sha256.txt").read_text().splitlines()
     assert sorted(bag_manifest) == sorted(f"{r['sha256']}  {r['path']}" for r in rows)
     assert not (root / "bagit.txt").exists()  # payload is not under data/: not a full bag
-    check = subprocess.run(["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
-                           cwd=root, capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        ["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -284,13 +290,18 @@ def test_a_layout_under_data_makes_the_root_a_bagit_bag(archive, expected, tmp_p
     total = sum(c.size for c in expected.values())
     assert info["Payload-Oxum"] == f"{total}.{len(expected)}"
     lines = (root / "manifest-sha256.txt").read_text().splitlines()
-    assert len(lines) == len(expected) and all(line.split("  ")[1].startswith("data/")
-                                               for line in lines)  # fmt: skip
+    assert len(lines) == len(expected) and all(
+        line.split("  ")[1].startswith("data/") for line in lines
+    )
     # RFC 8493 3: every payload file is in the manifest and nothing else is in data/
     payload = {p.relative_to(root).as_posix() for p in (root / "data").rglob("*") if p.is_file()}
     assert payload == {line.split("  ", 1)[1] for line in lines}
-    check = subprocess.run(["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
-                           cwd=root, capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        ["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -321,8 +332,12 @@ def test_verify_finds_changed_missing_and_unexpected_files_and_repairs(
     assert found["counts"] == {"missing": 1, "changed": 1, "unexpected": 1}
     kinds = {p["path"]: p["kind"] for p in found["problems"]}
     assert kinds == {flipped: "changed", deleted: "missing", "notes.txt": "unexpected"}
-    bag = subprocess.run(["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
-                         cwd=root, capture_output=True, text=True)  # fmt: skip
+    bag = subprocess.run(
+        ["sha256sum", "--check", "--quiet", "manifest-sha256.txt"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert bag.returncode != 0 and flipped in bag.stdout  # standard tools see it too
 
     repaired = trolley("verify", str(manifest), "--repair")
@@ -358,8 +373,14 @@ def test_no_secret_in_lock_logs_reports_or_output(orthanc_auth, tmp_path) -> Non
     manifest = write_manifest(tmp_path, search, patients="*")
     env = {"AUDIT_USER": "alice", "AUDIT_PASSWORD": "s3cret-pass"}
     outputs = []
-    for command in (["lock"], ["run"], ["report"], ["report", "--format", "csv"], ["verify"],
-                    ["verify", "--format", "json"]):  # fmt: skip
+    for command in (
+        ["lock"],
+        ["run"],
+        ["report"],
+        ["report", "--format", "csv"],
+        ["verify"],
+        ["verify", "--format", "json"],
+    ):
         result = trolley(*command, str(manifest), env=env)
         assert result.returncode == 0, f"{command}: {result.stderr}"
         outputs.append(result.stdout + result.stderr)
@@ -373,8 +394,11 @@ def test_no_secret_in_lock_logs_reports_or_output(orthanc_auth, tmp_path) -> Non
     assert any(p.parent.name == "reports" for p in written)
     texts = outputs + [p.read_text(errors="replace") for p in written if p.suffix != ".sqlite"]
     with sqlite3.connect(root / ".trolley" / "checkpoint.sqlite") as db:
-        texts += [repr(row) for table in ("meta", "runs", "files", "studies", "items")
-                  for row in db.execute(f"SELECT * FROM {table}")]  # fmt: skip
+        texts += [
+            repr(row)
+            for table in ("meta", "runs", "files", "studies", "items")
+            for row in db.execute(f"SELECT * FROM {table}")
+        ]
     basic = base64.b64encode(b"alice:s3cret-pass").decode()
     for text in texts:
         assert "s3cret-pass" not in text and basic not in text

@@ -91,6 +91,7 @@ def test_local_folder_is_searcher_and_downloader(tmp_path: Path) -> None:
     assert isinstance(searcher, LocalFolder) and downloader is searcher
 
 
+@pytest.mark.subprocess
 def test_backends_load_lazily_and_completely() -> None:
     import subprocess
     import sys

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import StorageDir
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl.core.errors import StorageError
 from trolley_etl.core.model import StudyReference
 from trolley_etl.runner import committer as committer_module
 from trolley_etl.runner.checkpoint import open_checkpoint
 from trolley_etl.runner.committer import Committer, ItemFiles, recover_unsynced
 from trolley_etl.runner.progress import Progress
-from trolley_etl.testing.dicomgen import make_instance, test_uid
 
 
 def _instance(n: int, series: str = "se") -> bytes:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, standard_cohort
-from trolley_etl.testing.proxy import FaultProxy
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl._harness.proxy import FaultProxy
 
 COHORT = standard_cohort()
 
@@ -27,8 +27,16 @@ def instances_of(accession: str) -> set[str]:
     return {c.sop_uid for c in COHORT if c.study_uid == study_uid}
 
 
-def write_manifest(folder: Path, search_url: str, download_url: str, accessions: list[str], *,
-                   extra: str = "", query_extra: str = "", retries: int = 1) -> Path:  # fmt: skip
+def write_manifest(
+    folder: Path,
+    search_url: str,
+    download_url: str,
+    accessions: list[str],
+    *,
+    extra: str = "",
+    query_extra: str = "",
+    retries: int = 1,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cohort.csv").write_text("AccessionNumber\n" + "\n".join(accessions) + "\n")
     path = folder / "pull.yaml"
@@ -54,9 +62,12 @@ run:
 
 def trolley(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trolley_etl", *args], capture_output=True, text=True,
-        timeout=120, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def events(stderr: str) -> list[dict]:
@@ -80,8 +91,11 @@ def test_proxy_that_drops_a_part_makes_the_unit_incomplete(orthanc, tmp_path) ->
         assert first.returncode == 1, first.stderr
         assert proxy.dropped, "the proxy never dropped a part"
         prefix = "incomplete: "
-        lines = [json.loads(line.removeprefix(prefix))
-                 for line in first.stderr.splitlines() if line.startswith(prefix)]  # fmt: skip
+        lines = [
+            json.loads(line.removeprefix(prefix))
+            for line in first.stderr.splitlines()
+            if line.startswith(prefix)
+        ]
         assert len(lines) == 1 and lines[0]["study_uid"] == short_uid
         expected = instances_of(short)
         missing = lines[0]["missing_uids"]
@@ -154,8 +168,9 @@ def test_csv_row_matching_nothing_fails_the_run_and_is_named(orthanc, tmp_path) 
 def test_select_drops_are_reported_with_their_rule(orthanc, tmp_path) -> None:
     # ACC1003 is CT + MR, ACC1005 is MR only: keeping CT drops one series and one study
     select = "select:\n  series: {Modality: CT}\n"
-    manifest = write_manifest(tmp_path, orthanc.url, orthanc.url, ["ACC1003", "ACC1005"],
-                              query_extra=select)  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, orthanc.url, orthanc.url, ["ACC1003", "ACC1005"], query_extra=select
+    )
     run = trolley("run", str(manifest))
     assert run.returncode == 0, run.stderr
     cohort = report_of(tmp_path / "data")["cohort"]["cohort"]
@@ -183,8 +198,9 @@ def test_killed_run_is_aborted_not_running(orthanc, tmp_path) -> None:
     assert "aborted" in text.stdout and text.returncode == 1
 
 
+@pytest.mark.subprocess
 def test_unreachable_archive_at_start_leaves_an_aborted_run_and_an_empty_root(tmp_path) -> None:
-    from trolley_etl.testing.orthanc import free_port
+    from trolley_etl._harness.orthanc import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     manifest = write_manifest(tmp_path, dead, dead, ["ACC1001"], extra="")
@@ -200,8 +216,9 @@ NEW_LAYOUT = '  layout: "{PatientID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"\n
 
 
 def stored_paths(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*.dcm")
-            if ".trolley" not in p.parts}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix() for p in root.rglob("*.dcm") if ".trolley" not in p.parts
+    }
 
 
 def test_layout_change_moves_stored_files_with_refresh(orthanc, tmp_path) -> None:
@@ -209,8 +226,9 @@ def test_layout_change_moves_stored_files_with_refresh(orthanc, tmp_path) -> Non
     assert trolley("run", str(manifest)).returncode == 0
     root = tmp_path / "data"
     before = stored_paths(root)
-    manifest.write_text(manifest.read_text().replace("  root: ./data\n",
-                                                     "  root: ./data\n" + NEW_LAYOUT))  # fmt: skip
+    manifest.write_text(
+        manifest.read_text().replace("  root: ./data\n", "  root: ./data\n" + NEW_LAYOUT)
+    )
     refused = trolley("run", str(manifest), "--log-format", "console")
     assert refused.returncode == 2 and "--refresh" in refused.stderr
     assert "Traceback" not in refused.stderr and stored_paths(root) == before
@@ -232,10 +250,12 @@ def test_layout_move_killed_midway_resumes_with_refresh(orthanc, tmp_path) -> No
     assert trolley("run", str(manifest)).returncode == 0
     root = tmp_path / "data"
     count = len(stored_paths(root))
-    manifest.write_text(manifest.read_text().replace("  root: ./data\n",
-                                                     "  root: ./data\n" + NEW_LAYOUT))  # fmt: skip
-    killed = trolley("run", str(manifest), "--refresh",
-                     env={"TROLLEY_ETL_CRASH_AT": "after-move:3"})  # fmt: skip
+    manifest.write_text(
+        manifest.read_text().replace("  root: ./data\n", "  root: ./data\n" + NEW_LAYOUT)
+    )
+    killed = trolley(
+        "run", str(manifest), "--refresh", env={"TROLLEY_ETL_CRASH_AT": "after-move:3"}
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert trolley("verify", str(manifest)).returncode == 1  # half moved: verify says so
     resumed = trolley("run", str(manifest), "--refresh")
@@ -247,8 +267,9 @@ def test_layout_move_killed_midway_resumes_with_refresh(orthanc, tmp_path) -> No
 
 @pytest.mark.parametrize("completeness", ["strict", "off"])
 def test_completeness_setting_is_accepted(orthanc, tmp_path, completeness) -> None:
-    manifest = write_manifest(tmp_path, orthanc.url, orthanc.url, ["ACC1005"],
-                              extra=f"  completeness: {completeness}\n")  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, orthanc.url, orthanc.url, ["ACC1005"], extra=f"  completeness: {completeness}\n"
+    )
     run = trolley("run", str(manifest))
     assert run.returncode == 0, run.stderr
     units = report_of(tmp_path / "data")["units"]
@@ -266,7 +287,7 @@ SHORT_ACCESSION = "ACC1004"
 @pytest.fixture(scope="module")
 def partial(tmp_path_factory):
     """A second Orthanc holding ACC1004 without its last instance (an index out of sync)."""
-    from trolley_etl.testing.orthanc import OrthancServer
+    from trolley_etl._harness.orthanc import OrthancServer
 
     study_uid = COHORT_ACCESSIONS[SHORT_ACCESSION].study_uid
     held = [c for c in COHORT if c.study_uid == study_uid]
@@ -279,13 +300,16 @@ def partial(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["c-get", "c-move"])
-def test_dimse_shortfall_is_incomplete_with_the_missing_uid(orthanc, partial, tmp_path,
-                                                           method) -> None:  # fmt: skip
-    from trolley_etl.testing.orthanc import free_port
+def test_dimse_shortfall_is_incomplete_with_the_missing_uid(
+    orthanc, partial, tmp_path, method
+) -> None:
+    from trolley_etl._harness.orthanc import free_port
 
     server, lost = partial
-    download = (f'{{backend: {method}, host: 127.0.0.1, port: {server.dicom_port}, '
-                f'called_aet: {server.aet}, calling_aet: TROLLEY')  # fmt: skip
+    download = (
+        f"{{backend: {method}, host: 127.0.0.1, port: {server.dicom_port}, "
+        f"called_aet: {server.aet}, calling_aet: TROLLEY"
+    )
     if method == "c-move":
         port = free_port()
         server.add_modality("TROLLEYDEST", "TROLLEYDEST", "127.0.0.1", port)
@@ -308,8 +332,11 @@ run:
 """)
     run = trolley("run", str(manifest))
     assert run.returncode == 1, run.stderr
-    [line] = [json.loads(x.removeprefix("incomplete: ")) for x in run.stderr.splitlines()
-              if x.startswith("incomplete: ")]  # fmt: skip
+    [line] = [
+        json.loads(x.removeprefix("incomplete: "))
+        for x in run.stderr.splitlines()
+        if x.startswith("incomplete: ")
+    ]
     held = instances_of(SHORT_ACCESSION)
     assert line["expected_instances"] == len(held)
     assert line["stored_instances"] == len(held) - 1

@@ -44,8 +44,14 @@ def test_a_terminal_gets_steps_warnings_and_errors_but_no_item_events(tmp_path: 
     events = [
         json.loads(line)["event"] for line in (tmp_path / "run.jsonl").read_text().splitlines()
     ]
-    assert events == ["step.start", "item.done", "item.retry", "item.failed", "item.done",
-                      "verify.bad_file"]  # fmt: skip
+    assert events == [
+        "step.start",
+        "item.done",
+        "item.retry",
+        "item.failed",
+        "item.done",
+        "verify.bad_file",
+    ]
 
 
 def test_quiet_terminal_shows_errors_only(tmp_path: Path) -> None:
@@ -78,16 +84,19 @@ def test_status_counts_attempts_as_the_logs_show_them(tmp_path: Path) -> None:
     checkpoint = Checkpoint(root / ".trolley" / "checkpoint.sqlite")
     try:
         ref = SeriesReference("1.2.3", "1.2.3.4")
-        checkpoint.save_resolution("h", [StudyRow("1.2.3", "trial", "P1", "ACC9", "20240101")],
-                                   [ref])  # fmt: skip
+        checkpoint.save_resolution(
+            "h", [StudyRow("1.2.3", "trial", "P1", "ACC9", "20240101")], [ref]
+        )
         (item,) = checkpoint.items()
         checkpoint.mark_failed(item.item_id, "HTTPError: 503")  # one run: one attempt counted
         logs = root / ".trolley" / "logs"
         logs.mkdir(parents=True)
-        events = [{"event": "item.retry", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
-                  {"event": "item.retry", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
-                  {"event": "item.failed", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
-                  {"event": "item.retry", "study_uid": "9.9", "series_uid": "9.9.9"}]  # fmt: skip
+        events = [
+            {"event": "item.retry", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
+            {"event": "item.retry", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
+            {"event": "item.failed", "study_uid": "1.2.3", "series_uid": "1.2.3.4"},
+            {"event": "item.retry", "study_uid": "9.9", "series_uid": "9.9.9"},
+        ]
         (logs / "r1.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         status = build_status("m", root, checkpoint)
     finally:

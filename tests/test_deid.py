@@ -20,13 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from trolley_etl.deid.engine import build_policy
-from trolley_etl.deid.gate import DeviceRegions
-from trolley_etl.deid.keys import Pseudonymizer
-from trolley_etl.deid.profile import KEEP, load_table, resolve_action
-from trolley_etl.deid.stream import deidentify_file
-from trolley_etl.manifest.models import Deid
-from trolley_etl.testing.dicomgen import (
+from trolley_etl._harness.dicomgen import (
     DEID_IDENTIFIERS,
     DEID_PATIENTS,
     DEID_SAFE_PRIVATE,
@@ -35,7 +29,13 @@ from trolley_etl.testing.dicomgen import (
     make_instance,
     test_uid,
 )
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.deid.engine import build_policy
+from trolley_etl.deid.gate import DeviceRegions
+from trolley_etl.deid.keys import Pseudonymizer
+from trolley_etl.deid.profile import KEEP, load_table, resolve_action
+from trolley_etl.deid.stream import deidentify_file
+from trolley_etl.manifest.models import Deid
 
 SECRET_A, SECRET_B = "correct horse battery staple", "another project's key"
 UID_PATTERN = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")
@@ -69,27 +69,39 @@ def test_profile_table_comes_with_its_option_columns() -> None:
 
 def _one(tmp_path: Path, config: Deid, secret: bytes = b"k", **instance: object):
     defaults: dict[str, object] = dict(
-        patient_id="PID77", patient_name="Doe^John", study_uid="1.2.3", series_uid="1.2.3.4",
-        sop_uid="1.2.3.4.5", modality="CT", study_date="20200202", accession_number="ACC77",
-    )  # fmt: skip
+        patient_id="PID77",
+        patient_name="Doe^John",
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        sop_uid="1.2.3.4.5",
+        modality="CT",
+        study_date="20200202",
+        accession_number="ACC77",
+    )
     source = make_instance(**{**defaults, **instance})  # type: ignore[arg-type]
     path = tmp_path / "in.dcm"
     path.write_bytes(source.data)
     out = io.BytesIO()
     result = deidentify_file(
-        path, out, build_policy(config, secret), allow_burned_in=config.allow_burned_in,
+        path,
+        out,
+        build_policy(config, secret),
+        allow_burned_in=config.allow_burned_in,
         devices=tuple(
             DeviceRegions(d.manufacturer, d.model, tuple(d.regions)) for d in config.blank_regions
         ),
-    )  # fmt: skip
+    )
     return source, result, out.getvalue()
 
 
 def test_keep_remove_and_private_allow_list_override_the_profile(tmp_path: Path) -> None:
     config = Deid(
-        secret_env="S", options=["retain_safe_private"], keep=["StudyDescription"],
-        remove=["Manufacturer"], keep_private=['(0011,"TROLLEY TEST",01)'],
-    )  # fmt: skip
+        secret_env="S",
+        options=["retain_safe_private"],
+        keep=["StudyDescription"],
+        remove=["Manufacturer"],
+        keep_private=['(0011,"TROLLEY TEST",01)'],
+    )
     _source, result, data = _one(tmp_path, config, private=True, study_description="KEEP ME")
     ds = pydicom.dcmread(io.BytesIO(data))
     assert ds.StudyDescription == "KEEP ME" and "Manufacturer" not in ds
@@ -104,9 +116,13 @@ def test_keep_remove_and_private_allow_list_override_the_profile(tmp_path: Path)
 
 def test_blanking_regions_zeroes_only_those_pixels(tmp_path: Path) -> None:
     config = Deid.model_validate(
-        {"secret_env": "S", "blank_regions": [
-            {"manufacturer": "trolley test generator", "regions": [[0, 0, 10, 5]]}]}
-    )  # fmt: skip
+        {
+            "secret_env": "S",
+            "blank_regions": [
+                {"manufacturer": "trolley test generator", "regions": [[0, 0, 10, 5]]}
+            ],
+        }
+    )
     source, result, data = _one(tmp_path, config, modality="OT", extra={"BurnedInAnnotation": ""})
     assert not result.quarantined
     before = pydicom.dcmread(io.BytesIO(source.data)).pixel_array
@@ -114,8 +130,9 @@ def test_blanking_regions_zeroes_only_those_pixels(tmp_path: Path) -> None:
     assert (after[:5, :10] == 0).all() and (before[:5, :10] != 0).any()
     after[:5, :10] = before[:5, :10]
     assert (after == before).all()
-    _, compressed, out = _one(tmp_path, config, modality="OT", compressed=True,
-                              extra={"BurnedInAnnotation": "YES"})  # fmt: skip
+    _, compressed, out = _one(
+        tmp_path, config, modality="OT", compressed=True, extra={"BurnedInAnnotation": "YES"}
+    )
     assert "uncompressed" in compressed.quarantined and out == b""
 
 
@@ -123,10 +140,18 @@ def test_large_multiframe_streams_with_bounded_memory(tmp_path: Path) -> None:
     import tracemalloc
 
     big = make_instance(
-        patient_id="BIG1", patient_name="Big^Bertha", study_uid="1.9", series_uid="1.9.1",
-        sop_uid="1.9.1.1", modality="OT", study_date="20200101", accession_number="BIGACC",
-        rows=512, columns=512, frames=96,
-    )  # fmt: skip
+        patient_id="BIG1",
+        patient_name="Big^Bertha",
+        study_uid="1.9",
+        series_uid="1.9.1",
+        sop_uid="1.9.1.1",
+        modality="OT",
+        study_date="20200101",
+        accession_number="BIGACC",
+        rows=512,
+        columns=512,
+        frames=96,
+    )
     source = tmp_path / "big.dcm"
     source.write_bytes(big.data)
     del big
@@ -149,9 +174,15 @@ def test_implicit_vr_files_keep_their_syntax_and_pixels(tmp_path: Path) -> None:
     from pydicom.uid import ImplicitVRLittleEndian
 
     source = make_instance(
-        patient_id="IMP1", patient_name="Imp^Lisa", study_uid="1.8", series_uid="1.8.1",
-        sop_uid="1.8.1.1", modality="CT", study_date="20200101", accession_number="IMPACC",
-    )  # fmt: skip
+        patient_id="IMP1",
+        patient_name="Imp^Lisa",
+        study_uid="1.8",
+        series_uid="1.8.1",
+        sop_uid="1.8.1.1",
+        modality="CT",
+        study_date="20200101",
+        accession_number="IMPACC",
+    )
     ds = pydicom.dcmread(io.BytesIO(source.data))
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     path = tmp_path / "implicit.dcm"
@@ -179,24 +210,39 @@ def test_manifest_checks_the_deid_section(tmp_path: Path, deid: dict, message: s
 
 
 def test_deid_refuses_metadata_only_json_files(tmp_path: Path) -> None:
-    download = {"backend": "wado-rs", "url": "http://127.0.0.1:9", "metadata_only": True,
-                "format": "json"}  # fmt: skip
-    _check_refused(tmp_path, {"deid": {"secret_env": "S"}, "download": download},
-                   "de-identification works on Part 10 files")  # fmt: skip
+    download = {
+        "backend": "wado-rs",
+        "url": "http://127.0.0.1:9",
+        "metadata_only": True,
+        "format": "json",
+    }
+    _check_refused(
+        tmp_path,
+        {"deid": {"secret_env": "S"}, "download": download},
+        "de-identification works on Part 10 files",
+    )
 
 
 def _check_refused(tmp_path: Path, extra: dict, message: str) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = tmp_path / "m.yaml"
     source: dict = {"search": {"backend": "qido-rs", "url": "http://127.0.0.1:9"}}
     if "download" in extra:
         source["download"] = extra["download"]
-    path.write_text(json.dumps({
-        "version": 1, "name": "d", "source": source,
-        "queries": [{"name": "q", "filters": {"PatientID": "X"}}],
-        "storage": {"root": "data"}, "deid": extra["deid"],
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "name": "d",
+                "source": source,
+                "queries": [{"name": "q", "filters": {"PatientID": "X"}}],
+                "storage": {"root": "data"},
+                "deid": extra["deid"],
+            }
+        )
+    )
     with pytest.raises(ManifestError, match=re.escape(message)):
         load_manifest(path)
 
@@ -249,8 +295,11 @@ def run(path: Path, secret: str | None, *args: str, command: str = "run"):
         env["TROLLEY_DEID_SECRET"] = secret
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", command, str(path), "--log-format", "json", *args],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
 
 
 def exported(root: Path) -> dict[str, bytes]:
@@ -266,8 +315,14 @@ def identifying_values(cohort) -> set[bytes]:
     for pid, name in DEID_PATIENTS.items():
         values |= {pid, name, *name.split("^")}
     for inst in cohort:
-        values |= {inst.accession_number, inst.study_uid, inst.series_uid, inst.sop_uid,
-                   inst.study_date, test_uid("for", inst.study_uid)}  # fmt: skip
+        values |= {
+            inst.accession_number,
+            inst.study_uid,
+            inst.series_uid,
+            inst.sop_uid,
+            inst.study_date,
+            test_uid("for", inst.study_uid),
+        }
         values.add("Referrer")
     parts = {v.split("^")[0] for v in DEID_IDENTIFIERS.values()}
     return {v.encode() for v in values | parts if len(v) >= 4}
@@ -416,11 +471,14 @@ def test_python_api_writes_the_same_export(first_run, archive, tmp_path, monkeyp
     deid = make_deidentifier(
         {
             "secret_env": "TROLLEY_DEID_SECRET",
-            "options": ["retain_longitudinal_modified_dates", "clean_descriptors",
-                        "retain_safe_private"],
+            "options": [
+                "retain_longitudinal_modified_dates",
+                "clean_descriptors",
+                "retain_safe_private",
+            ],
         },
         pseudonym_map=tmp_path / "private" / "map.csv",
-    )  # fmt: skip
+    )
     layout = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
     storage = StorageDir(tmp_path / "api", layout, deid=deid)
     url = f"{archive.url}/dicom-web"
@@ -433,13 +491,20 @@ def test_python_api_writes_the_same_export(first_run, archive, tmp_path, monkeyp
 
 
 def test_kept_private_uids_are_remapped_and_lone_creators_dropped(tmp_path: Path) -> None:
-    config = Deid(secret_env="S", options=["retain_safe_private"],
-                  keep_private=['(0011,"TROLLEY TEST",03)'])  # fmt: skip
+    config = Deid(
+        secret_env="S", options=["retain_safe_private"], keep_private=['(0011,"TROLLEY TEST",03)']
+    )
     source = make_instance(
-        patient_id="PRV1", patient_name="Priv^Ada", study_uid="1.7", series_uid="1.7.1",
-        sop_uid="1.7.1.1", modality="CT", study_date="20200101", accession_number="PRVACC",
+        patient_id="PRV1",
+        patient_name="Priv^Ada",
+        study_uid="1.7",
+        series_uid="1.7.1",
+        sop_uid="1.7.1.1",
+        modality="CT",
+        study_date="20200101",
+        accession_number="PRVACC",
         private=True,
-    )  # fmt: skip
+    )
     ds = pydicom.dcmread(io.BytesIO(source.data))
     ds.private_block(0x0011, "TROLLEY TEST").add_new(0x03, "UI", "1.7.1")
     ds.private_block(0x0013, "OTHER VENDOR", create=True).add_new(0x01, "LO", "secret note")

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from trolley_etl.testing.orthanc import free_port
+import pytest
+
+from trolley_etl._harness.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,22 +31,42 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
     return seen
 
 
+@pytest.mark.archive
 def test_demo_archive_serves_the_demo_manifest_until_interrupted(tmp_path: Path) -> None:
     http, dicom = free_port(), free_port()
     manifest = tmp_path / "demo.yaml"
-    manifest.write_text((ROOT / "manifests" / "demo.yaml").read_text()
-                        .replace("127.0.0.1:18042", f"127.0.0.1:{http}"))  # fmt: skip
+    manifest.write_text(
+        (ROOT / "manifests" / "demo.yaml")
+        .read_text()
+        .replace("127.0.0.1:18042", f"127.0.0.1:{http}")
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trolley_etl.testing.demo_archive", "--manifest", str(manifest),
-         "--http-port", str(http), "--dicom-port", str(dicom)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "trolley_etl._harness.demo_archive",
+            "--manifest",
+            str(manifest),
+            "--http-port",
+            str(http),
+            "--dicom-port",
+            str(dicom),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     try:
         banner = read_until(proc, "Ctrl-C here stops the archive", timeout=90)
         assert f"http://127.0.0.1:{http}" in banner and f"trolley-etl plan {manifest}" in banner
-        plan = subprocess.run([sys.executable, "-m", "trolley_etl", "plan", str(manifest)],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        plan = subprocess.run(
+            [sys.executable, "-m", "trolley_etl", "plan", str(manifest)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert plan.returncode == 0, plan.stderr
         assert plan.stdout.splitlines()[-1].startswith("3 studies")  # CT studies of 2024
         proc.send_signal(signal.SIGINT)

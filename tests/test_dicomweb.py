@@ -9,18 +9,19 @@ import pydicom
 import pytest
 
 from trolley_etl import Query, QueryLevel, StorageDir, Study, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
+from trolley_etl._harness.orthanc import free_port
 from trolley_etl.backends import QidoRS, WadoRS, WadoURI
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import (
     AuthenticationError,
     ConnectionFailedError,
     DownloadError,
-    NotFoundError,
+    NoMatchError,
     ObjectNotFoundError,
+    SeveralMatchesError,
 )
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, HOSTILE_ACCESSION
-from trolley_etl.testing.orthanc import free_port
 
 
 def accessions(studies: list[Study]) -> set[str]:
@@ -120,9 +121,9 @@ def test_limit_and_offset(trolley: Trolley) -> None:
 def test_find_study_exactly_one(trolley: Trolley) -> None:
     study = trolley.find_study(Query(AccessionNumber="ACC1003"))
     assert study.uid == COHORT_ACCESSIONS["ACC1003"].study_uid
-    with pytest.raises(NotFoundError, match="found 0"):
+    with pytest.raises(NoMatchError, match="found 0"):
         trolley.find_study(Query(AccessionNumber="NOPE"))
-    with pytest.raises(NotFoundError, match="found 2"):
+    with pytest.raises(SeveralMatchesError, match="found 2"):
         trolley.find_study(Query(PatientID="TRL001"))
 
 

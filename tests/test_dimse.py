@@ -16,6 +16,9 @@ from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from trolley_etl import Query, QueryLevel, StorageDir, Study, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer, free_port
+from trolley_etl._harness.qrscp import QRSCPError, QRSCPServer
 from trolley_etl.backends import CGet, CMove, DicomQR, WadoRS
 from trolley_etl.backends.dicom_qr import identifiers_for
 from trolley_etl.backends.dimse import status_meaning, storage_contexts
@@ -28,9 +31,6 @@ from trolley_etl.core.errors import (
     StorageError,
 )
 from trolley_etl.core.model import InstanceReference, SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, COHORT_STUDIES, GeneratedInstance
-from trolley_etl.testing.orthanc import OrthancServer, free_port
-from trolley_etl.testing.qrscp import QRSCPError, QRSCPServer
 
 LOCAL = "127.0.0.1"
 #: The move destination registered in both archives, and one that points elsewhere.
@@ -423,6 +423,7 @@ def test_unknown_study_is_not_found(archive: Archive) -> None:
         CGet(**archive.dimse).fetch(StudyReference("1.2.3.4.5.6"), _ListSink())
 
 
+@pytest.mark.archive
 def test_silent_archive_times_out_quickly() -> None:
     listener = socket.socket()
     listener.bind((LOCAL, 0))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer, free_port
 from trolley_etl.cli.main import main
-from trolley_etl.testing.dicomgen import GeneratedInstance
-from trolley_etl.testing.orthanc import OrthancServer, free_port
 
 USERS = {"doctor": "correct-horse"}
 MOVE_AET = "DOCTORMOVE"
@@ -73,8 +73,13 @@ def http_source(url: str) -> str:
   download: {{backend: wado-rs, url: "{url}/dicom-web", auth: {auth}}}"""
 
 
-def dimse_source(server: OrthancServer, *, port: int | None = None, aet: str | None = None,
-                 download: str = "{backend: c-get}") -> str:  # fmt: skip
+def dimse_source(
+    server: OrthancServer,
+    *,
+    port: int | None = None,
+    aet: str | None = None,
+    download: str = "{backend: c-get}",
+) -> str:
     where = f"host: 127.0.0.1, port: {port or server.dicom_port}, called_aet: {aet or server.aet}"
     download = download.replace("{backend:", "{" + where + ", backend:")
     return f"""\
@@ -82,17 +87,23 @@ def dimse_source(server: OrthancServer, *, port: int | None = None, aet: str | N
   download: {download}"""
 
 
+@pytest.mark.archive
 def test_healthy_dicomweb_archive(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, http_source(strict.url)), capsys)
     assert code == 0, out
-    for expected in ("ok    search    address", "ok    search    port",
-                     "skip  search    clock        the server sends no Date header",  # Orthanc
-                     "basic credentials accepted", "ok    search    search",
-                     "ok    download  wado-rs      wado-rs delivered 1 instance(s)",
-                     "every check passed"):  # fmt: skip
+    for expected in (
+        "ok    search    address",
+        "ok    search    port",
+        "skip  search    clock        the server sends no Date header",  # Orthanc
+        "basic credentials accepted",
+        "ok    search    search",
+        "ok    download  wado-rs      wado-rs delivered 1 instance(s)",
+        "every check passed",
+    ):
         assert expected in out, out
 
 
+@pytest.mark.archive
 def test_healthy_dimse_archive_with_c_get(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict)), capsys)
     assert code == 0, out
@@ -101,6 +112,7 @@ def test_healthy_dimse_archive_with_c_get(strict: OrthancServer, tmp_path: Path,
     assert "c-get delivered 1 instance(s)" in out
 
 
+@pytest.mark.archive
 def test_c_move_destination_known_and_unknown(
     strict: OrthancServer, tmp_path: Path, capsys
 ) -> None:
@@ -117,6 +129,7 @@ def test_c_move_destination_known_and_unknown(
     assert "the archive must know AE 'NOBODY'" in line
 
 
+@pytest.mark.archive
 def test_wrong_port(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict, port=free_port())), capsys)
     assert code == 3
@@ -125,6 +138,7 @@ def test_wrong_port(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     assert "skip  search    dicom-qr     skipped: the archive cannot be reached" in out
 
 
+@pytest.mark.archive
 def test_wrong_called_ae(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     code, out = doctor(write(tmp_path, dimse_source(strict, aet="NOTORTHANC")), capsys)
     assert code == 3
@@ -132,6 +146,7 @@ def test_wrong_called_ae(strict: OrthancServer, tmp_path: Path, capsys) -> None:
     assert "association rejected" in line and "be called 'NOTORTHANC'" in line, out
 
 
+@pytest.mark.archive
 def test_bad_credentials(
     strict: OrthancServer, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,6 +193,7 @@ class DatedServer:
         self.server.server_close()
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize(("skew", "status", "exit_code"), [(2, "ok  ", 0), (-600, "FAIL", 3)])
 def test_clock_skew_against_the_date_header(
     tmp_path: Path, capsys, skew: float, status: str, exit_code: int

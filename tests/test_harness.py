@@ -9,7 +9,7 @@ import pydicom
 import pytest
 import requests
 
-from trolley_etl.testing.dicomgen import (
+from trolley_etl._harness.dicomgen import (
     COHORT_ACCESSIONS,
     COHORT_PATIENTS,
     CONTROL_CHAR_SERIES_DESCRIPTION,
@@ -23,7 +23,7 @@ from trolley_etl.testing.dicomgen import (
     large_series_instances,
     standard_cohort,
 )
-from trolley_etl.testing.orthanc import OrthancServer, free_port
+from trolley_etl._harness.orthanc import OrthancServer, free_port
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 

@@ -19,32 +19,43 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import Query, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import GeneratedInstance, make_instance, test_uid
 from trolley_etl.backends import QidoRS, WadoRS, WadoURI
 from trolley_etl.backends.http import HttpClient, abort_transfers, iter_body
-from trolley_etl.core.arrival import CheckedSink, ObjectTooLargeError, UnexpectedInstanceError
+from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import write_instance
 from trolley_etl.core.errors import (
     BackendError,
     ConnectionFailedError,
     DownloadError,
+    ObjectTooLargeError,
     ResponseFormatError,
+    UnexpectedInstanceError,
 )
 from trolley_etl.core.model import InstanceReference, StudyReference
 from trolley_etl.core.uids import rejected_rows
-from trolley_etl.testing.dicomgen import GeneratedInstance, make_instance, test_uid
 
 STUDY = test_uid("hostile", "study")
 SERIES = test_uid("hostile", "series")
 OTHER_STUDY = test_uid("hostile", "other-study")
 
 
-def instance(sop: str, *, study: str = STUDY, series: str = SERIES, rows: int = 8,
-             description: str = "") -> GeneratedInstance:  # fmt: skip
+def instance(
+    sop: str, *, study: str = STUDY, series: str = SERIES, rows: int = 8, description: str = ""
+) -> GeneratedInstance:
     return make_instance(
-        patient_id="P1", patient_name="Test^Hostile", study_uid=study, series_uid=series,
-        sop_uid=sop, modality="CT", study_date="20240101", accession_number="ACC1",
-        rows=rows, columns=8, series_description=description,
-    )  # fmt: skip
+        patient_id="P1",
+        patient_name="Test^Hostile",
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        modality="CT",
+        study_date="20240101",
+        accession_number="ACC1",
+        rows=rows,
+        columns=8,
+        series_description=description,
+    )
 
 
 def multipart(*parts: bytes, boundary: str = "b0undary") -> Response:
@@ -190,10 +201,16 @@ def test_search_rows_with_invalid_uids_are_reported_and_never_fetched(
 
 @pytest.mark.parametrize(
     "body",
-    [b'[1,"x",null]', b"[" * 5000 + b"]" * 5000, b"{not json", b'{"a": 1}',
-     b'[{"0020000D": 5}]', b'[{"0020000D": {"vr": "UI", "Value": [5]}}]'],
+    [
+        b'[1,"x",null]',
+        b"[" * 5000 + b"]" * 5000,
+        b"{not json",
+        b'{"a": 1}',
+        b'[{"0020000D": 5}]',
+        b'[{"0020000D": {"vr": "UI", "Value": [5]}}]',
+    ],
     ids=["scalars", "deep nesting", "not json", "object", "bad element", "bad value"],
-)  # fmt: skip
+)
 def test_garbage_search_answers_are_format_errors(httpserver: HTTPServer, body: bytes) -> None:
     httpserver.expect_request("/dicom-web/studies").respond_with_data(
         body, content_type="application/dicom+json"
@@ -229,8 +246,9 @@ def test_search_that_ignores_offset_stops_at_the_repeated_page(httpserver: HTTPS
 def test_search_page_count_is_bounded(httpserver: HTTPServer) -> None:
     def handler(request: Request) -> Response:
         offset = int(request.args.get("offset", 0))
-        return Response(json.dumps([_row([test_uid("p", offset)])]),
-                        content_type="application/dicom+json")  # fmt: skip
+        return Response(
+            json.dumps([_row([test_uid("p", offset)])]), content_type="application/dicom+json"
+        )
 
     httpserver.expect_request("/dicom-web/studies").respond_with_handler(handler)
     qido = QidoRS(httpserver.url_for("/dicom-web"), page_size=1, max_pages=5)
@@ -270,8 +288,10 @@ class TricklingServer:
     def _trickle(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom\r\n"
-                         b"Content-Length: 100000000\r\n\r\n")  # fmt: skip
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/dicom\r\n"
+                b"Content-Length: 100000000\r\n\r\n"
+            )
             for _ in range(int(60 / self.interval)):  # bounded, whatever happens
                 if self.stop.wait(self.interval):
                     return
@@ -292,6 +312,7 @@ def trickling() -> Iterator[TricklingServer]:
     server.close()
 
 
+@pytest.mark.archive
 def test_a_trickling_body_hits_the_total_deadline(trickling: TricklingServer) -> None:
     client = HttpClient(trickling.url, timeout=(2, 5), deadline=1.5)
     started = time.monotonic()
@@ -302,6 +323,7 @@ def test_a_trickling_body_hits_the_total_deadline(trickling: TricklingServer) ->
     assert time.monotonic() - started < 4  # the idle timeout never fires: bytes keep coming
 
 
+@pytest.mark.archive
 def test_abort_transfers_unblocks_a_stalled_read_at_once(trickling: TricklingServer) -> None:
     trickling.interval = 30  # stalled: nothing after the headers
     client = HttpClient(trickling.url, timeout=(2, 60), deadline=None)
@@ -387,8 +409,9 @@ storage:
 """)
     process = subprocess.Popen(
         [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stderr is not None
     for line in process.stderr:
         if '"step": "download"' in line and '"step.start"' in line:
@@ -429,16 +452,19 @@ storage:
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     first = run()
     assert first.returncode == 1, first.stderr  # the cohort is not complete: never exit 0
     invalid = [json.loads(x) for x in first.stderr.splitlines() if "search.invalid_row" in x]
     assert len(invalid) == 1 and "../../../../etc" in invalid[0]["StudyInstanceUID"]
     assert len(stored_files(tmp_path / "data")) == 1
-    report = json.loads(sorted((tmp_path / "data" / ".trolley" / "reports").glob("*.json"))[-1]
-                        .read_text())  # fmt: skip
+    report = json.loads(
+        sorted((tmp_path / "data" / ".trolley" / "reports").glob("*.json"))[-1].read_text()
+    )
     assert report["runs"][-1]["invalid_search_row_count"] == 1
     again = run()
     assert again.returncode == 1  # resumed without searching: still not complete

@@ -17,11 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl.backends import CGet
 from trolley_etl.core.errors import DownloadError
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import StudyReference
-from trolley_etl.testing.dicomgen import make_instance, test_uid
 
 STUDY = test_uid("dimse-hostile", "study")
 OTHER = test_uid("dimse-hostile", "other")
@@ -29,10 +29,17 @@ OTHER = test_uid("dimse-hostile", "other")
 
 def dataset(sop: str, study: str) -> pydicom.Dataset:
     made = make_instance(
-        patient_id="P", patient_name="N", study_uid=study, series_uid=test_uid(study, "s"),
-        sop_uid=sop, modality="CT", study_date="20240101", accession_number="A", rows=8,
+        patient_id="P",
+        patient_name="N",
+        study_uid=study,
+        series_uid=test_uid(study, "s"),
+        sop_uid=sop,
+        modality="CT",
+        study_date="20240101",
+        accession_number="A",
+        rows=8,
         columns=8,
-    )  # fmt: skip
+    )
     return pydicom.dcmread(BytesIO(made.data))
 
 
@@ -45,8 +52,9 @@ class HostileGetSCP:
         ae = AE(ae_title="HOSTILE")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_GET, self.handle)])  # fmt: skip
+        self.server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_GET, self.handle)]
+        )
         self.port = self.server.server_address[1]
 
     def handle(self, event: evt.Event) -> Iterator[object]:
@@ -78,6 +86,7 @@ def cget(port: int, **kwargs: object) -> CGet:
     return CGet("127.0.0.1", port, "HOSTILE", storage_sop_classes=[CTImageStorage], **kwargs)
 
 
+@pytest.mark.archive
 def test_c_get_answer_with_another_studys_instance_is_refused(scp_factory, tmp_path) -> None:
     mine, foreign = dataset(test_uid("d", 1), STUDY), dataset(test_uid("d", 2), OTHER)
     scp = scp_factory([mine, foreign])
@@ -89,17 +98,20 @@ def test_c_get_answer_with_another_studys_instance_is_refused(scp_factory, tmp_p
     assert OTHER not in {p.name for p in tmp_path.rglob("*")}
 
 
+@pytest.mark.archive
 def test_an_endless_association_hits_its_deadline(scp_factory, tmp_path) -> None:
     scp = scp_factory([dataset(test_uid("slow", i), STUDY) for i in range(100)], pause=0.3)
     downloader = cget(scp.port)
-    downloader.settings = type(downloader.settings)(**{**vars(downloader.settings),
-                                                       "deadline": 1.5})  # fmt: skip
+    downloader.settings = type(downloader.settings)(
+        **{**vars(downloader.settings), "deadline": 1.5}
+    )
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"deadline of 1\.5 s"):
         Trolley(downloader=downloader).download(StudyReference(STUDY), output_dir=tmp_path)
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.archive
 def test_abort_transfers_stops_an_association_at_once(scp_factory, tmp_path) -> None:
     scp = scp_factory([dataset(test_uid("stall", i), STUDY) for i in range(3)], pause=60)
     downloader = cget(scp.port)

@@ -88,6 +88,7 @@ def status_code(manifest: Path, root: Path, *extra: str) -> str:
     return f"from trolley_etl.cli import main\nprint('exit', main({argv!r}))"
 
 
+@pytest.mark.subprocess
 def test_status_loads_neither_pydicom_nor_the_runner(tmp_path) -> None:
     manifest, root = write_status_fixture(tmp_path)
     loaded, output = loaded_after(status_code(manifest, root))
@@ -97,6 +98,7 @@ def test_status_loads_neither_pydicom_nor_the_runner(tmp_path) -> None:
     assert output.endswith("exit 1")  # an item failed
 
 
+@pytest.mark.subprocess
 def test_status_with_a_custom_layout_loads_neither(tmp_path) -> None:
     manifest, root = write_status_fixture(tmp_path, "{PatientID}/{StudyDate}/{SOPInstanceUID}.dcm")
     assert "layout: '{PatientID}/" in manifest.read_text(encoding="utf-8")
@@ -105,6 +107,7 @@ def test_status_with_a_custom_layout_loads_neither(tmp_path) -> None:
     assert "status-imports: 2 done, 0 pending, 1 failed" in output
 
 
+@pytest.mark.subprocess
 def test_status_json_loads_neither_pydicom_nor_the_runner(tmp_path) -> None:
     manifest, root = write_status_fixture(tmp_path)
     loaded, output = loaded_after(status_code(manifest, root, "--format", "json"))
@@ -114,6 +117,7 @@ def test_status_json_loads_neither_pydicom_nor_the_runner(tmp_path) -> None:
     assert status["last_run"]["status"] == "failed"
 
 
+@pytest.mark.subprocess
 def test_building_the_parser_loads_no_command_code() -> None:
     code = "from trolley_etl.cli.main import build_parser\nbuild_parser().parse_args(['--help'])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -122,6 +126,7 @@ def test_building_the_parser_loads_no_command_code() -> None:
     assert loaded == []
 
 
+@pytest.mark.subprocess
 def test_an_uncommon_keyword_is_still_checked_with_pydicom(tmp_path) -> None:
     """Keywords outside the built-in table load pydicom's dictionary, on demand."""
     manifest, root = write_status_fixture(tmp_path)
@@ -142,10 +147,12 @@ def test_an_uncommon_keyword_is_still_checked_with_pydicom(tmp_path) -> None:
         "from trolley_etl import Query, QueryLevel, InstanceReference",
     ],
 )
+@pytest.mark.subprocess
 def test_light_imports_stay_light(code: str) -> None:
     assert loaded_after(code)[0] == []
 
 
+@pytest.mark.subprocess
 def test_public_names_are_loaded_on_first_use() -> None:
     loaded, _ = loaded_after("from trolley_etl import StorageDir")
     assert "trolley_etl.core.storage" in loaded and "pydicom" in loaded
@@ -163,8 +170,10 @@ def test_public_names_still_import() -> None:
     assert Query(StudyDate="20240101").filters == {"StudyDate": "20240101"}
     assert QueryLevel("series") is QueryLevel.SERIES and issubclass(TrolleyError, Exception)
     assert {Runner.__name__, RunOptions.__name__, RunResult.__name__} == {
-        "Runner", "RunOptions", "RunResult",
-    }  # fmt: skip
+        "Runner",
+        "RunOptions",
+        "RunResult",
+    }
     assert set(trolley_etl.__all__) <= set(dir(trolley_etl))
     for name in trolley_etl.__all__:
         assert getattr(trolley_etl, name) is not None

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
 from trolley_etl.backends import CGet, WadoRS
 from trolley_etl.backends.limits import BackendLimits, RateLimiter
 from trolley_etl.cli.main import main
+from trolley_etl.core.errors import ManifestError
 from trolley_etl.core.model import InstanceReference, StudyReference
-from trolley_etl.manifest import ManifestError, load_manifest
-from trolley_etl.testing.dicomgen import GeneratedInstance
-from trolley_etl.testing.orthanc import OrthancServer
-from trolley_etl.testing.proxy import CountingTcpProxy, FaultProxy
+from trolley_etl.manifest import load_manifest
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 
@@ -37,7 +38,7 @@ def assert_rate(times: list[float], per_second: float, tolerance: float = 0.05) 
 
 
 def instances_of(cohort: list[GeneratedInstance]) -> list[InstanceReference]:
-    from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
+    from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
 
     studies = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}
     return [
@@ -114,7 +115,7 @@ def test_dicom_associations_keep_to_the_caps(
 
 
 def test_byte_rate_slows_the_download(orthanc: OrthancServer, tmp_path: Path) -> None:
-    from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
+    from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
 
     rate = 0.05  # MB/s
     downloader = WadoRS(orthanc.dicomweb_url)

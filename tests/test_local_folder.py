@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, QueryLevel, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import (
+    COHORT_STUDIES,
+    GeneratedInstance,
+    make_instance,
+    standard_cohort,
+)
 from trolley_etl.backends import LocalFolder
 from trolley_etl.core.errors import ObjectNotFoundError
-from trolley_etl.testing import COHORT_STUDIES, GeneratedInstance, make_instance, standard_cohort
 
 STUDIES = {spec.accession_number: spec for spec in COHORT_STUDIES}
 
@@ -52,10 +57,15 @@ def test_index_skips_non_dicom_and_refreshes_incrementally(folder, cohort, tmp_p
     again = folder.refresh()
     assert (again.added, again.updated, again.removed) == (0, 0, 0)
     new = make_instance(
-        patient_id="TRL009", patient_name="New^Patient", study_uid="1.2.3.9",
-        series_uid="1.2.3.9.1", sop_uid="1.2.3.9.1.1", modality="CT", study_date="20250101",
+        patient_id="TRL009",
+        patient_name="New^Patient",
+        study_uid="1.2.3.9",
+        series_uid="1.2.3.9.1",
+        sop_uid="1.2.3.9.1.1",
+        modality="CT",
+        study_date="20250101",
         accession_number="ACC9",
-    )  # fmt: skip
+    )
     (folder.root / "late").mkdir()
     (folder.root / "late" / "x").write_bytes(new.data)
     (folder.root / "README.txt").unlink()

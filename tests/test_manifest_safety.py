@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import load_manifest
 
 MANIFEST = """\
 version: 1
@@ -41,9 +42,18 @@ def errors(tmp_path: Path, filters: str, **kwargs: object) -> str:
 
 @pytest.mark.parametrize(
     ("written", "kept"),
-    [("0012345", "0012345"), ("0x1F", "0x1F"), ("yes", "yes"), ("on", "on"),
-     (".nan", ".nan"), ("1_000", "1_000"), ("1e3", "1e3"), ("'007'", "007"), ("3", "3")],
-)  # fmt: skip
+    [
+        ("0012345", "0012345"),
+        ("0x1F", "0x1F"),
+        ("yes", "yes"),
+        ("on", "on"),
+        (".nan", ".nan"),
+        ("1_000", "1_000"),
+        ("1e3", "1e3"),
+        ("'007'", "007"),
+        ("3", "3"),
+    ],
+)
 def test_patient_ids_keep_the_text_yaml_would_have_changed(
     tmp_path: Path, written: str, kept: str
 ) -> None:
@@ -108,14 +118,16 @@ CSV_TEXT = MANIFEST.replace(
 
 @pytest.mark.parametrize(
     ("csv", "message"),
-    [("AccessionNumber\nA1\n*\n", "cohort.csv:3: '*' holds a wildcard"),
-     ("AccessionNumber\nA1\nA?\n", "cohort.csv:3: 'A?' holds a wildcard"),
-     ("AccessionNumber\nA1\n\"A\x01B\"\n", "cohort.csv:3: 'A\\x01B' holds a control character"),
-     ("AccessionNumber\nA1\n\"A2\nA3\nA4\n", "cohort.csv:3: a quote opened here is never closed"),
-     ("AccessionNumber\nA1\n" + "x" * 200_000 + "\n", "cohort.csv:3: a field is longer than"),
-     ("AccessionNumber\nA1\n\"A2\"x\n", "cohort.csv:3: malformed CSV")],
+    [
+        ("AccessionNumber\nA1\n*\n", "cohort.csv:3: '*' holds a wildcard"),
+        ("AccessionNumber\nA1\nA?\n", "cohort.csv:3: 'A?' holds a wildcard"),
+        ('AccessionNumber\nA1\n"A\x01B"\n', "cohort.csv:3: 'A\\x01B' holds a control character"),
+        ('AccessionNumber\nA1\n"A2\nA3\nA4\n', "cohort.csv:3: a quote opened here is never closed"),
+        ("AccessionNumber\nA1\n" + "x" * 200_000 + "\n", "cohort.csv:3: a field is longer than"),
+        ('AccessionNumber\nA1\n"A2"x\n', "cohort.csv:3: malformed CSV"),
+    ],
     ids=["star", "question-mark", "control", "unterminated-quote", "huge-field", "bad-quote"],
-)  # fmt: skip
+)
 def test_cohort_csv_problems_name_their_row(tmp_path: Path, csv: str, message: str) -> None:
     assert message in errors(tmp_path, "", text=CSV_TEXT, csv=csv)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import large_series_instances
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import large_series_instances
+from trolley_etl._harness.orthanc import OrthancServer
 
 STUDY_BYTES = 256 * 1024 * 1024
 

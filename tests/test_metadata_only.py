@@ -20,11 +20,11 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import StorageDir, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 from trolley_etl.backends import WadoRS
 from trolley_etl.backends import wado_rs_metadata as metadata
 from trolley_etl.core.errors import DownloadError, ResponseFormatError, StorageError
 from trolley_etl.core.model import SeriesReference, StudyReference
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
 
 STUDY = COHORT_ACCESSIONS["ACC1001"]  # two CT series, one with private elements
 
@@ -197,9 +197,11 @@ def test_structured_un_kept_in_json_and_dropped_with_a_count_in_part10(httpserve
     assert as_dicom.metadata_writer.dropped_elements == {"00291010": 3}
     warnings = as_dicom.drain_warnings()
     assert warnings == [
-        ("metadata.values_dropped", {"values": 3, "tags": {"00291010": 3},
-                                     "reason": warnings[0][1]["reason"]})
-    ]  # fmt: skip
+        (
+            "metadata.values_dropped",
+            {"values": 3, "tags": {"00291010": 3}, "reason": warnings[0][1]["reason"]},
+        )
+    ]
     assert as_dicom.drain_warnings() == []  # each drop is reported once
 
 
@@ -309,13 +311,19 @@ def test_run_metadata_only_part10_is_complete_and_resumable(orthanc, cohort, tmp
     assert locked.returncode == 0, locked.stderr
     first = trolley_cli("run", str(manifest), "--log-format", "json")
     assert first.returncode == 0, first.stderr
-    assert [e for e in events(first.stderr) if e.get("event") == "checkpoint.resolved"
-            and e.get("from_lock")]  # fmt: skip
+    assert [
+        e
+        for e in events(first.stderr)
+        if e.get("event") == "checkpoint.resolved" and e.get("from_lock")
+    ]
     files = sorted((tmp_path / "data").rglob("*.dcm"))
     assert {pydicom.dcmread(f).SOPInstanceUID for f in files} == set(expected)
     assert all("PixelData" not in pydicom.dcmread(f) for f in files)
-    download = [e for e in events(first.stderr) if e.get("event") == "step.end"
-                and e.get("step") == "download"]  # fmt: skip
+    download = [
+        e
+        for e in events(first.stderr)
+        if e.get("event") == "step.end" and e.get("step") == "download"
+    ]
     assert download[0]["instances"] == len(expected)
     again = trolley_cli("run", str(manifest), "--log-format", "json")
     assert again.returncode == 0, again.stderr
@@ -352,9 +360,10 @@ def test_run_with_a_broken_metadata_answer_fails_the_item_without_traceback(
     )
     broken = httpserver.url_for("/dicom-web")
     manifest = write_manifest(
-        tmp_path, orthanc.dicomweb_url,
+        tmp_path,
+        orthanc.dicomweb_url,
         f'{{backend: wado-rs, url: "{broken}", metadata_only: true}}',
-    )  # fmt: skip
+    )
     result = trolley_cli("run", str(manifest), "--log-format", "json")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -363,11 +372,13 @@ def test_run_with_a_broken_metadata_answer_fails_the_item_without_traceback(
     assert failed[0]["error_type"] == "ResponseFormatError"
 
 
+@pytest.mark.subprocess
 def test_format_json_needs_metadata_only(tmp_path):
     manifest = write_manifest(
-        tmp_path, "http://127.0.0.1:1/dicom-web",
+        tmp_path,
+        "http://127.0.0.1:1/dicom-web",
         '{backend: wado-rs, url: "http://127.0.0.1:1/dicom-web", format: json}',
-    )  # fmt: skip
+    )
     result = trolley_cli("validate", str(manifest))
     assert result.returncode == 2
     assert "format: json applies to metadata_only: true" in result.stdout + result.stderr
@@ -392,9 +403,11 @@ def test_c_find_metadata_from_orthanc(orthanc, cohort, tmp_path):
 
     expected = study_instances(cohort)
     downloader = DicomQRMetadata(
-        "127.0.0.1", orthanc.dicom_port, orthanc.aet,
+        "127.0.0.1",
+        orthanc.dicom_port,
+        orthanc.aet,
         keywords=["SeriesDescription", "Modality", "PatientID", "Rows", "SOPClassUID"],
-    )  # fmt: skip
+    )
     with Trolley(downloader=downloader, storage=StorageDir(tmp_path)) as trolley:
         stored = trolley.download(StudyReference(STUDY.study_uid))
     assert {s.sop_instance_uid for s in stored} == set(expected)
@@ -430,6 +443,7 @@ def test_run_c_find_metadata_through_the_runner(orthanc, cohort, tmp_path):
     assert "00080052" not in row  # QueryRetrieveLevel belongs to the answer, not the instance
 
 
+@pytest.mark.subprocess
 def test_c_find_metadata_needs_metadata_only_and_known_keywords(tmp_path):
     base = "backend: dicom-qr, host: 127.0.0.1, port: 104, called_aet: PACS"
     for download, message in [
@@ -479,8 +493,9 @@ def test_run_reports_values_part10_dropped_once(orthanc, cohort, httpserver, tmp
     import requests
 
     def vitrea_like(request: Request) -> Response:
-        upstream = requests.get(orthanc.url + request.path, timeout=30,
-                                headers={"Accept": "application/dicom+json"})  # fmt: skip
+        upstream = requests.get(
+            orthanc.url + request.path, timeout=30, headers={"Accept": "application/dicom+json"}
+        )
         items = upstream.json()
         for item in items:
             item["00290010"] = {"vr": "LO", "Value": ["VITREA"]}

@@ -17,9 +17,9 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import Query, QueryLevel, Trolley
+from trolley_etl._harness.dicomgen import COHORT_STUDIES, GeneratedInstance, standard_cohort
 from trolley_etl.backends import LocalFolder, Mint
 from trolley_etl.core.errors import AuthenticationError, BackendError, ResponseFormatError
-from trolley_etl.testing import COHORT_STUDIES, GeneratedInstance, standard_cohort
 
 NS = "http://medical.nema.org/mint"
 STUDIES = {spec.accession_number: spec for spec in COHORT_STUDIES}
@@ -81,8 +81,10 @@ class MintServer:
         if "limit" in args:
             start = int(args.get("offset", 0)) if self.honour_offset else 0
             studies = studies[start : start + int(args["limit"])]
-        body = [f'<?xml version="1.0" encoding="UTF-8"?><studySearchResults xmlns="{NS}" '
-                f'queryLevel="{level}">']  # fmt: skip
+        body = [
+            f'<?xml version="1.0" encoding="UTF-8"?><studySearchResults xmlns="{NS}" '
+            f'queryLevel="{level}">'
+        ]
         for members in studies:
             body.append(
                 f'<study studyUUID="{uuid.uuid5(uuid.NAMESPACE_OID, members[0].study_uid)}" '
@@ -129,8 +131,12 @@ def test_study_search_with_wildcard_maps_to_mint_parameters(mint) -> None:
     searcher, server = mint
     studies = searcher.search(Query(PatientID="TRL00*"))
     assert sorted(s.data.AccessionNumber for s in studies) == [
-        "ACC1001", "ACC1002", "ACC1003", "ACC1004", "ACC1005",
-    ]  # fmt: skip
+        "ACC1001",
+        "ACC1002",
+        "ACC1003",
+        "ACC1004",
+        "ACC1005",
+    ]
     assert server.requests[0]["PatientID"] == "TRL00*"
     assert server.requests[0]["QueryLevel"] == "STUDY"
     assert "StudyInstanceUID" in server.requests[0]["IncludeFields"].split(",")

@@ -13,22 +13,26 @@ from pathlib import Path
 import pytest
 from pytest_httpserver import HTTPServer
 
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.cli import main
 from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import write_instance
 from trolley_etl.core.errors import DiskFullError
 from trolley_etl.core.model import StudyReference
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
 
 STUDIES = [test_uid("disk", s) for s in range(2)]
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trolley_etl", *args], capture_output=True, text=True,
-        timeout=120, cwd=cwd, env=dict(os.environ),
-    )  # fmt: skip
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=dict(os.environ),
+    )
 
 
 def write_manifest(folder: Path, url: str, root: Path, uids: list[str]) -> Path:
@@ -74,9 +78,16 @@ class _FullSink:
 
 
 def test_enospc_becomes_a_disk_full_error_naming_the_root(tmp_path: Path) -> None:
-    one = make_instance(patient_id="P", patient_name="N", study_uid=STUDIES[0],
-                        series_uid=test_uid("s"), sop_uid=test_uid("i"), modality="CT",
-                        study_date="20240101", accession_number="A")  # fmt: skip
+    one = make_instance(
+        patient_id="P",
+        patient_name="N",
+        study_uid=STUDIES[0],
+        series_uid=test_uid("s"),
+        sop_uid=test_uid("i"),
+        modality="CT",
+        study_date="20240101",
+        accession_number="A",
+    )
     sink = CheckedSink(_FullSink(), StudyReference(STUDIES[0]), root=tmp_path)
     with pytest.raises(DiskFullError, match=rf"disk holding {tmp_path} \(.* MiB free\)"):
         write_instance(sink, one.data)
@@ -87,8 +98,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs (needs the right to mount, as root in CI has)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                          capture_output=True)  # fmt: skip
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
@@ -97,6 +109,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.archive
 def test_full_disk_stops_the_run_with_one_line_and_the_rerun_completes(
     tmp_path: Path, small_disk: Path
 ) -> None:
@@ -104,19 +117,27 @@ def test_full_disk_stops_the_run_with_one_line_and_the_rerun_completes(
     try:
         for study in STUDIES:  # 2 studies of 4 x 512 KiB: more than the 3 MiB disk holds
             for number in range(4):
-                server.upload(make_instance(
-                    patient_id="P", patient_name="N", study_uid=study,
-                    series_uid=test_uid(study, "s"), sop_uid=test_uid(study, number),
-                    modality="CT", study_date="20240101", accession_number=f"A{study[-4:]}",
-                    rows=512, columns=512, instance_number=number + 1,
-                ).data)  # fmt: skip
+                server.upload(
+                    make_instance(
+                        patient_id="P",
+                        patient_name="N",
+                        study_uid=study,
+                        series_uid=test_uid(study, "s"),
+                        sop_uid=test_uid(study, number),
+                        modality="CT",
+                        study_date="20240101",
+                        accession_number=f"A{study[-4:]}",
+                        rows=512,
+                        columns=512,
+                        instance_number=number + 1,
+                    ).data
+                )
         root = small_disk / "data"
         manifest = write_manifest(tmp_path / "m", server.url, root, STUDIES)
         first = cli("run", str(manifest), "--log-format", "json")
         assert first.returncode == 1, first.stderr
         no_traceback(first)
-        failed = [json.loads(line) for line in first.stderr.splitlines()
-                  if '"run.failed"' in line]  # fmt: skip
+        failed = [json.loads(line) for line in first.stderr.splitlines() if '"run.failed"' in line]
         assert failed and f"no space left on the disk holding {root}" in failed[0]["error"]
         assert "MiB free" in failed[0]["error"]
         assert not list((root / ".trolley" / "tmp").glob("*.part"))
@@ -134,15 +155,24 @@ def test_full_disk_stops_the_run_with_one_line_and_the_rerun_completes(
 # --- the storage root and the checkpoint -----------------------------------------------------
 
 
+@pytest.mark.archive
 def test_a_read_only_root_can_be_read_but_not_run_into(tmp_path: Path, small_disk: Path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
         for number in range(3):
-            server.upload(make_instance(
-                patient_id="P", patient_name="N", study_uid=STUDIES[0],
-                series_uid=test_uid("ro", "s"), sop_uid=test_uid("ro", number), modality="CT",
-                study_date="20240101", accession_number="A1", instance_number=number + 1,
-            ).data)  # fmt: skip
+            server.upload(
+                make_instance(
+                    patient_id="P",
+                    patient_name="N",
+                    study_uid=STUDIES[0],
+                    series_uid=test_uid("ro", "s"),
+                    sop_uid=test_uid("ro", number),
+                    modality="CT",
+                    study_date="20240101",
+                    accession_number="A1",
+                    instance_number=number + 1,
+                ).data
+            )
         root = small_disk / "data"
         manifest = write_manifest(tmp_path / "m", server.url, root, STUDIES[:1])
         assert cli("run", str(manifest)).returncode == 0
@@ -160,6 +190,7 @@ def test_a_read_only_root_can_be_read_but_not_run_into(tmp_path: Path, small_dis
     assert "read-only" in refused.stderr
 
 
+@pytest.mark.subprocess
 def test_a_root_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "data"
     root.write_text("not a folder")
@@ -170,6 +201,7 @@ def test_a_root_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert "a file stands where a folder is needed" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_corrupt_checkpoint_is_named_and_left_alone(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / ".trolley").mkdir(parents=True)
@@ -210,11 +242,14 @@ def test_a_closed_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch, capsys) -> None
 def test_json_logs_keep_stderr_json_even_when_pydicom_objects(
     httpserver: HTTPServer, tmp_path: Path
 ) -> None:
-    rows = [{"0020000D": {"vr": "UI", "Value": ["../../../../etc"]}},
-            {"0020000D": {"vr": "UI", "Value": ["1.2.3", "1.2.3.4"]}}]  # fmt: skip
+    rows = [
+        {"0020000D": {"vr": "UI", "Value": ["../../../../etc"]}},
+        {"0020000D": {"vr": "UI", "Value": ["1.2.3", "1.2.3.4"]}},
+    ]
     httpserver.expect_request("/dicom-web/studies").respond_with_json(rows)
-    manifest = write_manifest(tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d",
-                              STUDIES[:1])  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d", STUDIES[:1]
+    )
     result = cli("plan", str(manifest), "--log-format", "json")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
@@ -226,17 +261,20 @@ def test_json_logs_keep_stderr_json_even_when_pydicom_objects(
 def test_a_token_that_cannot_be_sent_is_never_printed(
     httpserver: HTTPServer, tmp_path: Path
 ) -> None:
-    manifest = write_manifest(tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d",
-                              STUDIES[:1])  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, httpserver.url_for("").rstrip("/"), tmp_path / "d", STUDIES[:1]
+    )
     text = manifest.read_text().replace(
         '/dicom-web"}', '/dicom-web", auth: {type: bearer, token_env: T13_TOKEN}}'
     )
     manifest.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "trolley_etl", "plan", str(manifest), "--log-format", "json"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "T13_TOKEN": "tok-sekrit-value\r"},
-    )  # fmt: skip
+    )
     no_traceback(result)
     assert result.returncode == 3, result.stderr
     assert "sekrit" not in result.stderr and "sekrit" not in result.stdout

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import FaultProxy
 from trolley_etl.core.outage import OutageGate
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, standard_cohort
-from trolley_etl.testing.orthanc import OrthancServer
-from trolley_etl.testing.proxy import FaultProxy
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}
@@ -65,8 +65,11 @@ run:
 def trolley(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
-        capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
+    )
 
 
 def events(stderr: str) -> list[dict]:
@@ -87,8 +90,10 @@ def test_search_503_with_retry_after_is_retried(archive, instances, tmp_path) ->
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started >= 2  # both Retry-After waits were honoured
         assert [s for p, s in proxy.requests if p.startswith("/dicom-web/studies?")][:3] == [
-            503, 503, 200,
-        ]  # fmt: skip
+            503,
+            503,
+            200,
+        ]
         assert stored(tmp_path / "data") == len(instances)
     finally:
         proxy.close()
@@ -109,6 +114,7 @@ def test_search_against_an_archive_that_stays_down_exits_3(archive, tmp_path) ->
         proxy.close()
 
 
+@pytest.mark.archive
 def test_a_pacs_restart_mid_run_is_waited_out(tmp_path, instances) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     proxy = FaultProxy(server.url)
@@ -120,8 +126,10 @@ def test_a_pacs_restart_mid_run_is_waited_out(tmp_path, instances) -> None:
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stderr is not None
         seen = []
         for line in process.stderr:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 
 STUDY = test_uid("privacy", "study")
 
@@ -22,11 +22,18 @@ def archive(tmp_path_factory) -> Iterator[OrthancServer]:
     server = OrthancServer(tmp_path_factory.mktemp("orthanc-privacy")).start()
     try:
         for number in range(2):
-            server.upload(make_instance(
-                patient_id="P", patient_name="N", study_uid=STUDY,
-                series_uid=test_uid("privacy", "s"), sop_uid=test_uid("privacy", number),
-                modality="CT", study_date="20240101", accession_number="A1",
-            ).data)  # fmt: skip
+            server.upload(
+                make_instance(
+                    patient_id="P",
+                    patient_name="N",
+                    study_uid=STUDY,
+                    series_uid=test_uid("privacy", "s"),
+                    sop_uid=test_uid("privacy", number),
+                    modality="CT",
+                    study_date="20240101",
+                    accession_number="A1",
+                ).data
+            )
         yield server
     finally:
         server.stop()
@@ -47,9 +54,12 @@ storage:
   permissions: {permissions}
 """)
     result = subprocess.run(
-        [sys.executable, "-m", "trolley_etl", "run", str(manifest)], capture_output=True,
-        text=True, timeout=120, preexec_fn=lambda: os.umask(0),
-    )  # fmt: skip
+        [sys.executable, "-m", "trolley_etl", "run", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0),
+    )
     assert result.returncode == 0, result.stderr
     return tmp_path / "data"
 

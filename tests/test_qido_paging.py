@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from trolley_etl import Query
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.backends import QidoRS
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
 
 STUDY_COUNT = 1200
 CAP = 500

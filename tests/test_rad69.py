@@ -20,10 +20,15 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from trolley_etl import Query, QueryLevel, Trolley
+from trolley_etl._harness.dicomgen import GeneratedInstance, large_series_instances, standard_cohort
 from trolley_etl.backends import LocalFolder, Rad69
-from trolley_etl.backends.rad69 import DocumentsMissingError, Rad69Error, SeriesInstances
-from trolley_etl.core.errors import DownloadError, ResponseFormatError
-from trolley_etl.testing import GeneratedInstance, large_series_instances, standard_cohort
+from trolley_etl.backends.rad69 import SeriesInstances
+from trolley_etl.core.errors import (
+    DocumentsMissingError,
+    DownloadError,
+    Rad69Error,
+    ResponseFormatError,
+)
 
 REPOSITORY = "1.3.6.1.4.1.21367.13.80.110"
 SOAP = "http://www.w3.org/2003/05/soap-envelope"
@@ -313,12 +318,21 @@ def test_large_response_streams_with_flat_memory(httpserver: HTTPServer, tmp_pat
     first = instances[0]
     result = subprocess.run(
         [
-            sys.executable, "-c", CLIENT, httpserver.url_for("/rids"), REPOSITORY,
-            first.study_uid, first.series_uid, ",".join(i.sop_uid for i in instances),
+            sys.executable,
+            "-c",
+            CLIENT,
+            httpserver.url_for("/rids"),
+            REPOSITORY,
+            first.study_uid,
+            first.series_uid,
+            ",".join(i.sop_uid for i in instances),
             str(tmp_path),
         ],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["files"] == {i.sop_uid: hashlib.sha256(i.data).hexdigest() for i in instances}
     grown = (figures["peak_kb"] - figures["baseline_kb"]) * 1024

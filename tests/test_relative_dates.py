@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.core.relative_dates import RelativeDate, resolve_filters
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.orthanc import OrthancServer
 
 
 @pytest.mark.parametrize(
@@ -36,13 +36,20 @@ def test_relative_dates_resolve_against_the_given_day(spec, today, expected) -> 
 def test_only_relative_values_are_replaced() -> None:
     filters = {"StudyDate": RelativeDate(last="7d"), "Modality": "CT"}
     assert resolve_filters(filters, dt.date(2024, 1, 16)) == {
-        "StudyDate": "20240109-20240116", "Modality": "CT"}  # fmt: skip
+        "StudyDate": "20240109-20240116",
+        "Modality": "CT",
+    }
 
 
 def trolley(*args: str, today: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TROLLEY_ETL_TODAY": today}
-    return subprocess.run([sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
-                          capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
 
 
 def stored_studies(root: Path) -> dict[str, str]:
@@ -51,8 +58,7 @@ def stored_studies(root: Path) -> dict[str, str]:
     try:
         seen: dict[str, str] = {}
         for record in checkpoint.files():
-            seen[record["study_uid"]] = min(seen.get(record["study_uid"], "~"),
-                                            record["stored_at"])  # fmt: skip
+            seen[record["study_uid"]] = min(seen.get(record["study_uid"], "~"), record["stored_at"])
         return seen
     finally:
         checkpoint.close()
@@ -81,8 +87,7 @@ storage:
     assert first.returncode == 0, first.stderr
     before = stored_studies(root)
     assert set(before) == {acc1003}
-    queries = [json.loads(line) for line in first.stderr.splitlines()
-               if '"search.query"' in line]  # fmt: skip
+    queries = [json.loads(line) for line in first.stderr.splitlines() if '"search.query"' in line]
     assert queries[0]["filters"]["StudyDate"] == "20231226-20240116"
 
     # a week and a half later the same manifest, unchanged, finds one more study
@@ -96,8 +101,10 @@ storage:
 
     report = json.loads(trolley("report", str(manifest), today="2024-02-01").stdout)
     ranges = [run.get("resolved_dates") for run in report["runs"]]
-    assert ranges == [{"last-weeks": {"StudyDate": "20231226-20240116"}},
-                      {"last-weeks": {"StudyDate": "20240110-20240131"}}]  # fmt: skip
+    assert ranges == [
+        {"last-weeks": {"StudyDate": "20231226-20240116"}},
+        {"last-weeks": {"StudyDate": "20240110-20240131"}},
+    ]
 
     locked = trolley("lock", str(manifest), today="2024-01-31")
     assert locked.returncode == 0, locked.stderr

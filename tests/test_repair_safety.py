@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}
@@ -35,9 +35,12 @@ def archive(tmp_path_factory, expected) -> Iterator[OrthancServer]:
 
 def trolley(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trolley_etl", *args], capture_output=True, text=True,
-        timeout=120, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def pulled(tmp_path: Path, url: str) -> tuple[Path, Path]:
@@ -74,8 +77,9 @@ def test_a_repair_killed_half_way_leaves_verify_failing_until_repaired(
     for study in studies:  # one file missing in every study: three items to repair
         next(p for p in files if p.relative_to(root).parts[0] == study).unlink()
 
-    killed = trolley("verify", str(manifest), "--repair",
-                     env={"TROLLEY_ETL_CRASH_AT": "repair-item:1"})  # fmt: skip
+    killed = trolley(
+        "verify", str(manifest), "--repair", env={"TROLLEY_ETL_CRASH_AT": "repair-item:1"}
+    )
     assert killed.returncode == -9  # SIGKILL after the first item was reopened
 
     after = trolley("verify", str(manifest), "--format", "json")

@@ -16,8 +16,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl.core.errors import MetadataError
 from trolley_etl.runner.checkpoint import Checkpoint
-from trolley_etl.testing.orthanc import OrthancServer
 
 PATIENTS = "TRL00*"  # the three regular patients, not the hostile study
 
@@ -25,8 +26,11 @@ PATIENTS = "TRL00*"  # the three regular patients, not the hostile study
 def trolley(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", *args],
-        capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def write_manifest(folder: Path, url: str) -> Path:
@@ -91,8 +95,17 @@ def test_metadata_instance_rows_match_the_stored_headers(pulled: Path) -> None:
         assert row["Modality"] == ds.Modality
         assert row["Rows"] == str(ds.Rows)
         assert row["InstanceNumber"] == str(ds.InstanceNumber)
-    assert list(rows[0]) == ["PatientID", "AccessionNumber", "SOPInstanceUID", "Modality",
-                             "Rows", "InstanceNumber", "path", "size", "sha256"]  # fmt: skip
+    assert list(rows[0]) == [
+        "PatientID",
+        "AccessionNumber",
+        "SOPInstanceUID",
+        "Modality",
+        "Rows",
+        "InstanceNumber",
+        "path",
+        "size",
+        "sha256",
+    ]
 
 
 def test_metadata_series_and_study_levels_count_what_is_stored(pulled: Path) -> None:
@@ -138,7 +151,7 @@ def test_parquet_without_pyarrow_says_which_extra_to_install(monkeypatch) -> Non
     from trolley_etl.reports import metadata
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(metadata.MetadataError, match=r"trolley-etl\[parquet\]"):
+    with pytest.raises(MetadataError, match=r"trolley-etl\[parquet\]"):
         metadata.write_table(iter([]), ["path"], "parquet", Path("x.parquet"), sys.stdout)
 
 
@@ -165,7 +178,7 @@ def with_failure(pulled: Path, tmp_path: Path) -> tuple[Path, str]:
 def test_html_report_renders_offline_in_chromium_with_the_checkpoint_numbers(
     with_failure: tuple[Path, str], tmp_path: Path
 ) -> None:
-    from trolley_etl.testing.browser import Page, find_chromium
+    from trolley_etl._harness.browser import Page, find_chromium
 
     if find_chromium() is None and not os.environ.get("CI"):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
@@ -246,8 +259,9 @@ def test_markdown_summary_goes_to_stdout_and_the_ci_job_summary(
     manifest, failed_accession = with_failure
     summary_file = tmp_path / "step-summary.md"
     summary_file.write_text("earlier step\n")
-    result = trolley("report", str(manifest), "--format", "md",
-                     env={"GITHUB_STEP_SUMMARY": str(summary_file)})  # fmt: skip
+    result = trolley(
+        "report", str(manifest), "--format", "md", env={"GITHUB_STEP_SUMMARY": str(summary_file)}
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout
     files = stored(manifest)
@@ -290,8 +304,19 @@ def test_plan_table_json_and_csv_show_counts_and_unknowns(
     table = trolley("plan", str(manifest))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["query", "set", "accession", "patient", "ID", "date",
-                                "modalities", "series", "instances", "est.", "size"]  # fmt: skip
+    assert lines[0].split() == [
+        "query",
+        "set",
+        "accession",
+        "patient",
+        "ID",
+        "date",
+        "modalities",
+        "series",
+        "instances",
+        "est.",
+        "size",
+    ]
     dates = [line.split()[3] for line in lines if line.startswith("trial ")]
     assert dates == sorted(dates) and len(dates) == len(per_study)  # by date, as people scan
     acc = next(line for line in lines if "ACC1001" in line).split()
@@ -301,8 +326,9 @@ def test_plan_table_json_and_csv_show_counts_and_unknowns(
     assert total[-2:] == [str(len(expected)), "unknown"] and " 0 " not in f" {' '.join(total)} "
     assert lines[-1] == f"{len(per_study)} studies, {len(per_study)} retrieval items"
 
-    as_csv = list(csv.DictReader(io.StringIO(trolley("plan", str(manifest), "--format",
-                                                     "csv").stdout)))  # fmt: skip
+    as_csv = list(
+        csv.DictReader(io.StringIO(trolley("plan", str(manifest), "--format", "csv").stdout))
+    )
     assert {r["accession_number"]: int(r["instances"]) for r in as_csv} == per_study
     assert all(r["estimated_bytes"] == "" for r in as_csv)
 
@@ -356,9 +382,11 @@ def test_ci_examples_are_valid_yaml_with_commands_that_parse(name: str) -> None:
     text = path.read_text()
     assert "PACS_PASSWORD" in text  # secrets come from the CI's store, never as values
     assert all("secrets." in line for line in text.splitlines() if "PASSWORD:" in line)
-    commands = [line.strip().removeprefix("- ").removeprefix("run: ")
-                for line in text.splitlines() if "trolley-etl " in line and not
-                line.strip().startswith("#")]  # fmt: skip
+    commands = [
+        line.strip().removeprefix("- ").removeprefix("run: ")
+        for line in text.splitlines()
+        if "trolley-etl " in line and not line.strip().startswith("#")
+    ]
     used = set()
     for command in commands:
         words = shlex.split(command[command.index("trolley-etl ") :])[1:]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
+from trolley_etl._harness.orthanc import OrthancServer, free_port
+from trolley_etl._harness.proxy import FaultProxy
 from trolley_etl.runner.report import ROOT_TAG_FILES
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance, standard_cohort
-from trolley_etl.testing.orthanc import OrthancServer, free_port
-from trolley_etl.testing.proxy import FaultProxy
 
 ACCESSIONS = ("ACC1001", "ACC1003", "ACC1004")
 STUDY_UIDS = {COHORT_ACCESSIONS[a].study_uid for a in ACCESSIONS}
@@ -39,8 +39,15 @@ def archive(tmp_path_factory, expected) -> Iterator[OrthancServer]:
         server.stop()
 
 
-def write_manifest(folder: Path, url: str, *, workers: int = 2, retries: int = 2,
-                   accessions: tuple[str, ...] = ACCESSIONS, extra: str = "") -> Path:  # fmt: skip
+def write_manifest(
+    folder: Path,
+    url: str,
+    *,
+    workers: int = 2,
+    retries: int = 2,
+    accessions: tuple[str, ...] = ACCESSIONS,
+    extra: str = "",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cohort.csv").write_text("AccessionNumber\n" + "\n".join(accessions) + "\n")
     path = folder / "pull.yaml"
@@ -244,8 +251,9 @@ def test_sigkill_at_random_moments_then_rerun(archive, expected, tmp_path, delay
         manifest = write_manifest(tmp_path, proxy.url, workers=2)
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -263,8 +271,10 @@ def test_sigint_stops_cleanly_with_130(archive, expected, tmp_path) -> None:
         manifest = write_manifest(tmp_path, proxy.url, workers=1)
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stderr is not None
         for line in process.stderr:
             if '"event": "step.start"' in line and '"download"' in line:
@@ -305,12 +315,15 @@ def test_server_stopped_mid_run_then_restarted(tmp_path, expected) -> None:
         server.upload_many(c.data for c in expected.values())
         proxy.delay = 0.3
         # outage_wait 0: fail at once instead of waiting out the outage (test_outage.py)
-        manifest = write_manifest(tmp_path / "pull", proxy.url, workers=1, retries=1,
-                                  extra="  outage_wait: 0\n")  # fmt: skip
+        manifest = write_manifest(
+            tmp_path / "pull", proxy.url, workers=1, retries=1, extra="  outage_wait: 0\n"
+        )
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stderr is not None
         seen = []
         for line in process.stderr:
@@ -419,8 +432,9 @@ def _run_on_a_terminal(manifest: Path, *extra: str) -> tuple[int, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     process = subprocess.Popen(
         [sys.executable, "-m", "trolley_etl", "run", *extra, str(manifest)],
-        stdout=subprocess.DEVNULL, stderr=slave,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
     os.close(slave)
     output = b""
     while True:

@@ -10,18 +10,23 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
-from trolley_etl.testing.dicomgen import standard_cohort
-from trolley_etl.testing.orthanc import free_port
+from trolley_etl._harness.dicomgen import standard_cohort
+from trolley_etl._harness.orthanc import free_port
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", *args],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
 
 
+@pytest.mark.subprocess
 def test_local_folder_is_reorganised_into_the_standard_layout(tmp_path: Path) -> None:
     """The example manifest, run on a messy folder: nested random names, non-DICOM files."""
     cohort = standard_cohort()

@@ -1,6 +1,6 @@
 """The runner in process over an in-memory archive: completeness, drift, retries, accounting.
 
-The same Runner as `trolley-etl run`, with `tests.fakes` in place of real backends, so that
+The same Runner as `trolley-etl run`, with `trolley_etl.testing` in place of real backends, so that
 each behaviour is shown in milliseconds; test_completeness.py shows it against Orthanc.
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import FakeArchive
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
 from trolley_etl.manifest import load_manifest
 from trolley_etl.runner.checkpoint import ItemState, RunState, open_checkpoint
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.run import Runner, RunOptions, RunResult
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, standard_cohort
+from trolley_etl.testing import FakeArchive
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 
@@ -27,8 +27,9 @@ def instances():
     return [i for i in standard_cohort() if i.study_uid in uids]
 
 
-def write_manifest(folder: Path, rows: tuple[str, ...] = ACCESSIONS, *, run: str = "",
-                   query: str = "") -> Path:  # fmt: skip
+def write_manifest(
+    folder: Path, rows: tuple[str, ...] = ACCESSIONS, *, run: str = "", query: str = ""
+) -> Path:
     (folder / "cohort.csv").write_text("AccessionNumber\n" + "\n".join(rows) + "\n")
     path = folder / "pull.yaml"
     path.write_text(f"""\
@@ -51,8 +52,13 @@ run:
 def run(manifest: Path, archive: FakeArchive, **options: object) -> RunResult:
     loaded = load_manifest(manifest)
     log = RunLog(log_file=None, stderr_format="json", quiet=True)
-    runner = Runner(loaded, manifest, log, RunOptions(progress=False, quiet=True, **options),
-                    backends=archive.backends)  # type: ignore[arg-type]  # fmt: skip
+    runner = Runner(
+        loaded,
+        manifest,
+        log,
+        RunOptions(progress=False, quiet=True, **options),
+        backends=archive.backends,
+    )  # type: ignore[arg-type]
     try:
         return runner.run()
     finally:
@@ -153,8 +159,9 @@ def test_unmatched_rows_fail_the_run_unless_allowed(tmp_path, instances) -> None
     assert (cohort["requested"], cohort["matched"], cohort["studies_found"]) == (3, 2, 2)
     assert (cohort["units_planned"], cohort["stored"], cohort["incomplete"]) == (2, 2, 0)
 
-    allowed = write_manifest(tmp_path, ("ACC1001", "MISSING1", "ACC1003"),
-                             query="    allow_unmatched: true\n")  # fmt: skip
+    allowed = write_manifest(
+        tmp_path, ("ACC1001", "MISSING1", "ACC1003"), query="    allow_unmatched: true\n"
+    )
     assert run(allowed, archive).status == RunState.COMPLETE.value
 
 
@@ -193,23 +200,27 @@ def test_instance_level_units_execute_from_the_stored_plan(tmp_path, instances) 
 
 
 @pytest.mark.parametrize("counts_in_lock", [True, False])
-def test_locked_study_the_archive_lost_is_never_complete(tmp_path, instances,
-                                                         counts_in_lock) -> None:  # fmt: skip
+def test_locked_study_the_archive_lost_is_never_complete(
+    tmp_path, instances, counts_in_lock
+) -> None:
     from trolley_etl.runner import lockfile, resolve
 
     archive = FakeArchive(instances)
     manifest = write_manifest(tmp_path)
     loaded = load_manifest(manifest)
     log = RunLog(log_file=None, stderr_format="json", quiet=True)
-    runner = Runner(loaded, manifest, log, RunOptions(progress=False, quiet=True),
-                    backends=archive.backends)  # type: ignore[arg-type]  # fmt: skip
+    runner = Runner(
+        loaded, manifest, log, RunOptions(progress=False, quiet=True), backends=archive.backends
+    )  # type: ignore[arg-type]
     runner.plan_only()
     log.close()
     lock = lockfile.Lock.from_resolution(
-        loaded.name, resolve.resolution_hash(loaded),
-        [(f.query_set, f.study.uid) for f in runner.found], runner.references,
+        loaded.name,
+        resolve.resolution_hash(loaded),
+        [(f.query_set, f.study.uid) for f in runner.found],
+        runner.references,
         runner.planned.expectations if counts_in_lock else None,
-    )  # fmt: skip
+    )
     lockfile.write_lock(lockfile.lock_path_for(manifest), lock)
     locked = lock.to_json()["query_sets"]["cohort"]["studies"]
     assert all(("expected_instances" in s) == counts_in_lock for s in locked)
@@ -245,10 +256,13 @@ def test_units_of_an_older_checkpoint_get_an_expectation_first(tmp_path, instanc
     database = tmp_path / "data" / ".trolley" / "checkpoint.sqlite"
     db = sqlite3.connect(database)
     with db:  # as an older trolley-etl left it: no expectations, and one file never stored
-        db.execute("UPDATE items SET state = 'pending', expected_instances = NULL, "
-                   "expected_uids = NULL, stored_instances = NULL")  # fmt: skip
-        (path,) = db.execute("SELECT path FROM files WHERE sop_instance_uid = ?",
-                             (lost.sop_uid,)).fetchone()  # fmt: skip
+        db.execute(
+            "UPDATE items SET state = 'pending', expected_instances = NULL, "
+            "expected_uids = NULL, stored_instances = NULL"
+        )
+        (path,) = db.execute(
+            "SELECT path FROM files WHERE sop_instance_uid = ?", (lost.sop_uid,)
+        ).fetchone()
         db.execute("DELETE FROM files WHERE sop_instance_uid = ?", (lost.sop_uid,))
     db.close()
     (tmp_path / "data" / path).unlink()

@@ -1,5 +1,5 @@
 """Vitrea and IMPAX session logins, against login gates that answer as those products do
-(trolley_etl.testing.vendor_login) in front of the real Orthanc."""
+(trolley_etl._harness.vendor_login) in front of the real Orthanc."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, StorageDir, Trolley
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.vendor_login import VendorLoginProxy
 from trolley_etl.backends import QidoRS, WadoRS
 from trolley_etl.backends.session_auth import ImpaxAuth, SessionAuth, VitreaAuth
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.vendor_login import VendorLoginProxy
 
 USERS = {"radiology": "correct horse battery"}
 PASSWORD = USERS["radiology"]
@@ -47,8 +47,12 @@ def auth_for(proxy: VendorLoginProxy, password: str = PASSWORD) -> SessionAuth:
 def pull(proxy: VendorLoginProxy, auth: SessionAuth, root: Path, workers: int = 4) -> set[str]:
     """Search and download both studies through the gate; the stored SOP instance UIDs."""
     url = f"{proxy.url}/dicom-web"
-    trolley = Trolley(searcher=QidoRS(url, auth=auth), downloader=WadoRS(url, auth=auth),
-                      storage=StorageDir(root), workers=workers)  # fmt: skip
+    trolley = Trolley(
+        searcher=QidoRS(url, auth=auth),
+        downloader=WadoRS(url, auth=auth),
+        storage=StorageDir(root),
+        workers=workers,
+    )
     with trolley:
         studies = [trolley.find_study(Query(AccessionNumber=s.accession_number)) for s in STUDIES]
         series = [trolley.ensure_level([study], _series_level())[0] for study in studies]
@@ -62,6 +66,7 @@ def _series_level():
     return QueryLevel.SERIES
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_one_login_shared_by_searcher_downloader_and_workers(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -87,6 +92,7 @@ def test_a_session_that_expires_mid_run_is_renewed(product, orthanc, tmp_path):
         assert len(proxy.logins) <= proxy.ended_sessions + 1
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_sessions_ended_by_the_archive_are_renewed_once(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -98,6 +104,7 @@ def test_sessions_ended_by_the_archive_are_renewed_once(product, request, tmp_pa
     assert auth.logins == 2 == len(proxy.logins)
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_a_refused_login_is_an_authentication_error_without_secrets(product, request):
     proxy: VendorLoginProxy = request.getfixturevalue(product)
@@ -118,8 +125,8 @@ def test_impax_login_failed_page_is_named(impax):
 
 
 def test_an_unreachable_login_is_a_connection_error():
+    from trolley_etl._harness.orthanc import free_port
     from trolley_etl.core.errors import ConnectionFailedError
-    from trolley_etl.testing.orthanc import free_port
 
     auth = VitreaAuth(f"http://127.0.0.1:{free_port()}/login", "radiology", PASSWORD)
     with pytest.raises(ConnectionFailedError, match="cannot reach the Vitrea login"):
@@ -164,14 +171,22 @@ run:
 
 
 def run_cli(manifest: Path, password: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ARCHIVE_USER": "radiology", "ARCHIVE_PASSWORD": password,
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    env = {
+        **os.environ,
+        "ARCHIVE_USER": "radiology",
+        "ARCHIVE_PASSWORD": password,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
+@pytest.mark.archive
 @pytest.mark.parametrize("product", ["vitrea", "impax"])
 def test_cli_refused_login_exits_3_with_one_line(product, request, tmp_path):
     proxy: VendorLoginProxy = request.getfixturevalue(product)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness import demo
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer, OrthancStartError, free_port
 from trolley_etl.runner.run import root_lock
-from trolley_etl.testing import demo
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer, OrthancStartError, free_port
 
 STUDY = test_uid("holes", "study")
 
@@ -37,17 +37,31 @@ storage:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trolley_etl", *args], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trolley_etl", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
 
 
+@pytest.mark.subprocess
 def test_temp_files_of_a_killed_atomic_write_are_removed_by_the_next_run(tmp_path: Path) -> None:
     server = OrthancServer(tmp_path / "orthanc").start()
     try:
-        server.upload(make_instance(
-            patient_id="P", patient_name="N", study_uid=STUDY, series_uid=test_uid("h", "s"),
-            sop_uid=test_uid("h", 1), modality="CT", study_date="20240101", accession_number="A",
-        ).data)  # fmt: skip
+        server.upload(
+            make_instance(
+                patient_id="P",
+                patient_name="N",
+                study_uid=STUDY,
+                series_uid=test_uid("h", "s"),
+                sop_uid=test_uid("h", 1),
+                modality="CT",
+                study_date="20240101",
+                accession_number="A",
+            ).data
+        )
         manifest = tmp_path / "m.yaml"
         manifest.write_text(manifest_text(server.url))
         assert cli("run", str(manifest)).returncode == 0
@@ -67,6 +81,7 @@ def test_temp_files_of_a_killed_atomic_write_are_removed_by_the_next_run(tmp_pat
         server.stop()
 
 
+@pytest.mark.subprocess
 def test_lock_refuses_to_run_beside_a_run_of_the_same_root(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(manifest_text("http://127.0.0.1:9"))
@@ -80,6 +95,7 @@ def test_lock_refuses_to_run_beside_a_run_of_the_same_root(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "layout", ["{StudyInstanceUID}/{SeriesInstanceUID}", "{PatientID}/{InstanceNumber}.dcm"]
 )
+@pytest.mark.subprocess
 def test_validate_warns_about_layouts_that_cannot_tell_instances_apart(
     tmp_path: Path, layout: str
 ) -> None:
@@ -104,6 +120,7 @@ class _Other(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.archive
 def test_a_test_archive_refuses_a_port_another_server_answers_on(tmp_path: Path) -> None:
     other = ThreadingHTTPServer(("127.0.0.1", 0), _Other)
     threading.Thread(target=other.serve_forever, daemon=True).start()
@@ -117,6 +134,7 @@ def test_a_test_archive_refuses_a_port_another_server_answers_on(tmp_path: Path)
         other.server_close()
 
 
+@pytest.mark.archive
 def test_the_demo_refuses_a_port_in_use(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     port = free_port()
     monkeypatch.setattr(demo, "DEMO_HTTP_PORT", port)

@@ -14,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from trolley_etl import Query, QueryLevel, Study
+from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.backends import DicomQR, QidoRS
 from trolley_etl.cli.main import main
-from trolley_etl.core.splitting import (
-    ResultsCappedError,
-    SplittingSearcher,
-    date_bounds,
-    split_query,
-)
-from trolley_etl.testing.dicomgen import make_instance, test_uid
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl.core.errors import ResultsCappedError
+from trolley_etl.core.splitting import SplittingSearcher, date_bounds, split_query
 
 CAP = 5
 #: Ten studies on ten days of January 2024 and seven more on one busy day, hour by hour.
@@ -68,6 +64,7 @@ def uids(studies: list[Study]) -> set[str]:
 ALL_UIDS = {test_uid("split-study", i) for i in range(len(STUDIES))}
 
 
+@pytest.mark.archive
 def test_orthanc_caps_silently_without_max_results(capped: OrthancServer) -> None:
     """The premise: the archive answers a part of the month and says nothing."""
     found = QidoRS(capped.dicomweb_url).search(Query(StudyDate=MONTH))
@@ -76,6 +73,7 @@ def test_orthanc_caps_silently_without_max_results(capped: OrthancServer) -> Non
     assert len(dimse.search(Query(StudyDate=MONTH))) == CAP
 
 
+@pytest.mark.archive
 def test_qido_rs_splits_by_date_then_time(capped: OrthancServer) -> None:
     events: list[dict] = []
     searcher = QidoRS(capped.dicomweb_url, max_results=CAP)
@@ -88,12 +86,14 @@ def test_qido_rs_splits_by_date_then_time(capped: OrthancServer) -> None:
     assert all(e["event"] == "search.split" for e in events)
 
 
+@pytest.mark.archive
 def test_c_find_splits_by_date_then_time(capped: OrthancServer) -> None:
     searcher = DicomQR("127.0.0.1", capped.dicom_port, capped.aet, max_results=CAP)
     found = searcher.search(Query(StudyDate=MONTH, ModalitiesInStudy="CT"))
     assert uids(found) == ALL_UIDS
 
 
+@pytest.mark.archive
 def test_a_capped_query_without_a_date_range_is_an_error(capped: OrthancServer) -> None:
     for searcher in (
         QidoRS(capped.dicomweb_url, max_results=CAP),
@@ -103,6 +103,7 @@ def test_a_capped_query_without_a_date_range_is_an_error(capped: OrthancServer) 
             searcher.search(Query(PatientID="SPLIT*"))
 
 
+@pytest.mark.archive
 def test_limit_and_offset_apply_to_the_united_answer(capped: OrthancServer) -> None:
     searcher = QidoRS(capped.dicomweb_url, max_results=CAP)
     everything = searcher.search(Query(StudyDate=MONTH, limit=100))
@@ -112,6 +113,7 @@ def test_limit_and_offset_apply_to_the_united_answer(capped: OrthancServer) -> N
     assert [s.uid for s in page] == [uid for *_, uid in dates[3:9]]
 
 
+@pytest.mark.archive
 def test_plan_command_splits_with_the_manifest_cap(
     capped: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -134,6 +136,7 @@ storage:
     assert {row["study_uid"] for row in out["studies"]} == ALL_UIDS
 
 
+@pytest.mark.archive
 def test_plan_command_reports_an_unsplittable_cap(
     capped: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -248,10 +251,15 @@ class AnnouncingArchive:
                 matching = [d for d in archive.days if first <= d <= (last or first)]
                 offset = int(params.get("offset", 0))
                 rows = [] if offset else matching[: archive.CAP_299]
-                body = json.dumps([{
-                    "0020000D": {"vr": "UI", "Value": [test_uid("announcing", day)]},
-                    "00080020": {"vr": "DA", "Value": [day]},
-                } for day in rows]).encode()  # fmt: skip
+                body = json.dumps(
+                    [
+                        {
+                            "0020000D": {"vr": "UI", "Value": [test_uid("announcing", day)]},
+                            "00080020": {"vr": "DA", "Value": [day]},
+                        }
+                        for day in rows
+                    ]
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(body)))
@@ -272,6 +280,7 @@ class AnnouncingArchive:
         self.server.server_close()
 
 
+@pytest.mark.archive
 def test_qido_warning_299_without_paging_is_split() -> None:
     archive = AnnouncingArchive(DAYS)
     try:

@@ -8,15 +8,15 @@ import pydicom
 import pytest
 
 from trolley_etl import StorageDir
+from trolley_etl._harness.dicomgen import make_instance, test_uid
 from trolley_etl.core.backend import write_instance
-from trolley_etl.core.errors import QueryError, StorageError
+from trolley_etl.core.errors import LayoutError, StorageError
 from trolley_etl.core.storage import (
     MAX_COMPONENT_LENGTH,
     MISSING_VALUE,
     LayoutTemplate,
     sanitise_component,
 )
-from trolley_etl.testing.dicomgen import make_instance, test_uid
 
 
 def _instance(**overrides: object):
@@ -82,7 +82,7 @@ def test_long_values_are_cut_but_stay_distinct() -> None:
     ],
 )
 def test_bad_layouts_are_rejected(template: str, message: str) -> None:
-    with pytest.raises(QueryError, match=message.replace("(", r"\(")):
+    with pytest.raises(LayoutError, match=message.replace("(", r"\(")):
         LayoutTemplate(template)
 
 

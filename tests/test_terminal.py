@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trolley_etl.testing.orthanc import OrthancServer
+from trolley_etl._harness.orthanc import OrthancServer
 
 PATIENTS = "TRL00*"
 
@@ -44,14 +44,19 @@ run:
     return path
 
 
-def on_terminal(*args: str, timeout: float = 120, env: dict[str, str] | None = None
-                ) -> tuple[int, str]:  # fmt: skip
+def on_terminal(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run trolley-etl with stdout and stderr on a pseudo-terminal; (exit code, output)."""
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 x 120
-    proc = subprocess.Popen([sys.executable, "-m", "trolley_etl", *args],
-                            stdin=subprocess.DEVNULL, stdout=child, stderr=child,
-                            env={**os.environ, "COLUMNS": "120", **(env or {})})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trolley_etl", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
+    )
     os.close(child)
     output = b""
     deadline = time.monotonic() + timeout
@@ -103,8 +108,9 @@ def test_run_on_a_terminal_shows_a_bar_no_item_lines_and_a_summary(manifest: Pat
 
 def test_quiet_prints_only_the_summary(manifest: Path) -> None:
     job_page = manifest.parent / "step-summary.md"
-    code, out = on_terminal("run", str(manifest), "--quiet",
-                            env={"GITHUB_STEP_SUMMARY": str(job_page)})  # fmt: skip
+    code, out = on_terminal(
+        "run", str(manifest), "--quiet", env={"GITHUB_STEP_SUMMARY": str(job_page)}
+    )
     assert code == 0, out
     assert job_page.read_text().startswith("## ✅ trolley-etl: terminal-test")  # CI job page
     lines = [line for line in out.splitlines() if line.strip()]
@@ -122,8 +128,12 @@ def test_no_progress_never_redraws(manifest: Path) -> None:
 def test_status_is_a_table_and_its_json_is_nested(manifest: Path) -> None:
     code, _ = on_terminal("run", str(manifest), "--quiet")
     assert code == 0
-    result = subprocess.run([sys.executable, "-m", "trolley_etl", "status", str(manifest)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "trolley_etl", "status", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["query", "set"])

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.certs import LocalPKI, make_pki
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
+from trolley_etl._harness.orthanc import OrthancServer, free_port
+from trolley_etl._harness.tls_front import TlsFront
 from trolley_etl.cli.main import main
-from trolley_etl.testing.certs import LocalPKI, make_pki
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS, GeneratedInstance
-from trolley_etl.testing.orthanc import OrthancServer, free_port
-from trolley_etl.testing.tls_front import TlsFront
 
 ACCESSION = "ACC1001"
 INSTANCES = COHORT_ACCESSIONS[ACCESSION].instance_count
@@ -29,15 +29,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPKI:
 
 @pytest.fixture(scope="module")
 def https(tmp_path_factory, orthanc: OrthancServer, pki: LocalPKI) -> Iterator[TlsFront]:
-    with TlsFront(tmp_path_factory.mktemp("stunnel"), orthanc.http_port, cert=pki.server_cert,
-                  key=pki.server_key) as front:  # fmt: skip
+    with TlsFront(
+        tmp_path_factory.mktemp("stunnel"),
+        orthanc.http_port,
+        cert=pki.server_cert,
+        key=pki.server_key,
+    ) as front:
         yield front
 
 
 @pytest.fixture(scope="module")
 def mutual(tmp_path_factory, orthanc: OrthancServer, pki: LocalPKI) -> Iterator[TlsFront]:
-    with TlsFront(tmp_path_factory.mktemp("stunnel-mtls"), orthanc.http_port,
-                  cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca) as front:  # fmt: skip
+    with TlsFront(
+        tmp_path_factory.mktemp("stunnel-mtls"),
+        orthanc.http_port,
+        cert=pki.server_cert,
+        key=pki.server_key,
+        client_ca=pki.ca,
+    ) as front:
         yield front
 
 
@@ -117,8 +126,9 @@ def test_mutual_tls(mutual: TlsFront, pki: LocalPKI, tmp_path: Path, capsys) -> 
     assert stored(tmp_path / "b") == INSTANCES
 
 
-def test_doctor_checks_the_certificate(https: TlsFront, pki: LocalPKI, tmp_path: Path,
-                                       capsys) -> None:  # fmt: skip
+def test_doctor_checks_the_certificate(
+    https: TlsFront, pki: LocalPKI, tmp_path: Path, capsys
+) -> None:
     good = manifest(tmp_path / "a", http_source(https.url, f"{{ca_file: {pki.ca}}}"))
     assert main(["doctor", str(good)]) == 0
     assert "ok    search    tls          certificate valid until" in capsys.readouterr().out
@@ -137,8 +147,10 @@ def dimse_source(server: OrthancServer, tls: str = "", download: str = "backend:
   download: {{{download}, {where}{extra}}}"""
 
 
-def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
-                                    capsys) -> None:  # fmt: skip
+@pytest.mark.archive
+def test_dicom_tls_c_find_and_c_get(
+    dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path, capsys
+) -> None:
     code, err = run(manifest(tmp_path / "a", dimse_source(dicom_tls)), capsys)
     assert code == 3, err  # plain DICOM to a TLS port
     no_cert = f"{{ca_file: {pki.ca}}}"
@@ -155,12 +167,15 @@ def test_dicom_tls_c_find_and_c_get(dicom_tls: OrthancServer, pki: LocalPKI, tmp
     assert "C-ECHO succeeded" in out
 
 
-def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path,
-                          capsys) -> None:  # fmt: skip
+@pytest.mark.archive
+def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Path, capsys) -> None:
     """The archive opens its C-STORE association to our destination over TLS as well."""
     port = free_port()
-    response = dicom_tls.request("PUT", "/modalities/TLSMOVE", json={
-        "AET": "TLSMOVE", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True})  # fmt: skip
+    response = dicom_tls.request(
+        "PUT",
+        "/modalities/TLSMOVE",
+        json={"AET": "TLSMOVE", "Host": "127.0.0.1", "Port": port, "UseDicomTls": True},
+    )
     response.raise_for_status()
     full = f"{{ca_file: {pki.ca}, cert_file: {pki.client_cert}, key_file: {pki.client_key}}}"
     move = f"backend: c-move, move_destination: {{aet: TLSMOVE, port: {port}}}"
@@ -170,7 +185,8 @@ def test_dicom_tls_c_move(dicom_tls: OrthancServer, pki: LocalPKI, tmp_path: Pat
 
 
 def test_tls_files_must_exist(tmp_path: Path) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = manifest(tmp_path, http_source("https://pacs", "{ca_file: missing-ca.pem}"))
     with pytest.raises(ManifestError, match="file not found"):
@@ -187,8 +203,10 @@ def test_relative_tls_paths_hold_for_an_implied_download(
     import shutil
 
     shutil.copy(pki.ca, tmp_path / "hospital-ca.pem")
-    source = f'  search: {{backend: qido-rs, url: "{https.url}/dicom-web", ' \
-             "tls: {ca_file: hospital-ca.pem}}"  # fmt: skip
+    source = (
+        f'  search: {{backend: qido-rs, url: "{https.url}/dicom-web", '
+        "tls: {ca_file: hospital-ca.pem}}"
+    )
     path = manifest(tmp_path, source)
     from trolley_etl.manifest import load_manifest
 

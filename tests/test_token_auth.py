@@ -20,6 +20,9 @@ from urllib.parse import parse_qsl
 import pytest
 
 from trolley_etl import Query
+from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import FaultProxy
 from trolley_etl.backends import QidoRS
 from trolley_etl.backends.token_auth import (
     CommandToken,
@@ -29,9 +32,6 @@ from trolley_etl.backends.token_auth import (
 )
 from trolley_etl.cli.main import main
 from trolley_etl.core.errors import AuthenticationError
-from trolley_etl.testing.dicomgen import COHORT_ACCESSIONS
-from trolley_etl.testing.orthanc import OrthancServer
-from trolley_etl.testing.proxy import FaultProxy
 
 CLIENT_ID, CLIENT_SECRET = "trolley-client", "s3cr3t-of-the-client"
 
@@ -59,15 +59,19 @@ class TokenServer:
                     token = secrets.token_urlsafe(24)
                     with server.lock:
                         server.issued[token] = time.monotonic() + server.lifetime
-                    answer = {"access_token": token, "token_type": "Bearer",
-                              "expires_in": server.lifetime}  # fmt: skip
+                    answer = {
+                        "access_token": token,
+                        "token_type": "Bearer",
+                        "expires_in": server.lifetime,
+                    }
                     if self.path.endswith("/plain"):
                         body = token.encode()
                     else:
                         body = json.dumps(answer).encode()
                 else:
-                    body = json.dumps({"error": "invalid_client",
-                                       "error_description": "unknown client"}).encode()  # fmt: skip
+                    body = json.dumps(
+                        {"error": "invalid_client", "error_description": "unknown client"}
+                    ).encode()
                 self.send_response(200 if ok else 401)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -129,8 +133,10 @@ def test_a_run_outlives_its_five_second_tokens(
     monkeypatch.setenv("IDP_CLIENT", CLIENT_ID)
     monkeypatch.setenv("IDP_SECRET", CLIENT_SECRET)
     gated.delay = 0.9  # 12 instances, one worker: the run lasts more than two token lifetimes
-    auth = (f"{{type: oauth2, token_url: '{tokens.url}', client_id_env: IDP_CLIENT, "
-            "client_secret_env: IDP_SECRET, scope: pacs.read}")  # fmt: skip
+    auth = (
+        f"{{type: oauth2, token_url: '{tokens.url}', client_id_env: IDP_CLIENT, "
+        "client_secret_env: IDP_SECRET, scope: pacs.read}"
+    )
     manifest = tmp_path / "m.yaml"
     manifest.write_text(
         f"""\
@@ -227,6 +233,7 @@ def test_command_tokens_are_renewed_after_a_401(gated: FaultProxy, tokens: Token
     assert statuses(gated, 3) == [200, 401, 200]
 
 
+@pytest.mark.subprocess
 def test_command_output_forms(tmp_path: Path) -> None:
     printed = json.dumps({"access_token": "abc", "expires_in": 42})
     as_json = CommandToken([sys.executable, "-c", f"print({printed!r})"])
@@ -248,7 +255,8 @@ def test_jwt_expiry_times_the_refresh() -> None:
 
 
 def test_a_token_endpoint_needs_https_beyond_loopback(tmp_path: Path) -> None:
-    from trolley_etl.manifest import ManifestError, load_manifest
+    from trolley_etl.core.errors import ManifestError
+    from trolley_etl.manifest import load_manifest
 
     path = tmp_path / "m.yaml"
     path.write_text(

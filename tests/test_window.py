@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl.cli.main import main
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError, OutsideWindowError
+from trolley_etl.manifest import load_manifest
 from trolley_etl.runner.window import (
     WAITING_FILE,
-    OutsideWindowError,
     TimeWindow,
     WindowGate,
     check_no_wait,
     waiting_state,
 )
-from trolley_etl.testing.orthanc import OrthancServer
 
 UTC = dt.timezone.utc
 AMS = "Europe/Amsterdam"
@@ -215,8 +215,9 @@ def test_a_run_started_before_its_window_waits_for_it(
 def test_no_wait_gate_stops_after_draining(tmp_path: Path) -> None:
     window = TimeWindow.parse("19:00-07:00", None, "UTC")
     clock = FakeClock(dt.datetime(2024, 3, 1, 7, 0, 0, tzinfo=UTC))
-    gate = WindowGate(window, log=ListLog(), state_dir=tmp_path, run_id="r", clock=clock,
-                      no_wait=True)  # fmt: skip
+    gate = WindowGate(
+        window, log=ListLog(), state_dir=tmp_path, run_id="r", clock=clock, no_wait=True
+    )
     drained: list[bool] = []
     with pytest.raises(OutsideWindowError, match="opens again at 2024-03-01T19:00"):
         gate.hold(lambda: drained.append(True))
@@ -227,7 +228,7 @@ def test_a_window_closing_mid_run_with_no_wait_stops_cleanly(
     orthanc: OrthancServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Units in flight finish, the run exits 3, and the next run resumes the rest."""
-    from trolley_etl.testing.proxy import FaultProxy
+    from trolley_etl._harness.proxy import FaultProxy
 
     proxy = FaultProxy(orthanc.url)
     proxy.delay = 0.6  # 12 instances one by one: over 7 s; the window closes after 4-5 s

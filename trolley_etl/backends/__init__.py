@@ -12,10 +12,11 @@ from trolley_etl.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from trolley_etl.backends.c_get import CGet
-    from trolley_etl.backends.c_move import CMove
+    from trolley_etl.backends.c_move import CMove, MoveDestination
     from trolley_etl.backends.dicom_qr import DicomQR
     from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
-    from trolley_etl.backends.http import BearerAuth, auth_from_env
+    from trolley_etl.backends.dimse import DimseSettings, DimseTls
+    from trolley_etl.backends.http import BearerAuth, HttpSettings, auth_from_env
     from trolley_etl.backends.local_folder import LocalFolder
     from trolley_etl.backends.mint import Mint
     from trolley_etl.backends.qido_rs import QidoRS
@@ -30,6 +31,10 @@ _MODULES = {
     "CMove": "c_move",
     "DicomQR": "dicom_qr",
     "DicomQRMetadata": "dicom_qr_metadata",
+    "DimseSettings": "dimse",
+    "DimseTls": "dimse",
+    "HttpSettings": "http",
+    "MoveDestination": "c_move",
     "ImpaxAuth": "session_auth",
     "LocalFolder": "local_folder",
     "Mint": "mint",
@@ -47,9 +52,13 @@ __all__ = [
     "CMove",
     "DicomQR",
     "DicomQRMetadata",
+    "DimseSettings",
+    "DimseTls",
+    "HttpSettings",
     "ImpaxAuth",
     "LocalFolder",
     "Mint",
+    "MoveDestination",
     "QidoRS",
     "Rad69",
     "VitreaAuth",

@@ -8,25 +8,30 @@ proposed with the SCP role, within 128 presentation contexts: see `storage_conte
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pynetdicom import build_role, evt
 
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_GET,
     DimseSettings,
-    DimseTls,
     StoreReceiver,
     association,
     check_retrieve_result,
+    dimse_settings,
     parse_retrieval_level,
     retrieve_identifier,
     run_retrieve,
     storage_classes_of,
     storage_contexts,
 )
-from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.model import QueryLevel, Reference
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.dimse import DimseOptions
 
 
 class CGet(Downloader):
@@ -39,39 +44,24 @@ class CGet(Downloader):
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        called_aet: str,
+        host: str | DimseSettings,
+        port: int | None = None,
+        called_aet: str | None = None,
         calling_aet: str = "TROLLEY",
         *,
-        connection_timeout: float | None = 10.0,
-        acse_timeout: float = 30.0,
-        dimse_timeout: float | None = 120.0,
-        network_timeout: float | None = 120.0,
-        max_pdu: int = 0,
-        limits: BackendLimits | None = None,
-        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         storage_sop_classes: Sequence[str] | None = None,
+        **dimse: Unpack[DimseOptions],
     ) -> None:
-        self.settings = DimseSettings(
-            host=host,
-            port=port,
-            called_aet=called_aet,
-            calling_aet=calling_aet,
-            connection_timeout=connection_timeout,
-            acse_timeout=acse_timeout,
-            dimse_timeout=dimse_timeout,
-            network_timeout=network_timeout,
-            max_pdu=max_pdu,
-            limits=limits,
-            tls=tls,
-        )
+        """`host` names the archive (with `port`, `called_aet` and `dimse` options), or is
+        whole DimseSettings."""
+        self.settings = dimse_settings(host, port, called_aet, calling_aet, dimse)
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.contexts = storage_contexts(storage_sop_classes)
         self.roles = [build_role(uid, scp_role=True) for uid in storage_classes_of(self.contexts)]
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve everything under `reference` with one C-GET into `sink`; returns the count."""
         ae = self.settings.make_ae()
         ae.add_requested_context(STUDY_ROOT_GET)
         for context in self.contexts:

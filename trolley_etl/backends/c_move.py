@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.uid import AllTransferSyntaxes
@@ -29,24 +29,30 @@ from trolley_etl.backends.dimse import (
     STUDY_ROOT_MOVE,
     VERIFICATION,
     DimseSettings,
-    DimseTls,
     StoreReceiver,
     apply_timeouts,
     association,
+    check_ae_title,
+    check_port,
     check_retrieve_result,
+    dimse_settings,
     parse_retrieval_level,
     retrieve_identifier,
     run_retrieve,
 )
-from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Downloader, InstanceSink
-from trolley_etl.core.errors import BackendError, DimseStatusError
+from trolley_etl.core.errors import BackendError, ConfigurationError, DimseStatusError
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
     Reference,
     SeriesReference,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.dimse import DimseOptions
 
 #: C-MOVE status "Refused: Move Destination unknown".
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -66,13 +72,18 @@ class MoveDestination:
     port: int
     bind: str = "0.0.0.0"
 
+    def __post_init__(self) -> None:
+        check_ae_title("move_destination aet", self.aet)
+        check_port(self.port)
+
     @classmethod
     def from_value(cls, value: MoveDestination | Mapping[str, Any]) -> MoveDestination:
+        """The destination as given: already one, or a mapping with aet, port and bind."""
         if isinstance(value, MoveDestination):
             return value
         unknown = set(value) - {"aet", "port", "bind"}
         if unknown or "aet" not in value or "port" not in value:
-            raise ValueError(
+            raise ConfigurationError(
                 f"move_destination needs 'aet' and 'port' (optional 'bind'), got {dict(value)}"
             )
         return cls(str(value["aet"]), int(value["port"]), str(value.get("bind", "0.0.0.0")))
@@ -106,37 +117,20 @@ class CMove(Downloader):
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        called_aet: str,
+        host: str | DimseSettings,
+        port: int | None = None,
+        called_aet: str | None = None,
         calling_aet: str = "TROLLEY",
         *,
         move_destination: MoveDestination | Mapping[str, Any],
-        connection_timeout: float | None = 10.0,
-        acse_timeout: float = 30.0,
-        dimse_timeout: float | None = 120.0,
-        network_timeout: float | None = 120.0,
-        max_pdu: int = 0,
-        limits: BackendLimits | None = None,
-        tls: DimseTls | None = None,
         retrieval_level: QueryLevel | str | None = None,
         arrival_grace: float = 5.0,
+        **dimse: Unpack[DimseOptions],
     ) -> None:
-        self.settings = DimseSettings(
-            host=host,
-            port=port,
-            called_aet=called_aet,
-            calling_aet=calling_aet,
-            connection_timeout=connection_timeout,
-            acse_timeout=acse_timeout,
-            dimse_timeout=dimse_timeout,
-            network_timeout=network_timeout,
-            max_pdu=max_pdu,
-            limits=limits,
-            tls=tls,
-        )
+        """`host` names the archive (with `port`, `called_aet` and `dimse` options), or is
+        whole DimseSettings."""
+        self.settings = dimse_settings(host, port, called_aet, calling_aet, dimse)
         self.destination = MoveDestination.from_value(move_destination)
-        DimseSettings(host, self.destination.port, self.destination.aet)  # validates the AE title
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.arrival_grace = arrival_grace
         self._lock = threading.Lock()
@@ -147,6 +141,7 @@ class CMove(Downloader):
 
     @property
     def destination_name(self) -> str:
+        """The destination as error messages name it."""
         return f"{self.destination.aet} (port {self.destination.port})"
 
     # --- the Storage SCP -----------------------------------------------------------------
@@ -225,6 +220,7 @@ class CMove(Downloader):
             return request
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Move everything under `reference` to our Storage SCP and into `sink`; the count."""
         self._ensure_server()
         request = self._register(reference, sink)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from pydicom.datadict import dictionary_VR, keyword_dict
@@ -19,29 +20,46 @@ from pynetdicom.status import code_to_category
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_FIND,
     DimseSettings,
-    DimseTls,
     association,
+    dimse_settings,
     level_name,
     lost_association_error,
     status_meaning,
     status_of,
 )
-from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.backend import Searcher
 from trolley_etl.core.errors import DimseStatusError, QueryError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
 from trolley_etl.core.splitting import Event, split_search
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.dimse import DimseOptions
+
 #: Return keys asked for by default, like QIDO-RS's default attributes (PS3.18 10.6.3.3).
 STUDY_RETURN_KEYS = (
-    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDescription",
-    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-)  # fmt: skip
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDescription",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
 SERIES_RETURN_KEYS = (
-    "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances",
-)  # fmt: skip
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+)
 INSTANCE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "NumberOfFrames")
 #: VRs whose empty value is None rather than "" (pydicom warns about "" for them).
 _BINARY_VRS = frozenset(
@@ -64,39 +82,24 @@ class DicomQR(Searcher):
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        called_aet: str,
+        host: str | DimseSettings,
+        port: int | None = None,
+        called_aet: str | None = None,
         calling_aet: str = "TROLLEY",
         *,
-        connection_timeout: float | None = 10.0,
-        acse_timeout: float = 30.0,
-        dimse_timeout: float | None = 120.0,
-        network_timeout: float | None = 120.0,
-        max_pdu: int = 0,
-        limits: BackendLimits | None = None,
-        tls: DimseTls | None = None,
         uid_list_matching: bool = True,
         max_results: int | None = None,
+        **dimse: Unpack[DimseOptions],
     ) -> None:
+        """`host` names the archive (with `port`, `called_aet` and `dimse` options), or is
+        whole DimseSettings."""
         self.uid_list_matching = uid_list_matching
         self.max_results = max_results
         self.on_split: Event | None = None
-        self.settings = DimseSettings(
-            host=host,
-            port=port,
-            called_aet=called_aet,
-            calling_aet=calling_aet,
-            connection_timeout=connection_timeout,
-            acse_timeout=acse_timeout,
-            dimse_timeout=dimse_timeout,
-            network_timeout=network_timeout,
-            max_pdu=max_pdu,
-            limits=limits,
-            tls=tls,
-        )
+        self.settings = dimse_settings(host, port, called_aet, calling_aet, dimse)
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query` (split by date when the archive caps answers)."""
         return split_search(self.search_once, query, self.max_results, self.on_split)
 
     def search_once(self, query: Query) -> list[Study]:
@@ -197,6 +200,6 @@ def _identifier(level: QueryLevel, values: dict[str, str], return_keys: list[str
     ds.QueryRetrieveLevel = level_name(level)
     for keyword in dict.fromkeys([*values, *return_keys]):
         vr = dictionary_VR(keyword_dict[keyword]).split(" or ")[0]
-        empty: str | list | None = [] if vr == "SQ" else None if vr in _BINARY_VRS else ""
+        empty: str | list[Any] | None = [] if vr == "SQ" else None if vr in _BINARY_VRS else ""
         setattr(ds, keyword, values.get(keyword, empty))
     return ds

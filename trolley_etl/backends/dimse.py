@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 from pydicom.uid import (
@@ -41,6 +41,7 @@ from trolley_etl.core.backend import InstanceSink, write_instance
 from trolley_etl.core.errors import (
     AssociationRejectedError,
     BackendError,
+    ConfigurationError,
     ConnectionFailedError,
     DimseStatusError,
     IncompleteRetrievalError,
@@ -50,6 +51,10 @@ from trolley_etl.core.errors import (
 from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference, SeriesReference
 from trolley_etl.core.uids import check_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
+
 
 #: Study Root Query/Retrieve information model SOP classes (PS3.4 C.6.2) and Verification.
 STUDY_ROOT_FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
@@ -126,7 +131,9 @@ class DimseTls:
         """For the C-MOVE destination: our certificate; the archive's is required when a
         CA is given."""
         if not self.cert_file:
-            raise ValueError("a C-MOVE destination over TLS needs tls.cert_file (and key_file)")
+            raise ConfigurationError(
+                "a C-MOVE destination over TLS needs tls.cert_file (and key_file)"
+            )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca_file)
         context.load_cert_chain(self.cert_file, self.key_file)
         context.verify_mode = ssl.CERT_REQUIRED if self.ca_file else ssl.CERT_NONE
@@ -154,15 +161,13 @@ class DimseSettings:
     tls: DimseTls | None = None
 
     def __post_init__(self) -> None:
-        for name in ("called_aet", "calling_aet"):
-            value = getattr(self, name)
-            if not value or len(value) > 16 or "\\" in value or not value.isprintable():
-                raise ValueError(f"{name} {value!r} is not a valid AE title (1-16 characters)")
-        if not 0 < int(self.port) < 65536:
-            raise ValueError(f"port {self.port} is out of range")
+        check_ae_title("called_aet", self.called_aet)
+        check_ae_title("calling_aet", self.calling_aet)
+        check_port(self.port)
 
     @property
     def address(self) -> str:
+        """`host:port`."""
         return f"{self.host}:{self.port}"
 
     @property
@@ -172,6 +177,7 @@ class DimseSettings:
         return f"{scheme}://{self.called_aet}@{self.address}"
 
     def describe(self) -> str:
+        """Both AE titles and the address, for messages."""
         return f"{self.calling_aet} -> {self.called_aet} at {self.address}"
 
     def make_ae(self) -> AE:
@@ -181,7 +187,56 @@ class DimseSettings:
         return ae
 
 
+def check_ae_title(name: str, value: str) -> None:
+    """An AE title is 1-16 printable characters without a backslash (PS3.5 6.2)."""
+    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ConfigurationError(f"{name} {value!r} is not a valid AE title (1-16 characters)")
+
+
+def check_port(port: int) -> None:
+    """A TCP port number."""
+    if not 0 < int(port) < 65536:
+        raise ConfigurationError(f"port {port} is out of range")
+
+
+if TYPE_CHECKING:
+
+    class DimseOptions(TypedDict, total=False):
+        """The fields of DimseSettings after the AE titles, as keyword arguments."""
+
+        connection_timeout: float | None
+        acse_timeout: float
+        dimse_timeout: float | None
+        network_timeout: float | None
+        max_pdu: int
+        deadline: float | None
+        limits: BackendLimits | None
+        tls: DimseTls | None
+
+
+def dimse_settings(
+    target: str | DimseSettings,
+    port: int | None,
+    called_aet: str | None,
+    calling_aet: str,
+    options: DimseOptions,
+) -> DimseSettings:
+    """`target` if it is settings already, else settings for the archive at host `target`.
+
+    Why both: library callers name an archive in one line (`CGet(host, port, "PACS")`), the
+    manifest and the runner hand over the settings they built once.
+    """
+    if isinstance(target, DimseSettings):
+        if port is not None or called_aet is not None or options:
+            raise ConfigurationError("give either DimseSettings or host, port and AE titles")
+        return target
+    if port is None or called_aet is None:
+        raise ConfigurationError("a DICOM archive needs a host, a port and its called AE title")
+    return DimseSettings(target, port, called_aet, calling_aet, **options)
+
+
 def apply_timeouts(ae: AE, settings: DimseSettings) -> None:
+    """Set the settings' timeouts and maximum PDU size on a pynetdicom AE."""
     ae.connection_timeout = settings.connection_timeout
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
@@ -218,8 +273,9 @@ def open_association(
         try:
             tls_args = (settings.tls.client_context(), settings.host)
         except (OSError, ssl.SSLError) as exc:
-            raise BackendError(f"{what} {settings.describe()}: cannot load the TLS files: "
-                               f"{exc}", url=settings.url) from None  # fmt: skip
+            raise BackendError(
+                f"{what} {settings.describe()}: cannot load the TLS files: {exc}", url=settings.url
+            ) from None
     assoc = ae.associate(
         settings.host,
         int(settings.port),
@@ -354,10 +410,12 @@ def lost_association_error(
 
 
 def status_of(status: Dataset) -> int | None:
+    """The Status of a DIMSE response, or None when it has none."""
     return int(status.Status) if "Status" in status else None
 
 
 def describe_reference(reference: Reference) -> str:
+    """A reference as messages name it (`study 1.2.3`, `series ...`)."""
     if isinstance(reference, InstanceReference):
         return f"instance {reference.instance_uid}"
     if isinstance(reference, SeriesReference):
@@ -490,13 +548,14 @@ def storage_contexts(
         if sop_class not in compressed_for:
             contexts.append(build_context(sop_class, list(UNCOMPRESSED_SYNTAXES)))
     if sop_classes is not None and len(contexts) > budget:
-        raise ValueError(
+        raise ConfigurationError(
             f"{len(contexts)} storage presentation contexts asked for; at most {budget} fit"
         )
     return contexts[:budget]
 
 
 def storage_classes_of(contexts: Sequence[PresentationContext]) -> list[UID]:
+    """The SOP classes of the contexts, each once, in order."""
     return list(dict.fromkeys(UID(str(cx.abstract_syntax)) for cx in contexts))
 
 
@@ -507,7 +566,7 @@ def parse_retrieval_level(value: QueryLevel | str | None) -> QueryLevel | None:
     try:
         return QueryLevel(value.lower())
     except ValueError:
-        raise ValueError(
+        raise ConfigurationError(
             f"retrieval_level {value!r} is not one of study, series, instance"
         ) from None
 

@@ -15,8 +15,9 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -28,12 +29,17 @@ from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.core.errors import (
     AuthenticationError,
     BackendError,
+    ConfigurationError,
     ConnectionFailedError,
+    CredentialsUnsendableError,
     ObjectNotFoundError,
-    ResponseFormatError,
+    ResponseTooLargeError,
 )
 from trolley_etl.core.interrupts import on_abort
 from trolley_etl.core.outage import OutageGate
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict
 
 #: (connect, read) seconds; the read timeout is between bytes, not for a whole study.
 DEFAULT_TIMEOUT = (10.0, 300.0)
@@ -52,6 +58,80 @@ USER_AGENT = f"trolley-etl/{__version__}"
 QUERY_SAFE = "*?,/^-._~:@!$'()"
 
 Auth = tuple[str, str] | AuthBase | None
+Timeout = float | tuple[float, float]
+ClientCertificate = str | tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Where an HTTP archive is and how to talk to it: credentials, TLS, waits and caps.
+
+    The one description of an HTTP connection that DICOMweb, WADO-URI, MINT and RAD-69
+    backends share, whether the manifest built it (`HttpBackend.http_settings`) or a caller
+    did; `client()` turns it into the pooled session the backend talks through.
+    """
+
+    url: str
+    auth: Auth = None
+    #: False to skip TLS verification, or the path of a CA bundle.
+    verify: bool | str = True
+    #: (connect, read) seconds; the read timeout is between bytes.
+    timeout: Timeout = DEFAULT_TIMEOUT
+    #: Client certificate for mutual TLS: one PEM file, or (certificate, key).
+    cert: ClientCertificate = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Seconds one streamed answer may take in total.
+    deadline: float | None = DEFAULT_DEADLINE
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    #: Caps shared by every request of the backend (see `backends.limits`).
+    limits: BackendLimits | None = field(default=None, compare=False)
+
+    def client(self, session: requests.Session | None = None) -> HttpClient:
+        """The pooled client; `session` is the caller's own (proxies, adapters, cookies)."""
+        return HttpClient(
+            self.url,
+            auth=self.auth,
+            verify=self.verify,
+            timeout=self.timeout,
+            headers=dict(self.headers),
+            session=session,
+            deadline=self.deadline,
+            max_answer_bytes=self.max_answer_bytes,
+            limits=self.limits,
+            cert=self.cert,
+        )
+
+    def describe(self) -> str:
+        """The URL without credentials, for logs and reports."""
+        return redact_url(self.url)
+
+
+if TYPE_CHECKING:
+
+    class HttpOptions(TypedDict, total=False):
+        """The fields of HttpSettings after `url`, as keyword arguments of a backend."""
+
+        auth: Auth
+        verify: bool | str
+        timeout: Timeout
+        cert: ClientCertificate
+        headers: Mapping[str, str] | None
+        deadline: float | None
+        max_answer_bytes: int
+        limits: BackendLimits | None
+
+
+def http_settings(target: str | HttpSettings, options: HttpOptions) -> HttpSettings:
+    """`target` if it is settings already, else settings for the URL `target` and `options`."""
+    if isinstance(target, HttpSettings):
+        if options:
+            raise ConfigurationError(
+                f"give either HttpSettings or {', '.join(sorted(options))}, not both"
+            )
+        return target
+    if options.get("headers") is None:
+        options = {**options, "headers": {}}
+    return HttpSettings(target, **options)  # type: ignore[arg-type]
 
 
 class BearerAuth(AuthBase):
@@ -61,6 +141,7 @@ class BearerAuth(AuthBase):
         self._token = token
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Add the header to the request."""
         request.headers["Authorization"] = f"Bearer {self._token}"
         return request
 
@@ -122,6 +203,7 @@ class LimitedAdapter(HTTPAdapter):
     def send(  # type: ignore[override]
         self, request: requests.PreparedRequest, stream: bool = False, **kwargs: Any
     ) -> requests.Response:
+        """Send within the caps: wait for the request rate, count a body read at once."""
         if self.limits is not None:
             self.limits.request()
         response = super().send(request, stream=stream, **kwargs)
@@ -185,6 +267,7 @@ class HttpClient:
             self.session.cert = cert
 
     def url(self, path: str) -> str:
+        """The full URL of `path` below the base URL (a query string is appended as is)."""
         if not path or path.startswith("?"):
             return self.base_url + path
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -312,6 +395,7 @@ class HttpClient:
             return response, read_bounded(response, response.url, self.max_answer_bytes)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.session.close()
 
 
@@ -322,6 +406,7 @@ def encode_query(params: Iterable[tuple[str, object]] | dict[str, object]) -> st
 
 
 def raise_for_status(response: requests.Response) -> None:
+    """Raise the project error for a non-2xx answer, naming URL, status and message."""
     if response.status_code < 400:
         return
     url = redact_url(response.url)
@@ -430,15 +515,6 @@ def read_bounded(response: requests.Response, url: str, limit: int) -> bytes:
     return bytes(body)
 
 
-class CredentialsUnsendableError(AuthenticationError):
-    """The credentials cannot be put in a request (not Latin-1, a line break): never retried,
-    and the message never shows them."""
-
-
-class ResponseTooLargeError(ResponseFormatError):
-    """An answer read into memory grew past its limit."""
-
-
 def _raise_if_cut(response: requests.Response, url: str) -> None:
     reason = WATCHDOG.cut_reason(response)
     if reason is not None:
@@ -466,8 +542,9 @@ class _Watchdog:
         with self._lock:
             self._watched[id(response)] = (weakref.ref(response), until, seconds)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="http-deadline",
-                                                daemon=True)  # fmt: skip
+                self._thread = threading.Thread(
+                    target=self._loop, name="http-deadline", daemon=True
+                )
                 self._thread.start()
 
     def cut_reason(self, response: requests.Response) -> str | None:

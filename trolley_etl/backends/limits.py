@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from trolley_etl.core.errors import ConfigurationError
+
 #: Connections a backend opens at most unless the manifest says otherwise.
 DEFAULT_MAX_CONNECTIONS = 4
 #: How often (seconds) the log hears that the caps slowed the run down.
@@ -32,7 +34,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, *, burst: float = 0.0) -> None:
         if rate <= 0:
-            raise ValueError("rate must be positive")
+            raise ConfigurationError("rate must be positive")
         self.rate = rate
         self.burst_seconds = burst / rate
         self._next = 0.0  # the monotonic time from which the next unit is free
@@ -74,7 +76,7 @@ class BackendLimits:
     def __post_init__(self) -> None:
         if self.max_connections is not None:
             if self.max_connections < 1:
-                raise ValueError("max_connections must be at least 1")
+                raise ConfigurationError("max_connections must be at least 1")
             self._slots = threading.BoundedSemaphore(self.max_connections)
         if self.requests_per_second is not None:
             self._requests = RateLimiter(self.requests_per_second)
@@ -84,6 +86,7 @@ class BackendLimits:
             self._bytes = RateLimiter(rate, burst=rate / 4)
 
     def describe(self) -> dict[str, Any]:
+        """The caps as log fields."""
         return {
             "max_connections": self.max_connections,
             "requests_per_second": self.requests_per_second,

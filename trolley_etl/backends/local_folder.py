@@ -81,6 +81,7 @@ class LocalFolder(Searcher, Downloader):
     # --- Searcher ------------------------------------------------------------------------------
 
     def search(self, query: Query) -> list[Study]:
+        """The indexed studies matching `query`."""
         self._ensure_indexed()
         narrow = {
             _UID_FILTERS[k]: (v if isinstance(v, tuple) else (v,))
@@ -105,6 +106,7 @@ class LocalFolder(Searcher, Downloader):
     # --- Downloader ----------------------------------------------------------------------------
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Copy the files under `reference` into `sink`; the count."""
         self._ensure_indexed()
         series = (
             (reference.series_uid,)

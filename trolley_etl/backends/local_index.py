@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom import Dataset
@@ -90,7 +91,7 @@ class FolderIndex:
             }
         added = updated = unchanged = not_dicom = 0
         seen: set[str] = set()
-        pending: list[tuple] = []
+        pending: list[tuple[Any, ...]] = []
         for path in self._walk():
             try:
                 stat = path.stat()
@@ -177,7 +178,7 @@ class FolderIndex:
             return dict(db.execute(sql).fetchall())
 
 
-def _read(path: Path, mtime_ns: int, size: int) -> tuple:
+def _read(path: Path, mtime_ns: int, size: int) -> tuple[Any, ...]:
     """The index row of one file; header None when it is not a DICOM instance."""
     empty = (str(path), mtime_ns, size, None, None, None, None, None)
     try:

@@ -19,16 +19,18 @@ rules (trolley_etl.backends.matching), at the level it belongs to.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+import requests
 from pydicom import DataElement, Dataset
 from pydicom.datadict import keyword_for_tag
 
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient
+from trolley_etl.backends.http import HttpSettings, http_settings
 from trolley_etl.backends.matching import deepest_level, matches
 from trolley_etl.backends.xmlsafe import children, local_name, parse_xml
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError
 from trolley_etl.core.model import (
     SERIES_KEYWORDS,
     STUDY_KEYWORDS,
@@ -39,15 +41,27 @@ from trolley_etl.core.model import (
 )
 from trolley_etl.core.query import FilterValue, Query
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
+
 MINT_NAMESPACE = "http://medical.nema.org/mint"
 #: Study-level keywords a MINT server filters on, sent under their DICOM keyword.
 SERVER_FILTERS = frozenset(
     {
-        "PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID", "ModalitiesInStudy",
-        "StudyDescription", "PatientSex", "InstitutionName", "InstitutionalDepartmentName",
+        "PatientID",
+        "PatientName",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "StudyDescription",
+        "PatientSex",
+        "InstitutionName",
+        "InstitutionalDepartmentName",
         "PatientBirthDate",
     }
-)  # fmt: skip
+)
 #: The oldest and the latest date MINT's minStudyDate/maxStudyDate pair can stand for.
 OPEN_START, OPEN_END = "19000101", "99991231"
 #: At most this many requests are made to split a list filter the server cannot take.
@@ -71,22 +85,22 @@ class Mint(Searcher):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         page_size: int | None = None,
-        headers: dict[str, str] | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
         if page_size is not None and page_size < 1:
-            raise ValueError("page_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+            raise ConfigurationError("page_size must be at least 1")
+        self.http = http_settings(url, http).client(session)
         self.page_size = page_size
 
     # --- the Searcher interface --------------------------------------------------------------
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query`, as the MINT service answers."""
         level = deepest_level(query.filters, query.query_level)
         server = {k: v for k, v in query.filters.items() if k in SERVER_FILTERS or k == "StudyDate"}
         rows = [
@@ -104,6 +118,7 @@ class Mint(Searcher):
         return tree_from_rows(rows, query.query_level)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
     # --- requests ----------------------------------------------------------------------------

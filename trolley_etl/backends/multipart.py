@@ -79,63 +79,75 @@ class _Parser:
             return  # the epilogue is ignored, as RFC 2046 says
         data = self.buffer + chunk if self.buffer else chunk
         self.buffer = b""
-        position = 0
-        while True:
-            if self.state == "body":
-                found = data.find(self.delimiter, position)
-                if found < 0:
-                    keep = self._undecided(data, position)
-                    if keep > position:
-                        self._part_data(data[position:keep])
-                    self.buffer = data[keep:]
-                    return
-                if found > position:
-                    self._part_data(data[position:found])
-                self._part_end()
-                position = found + len(self.delimiter)
-                self.state = "after-boundary"
-            elif self.state == "after-boundary":
-                line_end = data.find(b"\r\n", position)
-                if line_end < 0:
-                    if len(data) - position > MAX_HEADER_BYTES:
-                        raise MultipartParseError("no line end after a boundary")
-                    self.buffer = data[position:]
-                    return
-                rest = data[position:line_end]
-                if rest.startswith(b"--"):
-                    self.state = "end"
-                    return
-                if rest.strip(b" \t"):
-                    raise MultipartParseError("unexpected bytes after a boundary")
-                position = line_end + 2
-                self.state = "headers"
-            elif self.state == "headers":
-                if data.startswith(b"\r\n", position):  # no headers at all
-                    block, position = b"", position + 2
-                else:
-                    found = data.find(b"\r\n\r\n", position)
-                    if found < 0:
-                        if len(data) - position > MAX_HEADER_BYTES:
-                            raise MultipartParseError("part headers too large")
-                        self.buffer = data[position:]
-                        return
-                    block, position = data[position:found], found + 4
-                self.writer = self.open_part(_headers(block))
-                self.state = "body"
-            elif self.state == "preamble":
-                found = data.find(self.first, position)
-                if found < 0 or len(data) - found < len(self.first):
-                    if len(data) > MAX_PREAMBLE_BYTES:
-                        raise MultipartParseError("no boundary at the start of the body")
-                    self.buffer = data[position:]
-                    return
-                if found and data[found - 2 : found] != b"\r\n":
-                    position = found + 1  # the boundary text inside the preamble's line
-                    continue
-                position = found + len(self.first)
-                self.state = "after-boundary"
-            else:  # end
-                return
+        steps = {
+            "body": self._body,
+            "after-boundary": self._after_boundary,
+            "headers": self._headers_block,
+            "preamble": self._preamble,
+        }
+        position: int | None = 0
+        while position is not None and self.state != "end":
+            position = steps[self.state](data, position)
+
+    # Each step reads from `position`: it returns where the next step starts, or None when
+    # the rest of `data` must wait for the next chunk (kept in `self.buffer`) or the end came.
+
+    def _body(self, data: bytes, position: int) -> int | None:
+        found = data.find(self.delimiter, position)
+        if found < 0:
+            keep = self._undecided(data, position)
+            if keep > position:
+                self._part_data(data[position:keep])
+            self.buffer = data[keep:]
+            return None
+        if found > position:
+            self._part_data(data[position:found])
+        self._part_end()
+        self.state = "after-boundary"
+        return found + len(self.delimiter)
+
+    def _after_boundary(self, data: bytes, position: int) -> int | None:
+        line_end = data.find(b"\r\n", position)
+        if line_end < 0:
+            if len(data) - position > MAX_HEADER_BYTES:
+                raise MultipartParseError("no line end after a boundary")
+            self.buffer = data[position:]
+            return None
+        rest = data[position:line_end]
+        if rest.startswith(b"--"):
+            self.state = "end"
+            return None
+        if rest.strip(b" \t"):
+            raise MultipartParseError("unexpected bytes after a boundary")
+        self.state = "headers"
+        return line_end + 2
+
+    def _headers_block(self, data: bytes, position: int) -> int | None:
+        if data.startswith(b"\r\n", position):  # no headers at all
+            block, position = b"", position + 2
+        else:
+            found = data.find(b"\r\n\r\n", position)
+            if found < 0:
+                if len(data) - position > MAX_HEADER_BYTES:
+                    raise MultipartParseError("part headers too large")
+                self.buffer = data[position:]
+                return None
+            block, position = data[position:found], found + 4
+        self.writer = self.open_part(_headers(block))
+        self.state = "body"
+        return position
+
+    def _preamble(self, data: bytes, position: int) -> int | None:
+        found = data.find(self.first, position)
+        if found < 0 or len(data) - found < len(self.first):
+            if len(data) > MAX_PREAMBLE_BYTES:
+                raise MultipartParseError("no boundary at the start of the body")
+            self.buffer = data[position:]
+            return None
+        if found and data[found - 2 : found] != b"\r\n":
+            return found + 1  # the boundary text inside the preamble's line
+        self.state = "after-boundary"
+        return found + len(self.first)
 
     def _undecided(self, data: bytes, position: int) -> int:
         """Where the bytes that could start a delimiter cut by the chunk's end begin (the

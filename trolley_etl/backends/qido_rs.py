@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import requests
 from pydicom import Dataset
 
 from trolley_etl.backends.dicom_json import datasets_from_json, parse_json
 from trolley_etl.backends.http import (
-    DEFAULT_DEADLINE,
-    DEFAULT_MAX_ANSWER_BYTES,
-    DEFAULT_TIMEOUT,
-    Auth,
-    HttpClient,
+    HttpSettings,
+    http_settings,
 )
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError, ResultsCappedError
 from trolley_etl.core.model import TREE_KEYS, QueryLevel, Study, tree_from_rows
 from trolley_etl.core.query import Query
-from trolley_etl.core.splitting import Event, ResultsCappedError, split_search
+from trolley_etl.core.splitting import Event, split_search
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 DEFAULT_PAGE_SIZE = 1000
 #: Pages one search may take before it is considered endless.
@@ -45,28 +49,25 @@ class QidoRS(Searcher):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
-        headers: dict[str, str] | None = None,
         max_pages: int = DEFAULT_MAX_PAGES,
-        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-        deadline: float | None = DEFAULT_DEADLINE,
         max_results: int | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
         if page_size < 1:
-            raise ValueError("page_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers,
-                               deadline=deadline, max_answer_bytes=max_answer_bytes)  # fmt: skip
+            raise ConfigurationError("page_size must be at least 1")
+        self.http = http_settings(url, http).client(session)
         self.page_size = page_size
         self.max_pages = max_pages
         self.max_results = max_results
         self.on_split: Event | None = None
 
     def search(self, query: Query) -> list[Study]:
+        """The studies matching `query`, page by page (split by date at the archive's cap)."""
         return split_search(self.search_once, query, self.max_results, self.on_split)
 
     def search_once(self, query: Query) -> list[Study]:
@@ -159,6 +160,7 @@ class QidoRS(Searcher):
             row.SeriesInstanceUID = parts[3]
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
 

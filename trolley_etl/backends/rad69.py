@@ -24,6 +24,7 @@ import binascii
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 from xml.etree import ElementTree
 from xml.etree.ElementTree import Element
@@ -31,9 +32,8 @@ from xml.etree.ElementTree import Element
 import requests
 
 from trolley_etl.backends.http import (
-    DEFAULT_TIMEOUT,
-    Auth,
-    HttpClient,
+    HttpSettings,
+    http_settings,
     iter_body,
     raise_for_status,
     redact_url,
@@ -41,7 +41,13 @@ from trolley_etl.backends.http import (
 from trolley_etl.backends.multipart import boundary_from_content_type, stream_related
 from trolley_etl.backends.xmlsafe import children, descendants, local_name, parse_xml
 from trolley_etl.core.backend import Downloader, InstanceSink, InstanceWriter, write_instance
-from trolley_etl.core.errors import BackendError, MissingReferencesError, ResponseFormatError
+from trolley_etl.core.errors import (
+    ConfigurationError,
+    DocumentsMissingError,
+    MissingReferencesError,
+    Rad69Error,
+    ResponseFormatError,
+)
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
@@ -50,6 +56,11 @@ from trolley_etl.core.model import (
     SeriesReference,
     contained_references,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 SOAP_ENV = "http://www.w3.org/2003/05/soap-envelope"
 WSA = "http://www.w3.org/2005/08/addressing"
@@ -76,10 +87,8 @@ DEFAULT_BATCH_SIZE = 500
 #: The root SOAP part lists every document; a few MiB is far more than any real one needs.
 MAX_ROOT_BYTES = 16 * 1024 * 1024
 
-ElementTree.register_namespace("s", SOAP_ENV)
-ElementTree.register_namespace("a", WSA)
-ElementTree.register_namespace("iherad", IHE_RAD)
-ElementTree.register_namespace("ihe", IHE_XDS)
+#: The prefixes of the request envelope, declared on its root element.
+_PREFIXES = {"xmlns:s": SOAP_ENV, "xmlns:a": WSA, "xmlns:iherad": IHE_RAD, "xmlns:ihe": IHE_XDS}
 
 
 @dataclass(frozen=True)
@@ -112,27 +121,6 @@ class RegistryError:
         return f"{self.code}: {self.context}{where}".strip(": ")
 
 
-class Rad69Error(BackendError):
-    """The source answered with a SOAP fault or a Failure status."""
-
-    def __init__(
-        self, message: str, *, url: str, status: int | None = None, errors: Sequence = ()
-    ) -> None:
-        super().__init__(message, url=url, status=status)
-        self.errors: list[RegistryError] = list(errors)
-
-
-class DocumentsMissingError(Rad69Error):
-    """Some requested documents did not arrive (PartialSuccess); the others were stored."""
-
-    def __init__(
-        self, message: str, *, url: str, missing: Sequence[str], stored: int, errors: Sequence
-    ) -> None:
-        super().__init__(message, url=url, errors=errors)
-        self.missing = list(missing)
-        self.stored = stored
-
-
 class Rad69(Downloader):
     """Download instances from an IHE Imaging Document Source (RAD-69)."""
 
@@ -140,21 +128,20 @@ class Rad69(Downloader):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
         repository_id: str,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        headers: dict[str, str] | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
         if not repository_id:
-            raise ValueError("repository_id (the source's RepositoryUniqueId) is required")
+            raise ConfigurationError("repository_id (the source's RepositoryUniqueId) is required")
         if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+            raise ConfigurationError("batch_size must be at least 1")
+        self.http = http_settings(url, http).client(session)
         self.repository_id = repository_id
         self.transfer_syntaxes = tuple(transfer_syntaxes)
         self.batch_size = batch_size
@@ -180,6 +167,7 @@ class Rad69(Downloader):
     # --- retrieval ----------------------------------------------------------------------------
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve the instances under `reference` in batches into `sink`; the count."""
         if isinstance(reference, InstanceReference):
             reference = SeriesInstances(
                 reference.study_uid, reference.series_uid, (reference.instance_uid,)
@@ -204,32 +192,34 @@ class Rad69(Downloader):
 
     def request_body(self, reference: SeriesInstances) -> bytes:
         """The SOAP 1.2 envelope of a RetrieveImagingDocumentSetRequest (RAD TF-3 4.69.4.1.2)."""
-        envelope = Element(f"{{{SOAP_ENV}}}Envelope")
-        header = ElementTree.SubElement(envelope, f"{{{SOAP_ENV}}}Header")
-        action = ElementTree.SubElement(header, f"{{{WSA}}}Action")
-        action.set(f"{{{SOAP_ENV}}}mustUnderstand", "1")
+        # prefixed names and their xmlns declarations written as they are: no entry in
+        # ElementTree's process-wide prefix registry (register_namespace) is needed
+        envelope = Element("s:Envelope", _PREFIXES)
+        header = ElementTree.SubElement(envelope, "s:Header")
+        action = ElementTree.SubElement(header, "a:Action")
+        action.set("s:mustUnderstand", "1")
         action.text = ACTION
-        ElementTree.SubElement(header, f"{{{WSA}}}MessageID").text = f"urn:uuid:{uuid.uuid4()}"
-        reply_to = ElementTree.SubElement(header, f"{{{WSA}}}ReplyTo")
-        reply_to.set(f"{{{SOAP_ENV}}}mustUnderstand", "1")
-        address = ElementTree.SubElement(reply_to, f"{{{WSA}}}Address")
+        ElementTree.SubElement(header, "a:MessageID").text = f"urn:uuid:{uuid.uuid4()}"
+        reply_to = ElementTree.SubElement(header, "a:ReplyTo")
+        reply_to.set("s:mustUnderstand", "1")
+        address = ElementTree.SubElement(reply_to, "a:Address")
         address.text = "http://www.w3.org/2005/08/addressing/anonymous"
-        ElementTree.SubElement(header, f"{{{WSA}}}To").text = redact_url(self.http.base_url)
-        body = ElementTree.SubElement(envelope, f"{{{SOAP_ENV}}}Body")
-        request = ElementTree.SubElement(body, f"{{{IHE_RAD}}}RetrieveImagingDocumentSetRequest")
-        study = ElementTree.SubElement(request, f"{{{IHE_RAD}}}StudyRequest")
+        ElementTree.SubElement(header, "a:To").text = redact_url(self.http.base_url)
+        body = ElementTree.SubElement(envelope, "s:Body")
+        request = ElementTree.SubElement(body, "iherad:RetrieveImagingDocumentSetRequest")
+        study = ElementTree.SubElement(request, "iherad:StudyRequest")
         study.set("studyInstanceUID", reference.study_uid)
-        series = ElementTree.SubElement(study, f"{{{IHE_RAD}}}SeriesRequest")
+        series = ElementTree.SubElement(study, "iherad:SeriesRequest")
         series.set("seriesInstanceUID", reference.series_uid)
         for instance_uid in reference.instance_uids:
-            document = ElementTree.SubElement(series, f"{{{IHE_XDS}}}DocumentRequest")
-            repository = ElementTree.SubElement(document, f"{{{IHE_XDS}}}RepositoryUniqueId")
+            document = ElementTree.SubElement(series, "ihe:DocumentRequest")
+            repository = ElementTree.SubElement(document, "ihe:RepositoryUniqueId")
             repository.text = self.repository_id
-            ElementTree.SubElement(document, f"{{{IHE_XDS}}}DocumentUniqueId").text = instance_uid
-        syntaxes = ElementTree.SubElement(request, f"{{{IHE_RAD}}}TransferSyntaxUIDList")
+            ElementTree.SubElement(document, "ihe:DocumentUniqueId").text = instance_uid
+        syntaxes = ElementTree.SubElement(request, "iherad:TransferSyntaxUIDList")
         for syntax in self.transfer_syntaxes:
-            ElementTree.SubElement(syntaxes, f"{{{IHE_RAD}}}TransferSyntaxUID").text = syntax
-        return ElementTree.tostring(envelope, encoding="utf-8", xml_declaration=True)
+            ElementTree.SubElement(syntaxes, "iherad:TransferSyntaxUID").text = syntax
+        return bytes(ElementTree.tostring(envelope, encoding="utf-8", xml_declaration=True))
 
     def _read_response(
         self, response: requests.Response, reference: SeriesInstances, sink: InstanceSink
@@ -262,6 +252,7 @@ class Rad69(Downloader):
         return _check_result(result, reader, reference, stored, url)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()
 
 
@@ -270,6 +261,8 @@ class Rad69(Downloader):
 
 @dataclass
 class DocumentResponse:
+    """One document of a RAD-69 answer: its ids and MTOM part."""
+
     document_uid: str
     content_id: str | None  # the cid of an xop:Include, None when the document is inline
     inline: Element | None = None
@@ -277,6 +270,8 @@ class DocumentResponse:
 
 @dataclass
 class RetrieveResult:
+    """What one RAD-69 request returned: status, errors and documents."""
+
     status: str
     errors: list[RegistryError] = field(default_factory=list)
     documents: list[DocumentResponse] = field(default_factory=list)

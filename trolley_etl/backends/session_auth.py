@@ -143,7 +143,7 @@ class SessionAuth(AuthBase):
         generation, jar = self._current()
         _attach(request, jar)
         request._trolley_session = generation  # type: ignore[attr-defined]
-        request.register_hook("response", self._on_response)
+        request.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
         return request
 
     def _on_response(self, response: requests.Response, **kwargs: Any) -> requests.Response:
@@ -161,7 +161,7 @@ class SessionAuth(AuthBase):
             retry._trolley_retried = True  # type: ignore[attr-defined]
             retry._trolley_session = generation  # type: ignore[attr-defined]
             previous = response
-            response = previous.connection.send(retry, **kwargs)  # type: ignore[attr-defined]
+            response = previous.connection.send(retry, **kwargs)
             response.history.append(previous)
             response.request = retry
             if not self.session_ended(response):
@@ -183,7 +183,7 @@ def _attach(request: requests.PreparedRequest, jar: RequestsCookieJar) -> None:
     """Put the session's cookies on a request, replacing any of the same names (a cookie the
     archive set on an unauthenticated answer must not shadow the logged-in one)."""
     existing = request.headers.pop("Cookie", None) or ""  # the jar would not add to it
-    ours = get_cookie_header(jar, request) or ""
+    ours = get_cookie_header(jar, request) or ""  # type: ignore[no-untyped-call]
     names = {cookie.name for cookie in jar}
     kept = [
         part.strip()
@@ -227,23 +227,33 @@ class VitreaAuth(SessionAuth):
     product = "Vitrea"
 
     def __init__(
-        self, login_url: str, username: str, password: str, realm: str = DEFAULT_REALM,
+        self,
+        login_url: str,
+        username: str,
+        password: str,
+        realm: str = DEFAULT_REALM,
         **options: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(login_url, username, password, **options)
         self.realm = realm
 
     def _log_in(self, session: requests.Session) -> None:
-        headers = {"X-Userid": self._username, "X-Password": self._password,
-                   "X-Realm": self.realm}  # fmt: skip
-        with session.post(self.login_url, headers=headers, timeout=self._timeout,
-                          stream=True, allow_redirects=False) as response:  # fmt: skip
+        headers = {"X-Userid": self._username, "X-Password": self._password, "X-Realm": self.realm}
+        with session.post(
+            self.login_url,
+            headers=headers,
+            timeout=self._timeout,
+            stream=True,
+            allow_redirects=False,
+        ) as response:
             response.raw.read(LOGIN_PAGE_PEEK)
             if response.status_code != 200:
                 raise _refused(
-                    self.product, self.login_url, response,
+                    self.product,
+                    self.login_url,
+                    response,
                     f"HTTP {response.status_code} {response.reason or ''}".rstrip(),
-                )  # fmt: skip
+                )
 
 
 class ImpaxAuth(SessionAuth):
@@ -268,14 +278,17 @@ class ImpaxAuth(SessionAuth):
         with session.get(self.app_url, timeout=self._timeout, stream=True) as opened:
             opened.raw.read(LOGIN_PAGE_PEEK)  # the servlet only accepts a form for a session
         form = {"j_username": self._username, "j_password": self._password}
-        with session.post(self.form_url, data=form, timeout=self._timeout, stream=True,
-                          allow_redirects=False) as response:  # fmt: skip
+        with session.post(
+            self.form_url, data=form, timeout=self._timeout, stream=True, allow_redirects=False
+        ) as response:
             page = response.raw.read(LOGIN_PAGE_PEEK, decode_content=True) or b""
             if response.status_code == 403 or 300 <= response.status_code < 400:
                 return  # IMPAX answers a successful login with 403, other servlets redirect
-            detail = "the login page answered Login Failed" if b"Login Failed" in page else (
-                f"HTTP {response.status_code} {response.reason or ''}".rstrip()
-            )  # fmt: skip
+            detail = (
+                "the login page answered Login Failed"
+                if b"Login Failed" in page
+                else (f"HTTP {response.status_code} {response.reason or ''}".rstrip())
+            )
             raise _refused(self.product, self.form_url, response, detail)
 
     def session_ended(self, response: requests.Response) -> bool:
@@ -286,7 +299,7 @@ class ImpaxAuth(SessionAuth):
             return False
         # no protocol this project speaks answers HTML: this is the login page, or an error
         page = response.raw.read(LOGIN_PAGE_PEEK, decode_content=True) or b""
-        response._content = page  # type: ignore[attr-defined]  # bounded; read by error messages
+        response._content = page  # bounded; read by error messages
         response._content_consumed = True  # type: ignore[attr-defined]
         return b"j_security_check" in page
 

@@ -21,7 +21,12 @@ from typing import Any
 import requests
 from requests.auth import AuthBase
 
-from trolley_etl.core.errors import AuthenticationError, BackendError, ConnectionFailedError
+from trolley_etl.core.errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigurationError,
+    ConnectionFailedError,
+)
 
 #: Refresh this share of a token's lifetime early, but no more than MAX_EARLY seconds.
 EARLY_SHARE = 0.2
@@ -98,14 +103,22 @@ class OAuth2ClientCredentials(TokenSource):
         return f"the token endpoint {self.token_url}"
 
     def fetch(self) -> tuple[str, float | None]:
-        form = {"grant_type": "client_credentials", "client_id": self._client_id,
-                "client_secret": self._client_secret}  # fmt: skip
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+        }
         if self.scope:
             form["scope"] = self.scope
         try:
-            response = requests.post(self.token_url, data=form, timeout=self.timeout,
-                                     verify=self.verify, headers={"Accept": "application/json"},
-                                     stream=True)  # fmt: skip
+            response = requests.post(
+                self.token_url,
+                data=form,
+                timeout=self.timeout,
+                verify=self.verify,
+                headers={"Accept": "application/json"},
+                stream=True,
+            )
             with response:
                 body = response.raw.read(MAX_ANSWER + 1, decode_content=True)
         except requests.RequestException as exc:
@@ -141,7 +154,7 @@ class CommandToken(TokenSource):
     def __init__(self, command: Sequence[str], *, timeout: float = COMMAND_TIMEOUT) -> None:
         super().__init__()
         if not command:
-            raise ValueError("the credential command is empty")
+            raise ConfigurationError("the credential command is empty")
         self.command = list(command)
         self.timeout = timeout
 
@@ -150,8 +163,13 @@ class CommandToken(TokenSource):
 
     def fetch(self) -> tuple[str, float | None]:
         try:
-            done = subprocess.run(self.command, capture_output=True, timeout=self.timeout,
-                                  stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+            done = subprocess.run(
+                self.command,
+                capture_output=True,
+                timeout=self.timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         except FileNotFoundError:
             raise BackendError(f"{self.describe()} was not found (is it installed?)") from None
         except subprocess.TimeoutExpired:
@@ -181,7 +199,7 @@ class TokenAuth(AuthBase):
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         request.headers["Authorization"] = f"Bearer {self.source.token()}"
-        request.register_hook("response", self._retry_on_401)
+        request.register_hook("response", self._retry_on_401)  # type: ignore[no-untyped-call]
         return request
 
     def _retry_on_401(self, response: requests.Response, **kwargs: Any) -> requests.Response:

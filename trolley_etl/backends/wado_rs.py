@@ -10,10 +10,16 @@ pixel data (see `wado_rs_metadata`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import requests
 
 from trolley_etl.backends.dicom_json import datasets_from_json, parse_json
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
+from trolley_etl.backends.http import (
+    HttpSettings,
+    http_settings,
+    iter_body,
+)
 from trolley_etl.backends.metadata_types import MetadataFormat
 from trolley_etl.backends.multipart import (
     boundary_from_content_type,
@@ -21,7 +27,7 @@ from trolley_etl.backends.multipart import (
     stream_single,
 )
 from trolley_etl.core.backend import Downloader, InstanceSink
-from trolley_etl.core.errors import NotFoundError, ResponseFormatError
+from trolley_etl.core.errors import ObjectNotFoundError, ResponseFormatError
 from trolley_etl.core.model import (
     InstanceReference,
     QueryLevel,
@@ -31,6 +37,11 @@ from trolley_etl.core.model import (
     tree_from_rows,
 )
 from trolley_etl.core.uids import check_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 
 def resource_path(reference: Reference) -> str:
@@ -51,20 +62,19 @@ class WadoRS(Downloader):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         transfer_syntax: str = "*",
-        headers: dict[str, str] | None = None,
         metadata_only: bool = False,
         format: MetadataFormat = "dicom",
+        **http: Unpack[HttpOptions],
     ) -> None:
-        """`metadata_only`: headers only, from `/metadata`, stored as `format` ("dicom":
-        Part 10 without pixel data; "json": DICOM JSON, which needs a StorageDir made with
-        `file_format="json"`)."""
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        """`url` is the base URL (with `http` options) or whole HttpSettings; `session` a
+        requests session of the caller's. `metadata_only`: headers only, from `/metadata`,
+        stored as `format` ("dicom": Part 10 without pixel data; "json": DICOM JSON, which
+        needs a StorageDir made with `file_format="json"`)."""
+        self.http = http_settings(url, http).client(session)
         self.accept = (
             f'multipart/related; type="application/dicom"; transfer-syntax={transfer_syntax}'
         )
@@ -81,6 +91,7 @@ class WadoRS(Downloader):
         return self.metadata_writer.file_format if self.metadata_writer else "dicom"
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve everything under `reference` (or its metadata) into `sink`; the count."""
         if self.metadata_writer is not None:
             return self._fetch_metadata(reference, sink)
         path = resource_path(reference)
@@ -129,8 +140,11 @@ class WadoRS(Downloader):
             s for s in tree_from_rows(rows, QueryLevel.INSTANCE) if s.uid == reference.study_uid
         ]
         if not studies:
-            raise NotFoundError(f"{response.url}: no metadata for {reference}")
+            raise ObjectNotFoundError(
+                f"{response.url}: no metadata for {reference}", url=response.url
+            )
         return studies[0]
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()

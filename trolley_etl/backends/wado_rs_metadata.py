@@ -27,7 +27,7 @@ from typing import Any
 
 from trolley_etl.backends.metadata_types import METADATA_FORMATS, MetadataFormat
 from trolley_etl.core.backend import InstanceSink, write_instance
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import ConfigurationError, ResponseFormatError
 
 #: Largest JSON object of one instance that is accepted (it is held in memory while parsed).
 MAX_INSTANCE_BYTES = 64 << 20
@@ -159,8 +159,11 @@ REFERENCE_TAGS = ("0020000D", "0020000E", SOP_INSTANCE_UID_TAG)
 
 def expected_uids(reference: Any) -> dict[str, str]:
     """What every instance answered for `reference` must carry, as tag -> UID."""
-    uids = [reference.study_uid, getattr(reference, "series_uid", ""),
-            getattr(reference, "instance_uid", "")]  # fmt: skip
+    uids = [
+        reference.study_uid,
+        getattr(reference, "series_uid", ""),
+        getattr(reference, "instance_uid", ""),
+    ]
     return {tag: uid for tag, uid in zip(REFERENCE_TAGS, uids, strict=True) if uid}
 
 
@@ -255,7 +258,7 @@ class MetadataWriter:
 
     def __init__(self, file_format: MetadataFormat = "dicom") -> None:
         if file_format not in METADATA_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(METADATA_FORMATS)}")
+            raise ConfigurationError(f"format must be one of {', '.join(METADATA_FORMATS)}")
         self.file_format = file_format
         #: Tag -> how many values of it were dropped from Part 10 files.
         self.dropped_elements: Counter[str] = Counter()

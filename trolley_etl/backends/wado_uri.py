@@ -6,12 +6,25 @@ instance fallback (the searcher lists the instances first).
 
 from __future__ import annotations
 
-from trolley_etl.backends.http import DEFAULT_TIMEOUT, Auth, HttpClient, iter_body
+from typing import TYPE_CHECKING
+
+import requests
+
+from trolley_etl.backends.http import (
+    HttpSettings,
+    http_settings,
+    iter_body,
+)
 from trolley_etl.backends.multipart import stream_single
 from trolley_etl.core.backend import Downloader, InstanceSink
 from trolley_etl.core.errors import MissingReferencesError
 from trolley_etl.core.model import InstanceReference, QueryLevel, Reference
 from trolley_etl.core.uids import check_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from trolley_etl.backends.http import HttpOptions
 
 
 class WadoURI(Downloader):
@@ -21,18 +34,18 @@ class WadoURI(Downloader):
 
     def __init__(
         self,
-        url: str,
+        url: str | HttpSettings,
         *,
-        auth: Auth = None,
-        verify: bool | str = True,
-        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+        session: requests.Session | None = None,
         transfer_syntax: str | None = None,
-        headers: dict[str, str] | None = None,
+        **http: Unpack[HttpOptions],
     ) -> None:
-        self.http = HttpClient(url, auth=auth, verify=verify, timeout=timeout, headers=headers)
+        """`url` is the base URL (with `http` options) or whole HttpSettings."""
+        self.http = http_settings(url, http).client(session)
         self.transfer_syntax = transfer_syntax
 
     def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve one instance into `sink` (WADO-URI names instances only); the count."""
         if not isinstance(reference, InstanceReference):
             raise MissingReferencesError(
                 QueryLevel.INSTANCE, f"WADO-URI retrieves single instances, not {reference}"
@@ -51,4 +64,5 @@ class WadoURI(Downloader):
             return stream_single(iter_body(response, response.url), sink)
 
     def close(self) -> None:
+        """Close the pooled connections."""
         self.http.close()

@@ -23,8 +23,8 @@ from trolley_etl.cli.run_commands import (
     execute_run,
     manifest_with_checkpoint,
 )
-from trolley_etl.core.errors import TrolleyError
-from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.core.errors import LockFileError, ManifestError, TrolleyError
+from trolley_etl.manifest import Manifest, load_manifest
 from trolley_etl.runner.checkpoint import open_checkpoint
 
 # The runner, the report and verify are imported by the commands that use them, so that
@@ -64,9 +64,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from trolley_etl.core.errors import RootBusyError
     from trolley_etl.core.relative_dates import resolved_ranges
     from trolley_etl.runner import lockfile, resolve
-    from trolley_etl.runner.run import RootBusyError, Runner, root_lock
+    from trolley_etl.runner.run import Runner, root_lock
 
     try:
         manifest = load_manifest(args.manifest)
@@ -76,7 +77,7 @@ def run_lock(args: argparse.Namespace) -> int:
     path = lockfile.lock_path_for(args.manifest)
     try:
         previous = lockfile.read_lock(path) if path.exists() else None
-    except lockfile.LockFileError as exc:
+    except LockFileError as exc:
         print(f"trolley-etl: {exc} (it will be replaced)", file=sys.stderr)
         previous = None
     log = _log(args, None)
@@ -141,8 +142,11 @@ def run_report(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if not args.quiet:
         summary = audit["summary"]
-        print(f"report saved to {saved}: {summary['instances']} instances in "
-              f"{summary['studies']} studies, {summary['by_status']}", file=sys.stderr)  # fmt: skip
+        print(
+            f"report saved to {saved}: {summary['instances']} instances in "
+            f"{summary['studies']} studies, {summary['by_status']}",
+            file=sys.stderr,
+        )
     return exit_codes.OK
 
 
@@ -150,7 +154,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from trolley_etl.runner.run import RootBusyError
+    from trolley_etl.core.errors import RootBusyError
 
     if args.workers is not None and args.workers < 1:
         print("trolley-etl: --workers must be at least 1", file=sys.stderr)
@@ -204,8 +208,11 @@ def _repair_run(args: argparse.Namespace, manifest: Manifest, root: Path) -> int
     if code == exit_codes.OK:
         return None
     if code == exit_codes.ITEMS_FAILED:  # the forgotten files would not show in a new verify
-        print("trolley-etl: the repair could not download everything (see above); "
-              "`trolley-etl status` lists it", file=sys.stderr)  # fmt: skip
+        print(
+            "trolley-etl: the repair could not download everything (see above); "
+            "`trolley-etl status` lists it",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -224,20 +231,34 @@ def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
 
 
 def _print_result(
-    result: VerifyResult, style: str, root: Path, *, replaced: list[str] | None = None,
+    result: VerifyResult,
+    style: str,
+    root: Path,
+    *,
+    replaced: list[str] | None = None,
     out: TextIO | None = None,
-) -> None:  # fmt: skip
+) -> None:
     stream = out or sys.stdout
     if style == "json":
-        print(json.dumps({"root": str(root), **result.to_json(),
-                          "replaced_content": replaced or []}, indent=2), file=stream)  # fmt: skip
+        print(
+            json.dumps(
+                {"root": str(root), **result.to_json(), "replaced_content": replaced or []},
+                indent=2,
+            ),
+            file=stream,
+        )
         return
     for problem in result.problems:
         print(problem.describe(), file=stream)
     for path in replaced or []:
-        print(f"replaced {path}: the archive now sends other bytes than the first download",
-              file=stream)  # fmt: skip
+        print(
+            f"replaced {path}: the archive now sends other bytes than the first download",
+            file=stream,
+        )
     counts = result.to_json()["counts"]
-    print(f"{result.checked} files checked ({result.bytes / 2**20:.1f} MiB) in {root}: "
-          f"{counts['missing']} missing, {counts['changed']} changed, "
-          f"{counts['unexpected']} unexpected", file=stream)  # fmt: skip
+    print(
+        f"{result.checked} files checked ({result.bytes / 2**20:.1f} MiB) in {root}: "
+        f"{counts['missing']} missing, {counts['changed']} changed, "
+        f"{counts['unexpected']} unexpected",
+        file=stream,
+    )

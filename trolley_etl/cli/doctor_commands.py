@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from trolley_etl.cli import exit_codes
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import load_manifest
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,7 +46,7 @@ def run_doctor(args: argparse.Namespace) -> int:
             checks.append(check)
     finally:
         searcher.close()
-        if downloader is not searcher:
+        if downloader is not cast(object, searcher):  # a local folder is both
             downloader.close()
     if exit_status(checks):
         print(f"{manifest.name}: every check passed")

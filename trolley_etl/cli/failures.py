@@ -65,20 +65,7 @@ def _size(count: float) -> str:
 def describe(error: BaseException) -> tuple[str, int] | None:
     """(one line, exit code) for an ordinary failure; None for anything else (a bug)."""
     if isinstance(error, sqlite3.DatabaseError):
-        text = str(error)
-        if "readonly" in text or "read-only" in text:
-            return (
-                "cannot write to the checkpoint: the storage root is read-only "
-                "(status, report and verify work on a read-only root; run needs to write)",
-                exit_codes.USAGE,
-            )
-        if "disk is full" in text or "disk I/O error" in text:
-            return f"cannot write to the checkpoint: {text}", exit_codes.ITEMS_FAILED
-        return (
-            f"the checkpoint database cannot be read ({text}); it was not changed: restore it "
-            "from a backup, or move the .trolley folder aside to start again",
-            exit_codes.USAGE,
-        )
+        return _describe_database(error)
     if isinstance(error, OSError) and error.errno is not None:
         where = error.filename or ""
         shown = f" {where}" if where else ""
@@ -106,6 +93,24 @@ def describe(error: BaseException) -> tuple[str, int] | None:
         reason = error.strerror or str(error)
         return f"{reason}{':' + shown if shown else ''}", exit_codes.USAGE
     return None
+
+
+def _describe_database(error: sqlite3.DatabaseError) -> tuple[str, int]:
+    """A checkpoint SQLite cannot write (read-only, full) or cannot read (damaged)."""
+    text = str(error)
+    if "readonly" in text or "read-only" in text:
+        return (
+            "cannot write to the checkpoint: the storage root is read-only "
+            "(status, report and verify work on a read-only root; run needs to write)",
+            exit_codes.USAGE,
+        )
+    if "disk is full" in text or "disk I/O error" in text:
+        return f"cannot write to the checkpoint: {text}", exit_codes.ITEMS_FAILED
+    return (
+        f"the checkpoint database cannot be read ({text}); it was not changed: restore it "
+        "from a backup, or move the .trolley folder aside to start again",
+        exit_codes.USAGE,
+    )
 
 
 def silence_stdout() -> None:

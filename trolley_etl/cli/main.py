@@ -73,8 +73,10 @@ def _main(argv: list[str] | None) -> int:
             raise
         message, code = described
         if getattr(args, "log_format", None) == "json":  # stderr holds only JSON lines then
-            print(json.dumps({"level": "error", "event": "command.failed", "error": message}),
-                  file=sys.stderr)  # fmt: skip
+            print(
+                json.dumps({"level": "error", "event": "command.failed", "error": message}),
+                file=sys.stderr,
+            )
         else:
             print(f"trolley-etl: {message}", file=sys.stderr)
         return code

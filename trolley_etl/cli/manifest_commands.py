@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from trolley_etl.cli import exit_codes
-from trolley_etl.manifest import ManifestError, load_manifest
+from trolley_etl.core.errors import ManifestError
+from trolley_etl.manifest import load_manifest
 from trolley_etl.manifest.loader import manifest_warnings
 from trolley_etl.manifest.schema import manifest_json_schema_text
 

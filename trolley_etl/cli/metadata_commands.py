@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import _common, manifest_with_checkpoint
+from trolley_etl.core.errors import MetadataError
 from trolley_etl.runner.checkpoint import open_checkpoint
 
 
@@ -42,10 +43,13 @@ def run_metadata(args: argparse.Namespace) -> int:
             count = metadata.write_table(rows, names, args.format, args.output, sys.stdout)
         finally:
             checkpoint.close()
-    except metadata.MetadataError as exc:
+    except MetadataError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     if not args.quiet and args.output:
-        print(f"wrote {count} {args.level} rows to {args.output} "
-              f"in {time.monotonic() - started:.1f} s", file=sys.stderr)  # fmt: skip
+        print(
+            f"wrote {count} {args.level} rows to {args.output} "
+            f"in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
     return exit_codes.OK

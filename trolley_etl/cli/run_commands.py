@@ -21,9 +21,11 @@ from trolley_etl.core.errors import (
     AuthenticationError,
     ConnectionFailedError,
     DiskFullError,
+    ManifestError,
+    OutsideWindowError,
     TrolleyError,
 )
-from trolley_etl.manifest import Manifest, ManifestError, load_manifest
+from trolley_etl.manifest import Manifest, load_manifest
 from trolley_etl.runner.checkpoint import (
     FAILED,
     INCOMPLETE,
@@ -32,7 +34,7 @@ from trolley_etl.runner.checkpoint import (
     state_dir,
 )
 from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
-from trolley_etl.runner.window import OutsideWindowError, waiting_state
+from trolley_etl.runner.window import waiting_state
 
 if TYPE_CHECKING:
     from trolley_etl.runner.logs import RunLog
@@ -48,15 +50,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="stderr log format (default: console on a terminal, json otherwise)",
     )
     parser.add_argument("--log-file", type=Path, help="also write JSON logs to this file")
-    parser.add_argument("--quiet", "-q", action="store_true",
-                        help="only errors and the closing summary on stderr")  # fmt: skip
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="only errors and the closing summary on stderr"
+    )
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     plan = subparsers.add_parser("plan", help="run the search step and print what would be pulled")
     _common(plan)
-    plan.add_argument("--format", choices=("table", "json", "csv", "text"), default="table",
-                      help="table (or text) for people, json or csv for scripts")  # fmt: skip
+    plan.add_argument(
+        "--format",
+        choices=("table", "json", "csv", "text"),
+        default="table",
+        help="table (or text) for people, json or csv for scripts",
+    )
     plan.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
     plan.set_defaults(handler=run_plan)
 
@@ -72,13 +79,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument(
         "--dry-run", action="store_true", help="search and plan; print it; download nothing"
     )
-    run.add_argument("--no-progress", action="store_true",
-                     help="no redrawn bar: a plain progress line now and then")  # fmt: skip
-    run.add_argument("--ignore-window", action="store_true",
-                     help="contact the archive even outside run.window")  # fmt: skip
-    run.add_argument("--no-wait", action="store_true",
-                     help=f"outside run.window (or when it closes), exit "
-                     f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting")  # fmt: skip
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no redrawn bar: a plain progress line now and then",
+    )
+    run.add_argument(
+        "--ignore-window", action="store_true", help="contact the archive even outside run.window"
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help=f"outside run.window (or when it closes), exit "
+        f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting",
+    )
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -99,8 +113,9 @@ def _log(args: argparse.Namespace, root: Path | None, run_id: str | None = None)
     from trolley_etl.runner.logs import RunLog
 
     log_file = state_dir(root) / "logs" / f"{run_id}.jsonl" if root and run_id else None
-    return RunLog(log_file=log_file, stderr_format=args.log_format, quiet=args.quiet,
-                  extra_file=args.log_file)  # fmt: skip
+    return RunLog(
+        log_file=log_file, stderr_format=args.log_format, quiet=args.quiet, extra_file=args.log_file
+    )
 
 
 def _backend_exit(error: TrolleyError) -> int:
@@ -210,7 +225,8 @@ def execute_run(
 
     Items that failed are listed on stderr, one JSON object per line.
     """
-    from trolley_etl.runner.run import ManifestChangedError, RootBusyError, Runner, new_run_id
+    from trolley_etl.core.errors import ManifestChangedError, RootBusyError
+    from trolley_etl.runner.run import Runner, new_run_id
 
     started = time.monotonic()
     options.run_id = new_run_id()
@@ -246,8 +262,9 @@ def execute_run(
     return exit_codes.OK
 
 
-def _closing_summary(args: argparse.Namespace, root: Path, result: RunResult,
-                     seconds: float, *, people: bool) -> None:  # fmt: skip
+def _closing_summary(
+    args: argparse.Namespace, root: Path, result: RunResult, seconds: float, *, people: bool
+) -> None:
     """What happened, for people (also with --quiet; not among JSON log lines, where the
     `run.end` event says it); the Markdown summary for a CI page."""
     from trolley_etl.reports.render import append_job_summary
@@ -255,8 +272,17 @@ def _closing_summary(args: argparse.Namespace, root: Path, result: RunResult,
 
     log_path = state_dir(root) / "logs" / f"{result.run_id}.jsonl"
     if people:
-        sys.stderr.write(run_summary(args.manifest, root, result.status, result.counts,
-                                     seconds, result.report_path, log_path))  # fmt: skip
+        sys.stderr.write(
+            run_summary(
+                args.manifest,
+                root,
+                result.status,
+                result.counts,
+                seconds,
+                result.report_path,
+                log_path,
+            )
+        )
     report = load_report(result.report_path)
     if report is not None:
         append_job_summary(report)
@@ -304,27 +330,42 @@ def run_status(args: argparse.Namespace) -> int:
     counts = status["counts"]
     planned = sum(counts[state] for state in (*TODO_STATES, "done"))
     waiting = waiting_state(state_dir(root))  # a run waiting for its time window
-    status.update({
-        "waiting_for_window": waiting,
-        "failed": [{"reference": str(i.reference), "attempts": i.attempts,
-                    "error": i.last_error} for i in failed],
-        "incomplete": [{"reference": str(i.reference), "state": i.state,
-                        "expected_instances": i.expected.count,
-                        "stored_instances": i.stored_instances,
-                        "missing_uids": list(i.missing_uids)} for i in incomplete],
-        "unmatched": unmatched, "cohort": cohort, "empty": planned == 0,
-    })  # fmt: skip
+    status.update(
+        {
+            "waiting_for_window": waiting,
+            "failed": [
+                {"reference": str(i.reference), "attempts": i.attempts, "error": i.last_error}
+                for i in failed
+            ],
+            "incomplete": [
+                {
+                    "reference": str(i.reference),
+                    "state": i.state,
+                    "expected_instances": i.expected.count,
+                    "stored_instances": i.stored_instances,
+                    "missing_uids": list(i.missing_uids),
+                }
+                for i in incomplete
+            ],
+            "unmatched": unmatched,
+            "cohort": cohort,
+            "empty": planned == 0,
+        }
+    )
     if args.format == "json":
         print(json.dumps(status, indent=2))
     else:
         sys.stdout.write(render_status(status))
         if waiting:
-            print(f"run {waiting['run_id']} is waiting for its time window until "
-                  f"{waiting['until']}")  # fmt: skip
+            print(
+                f"run {waiting['run_id']} is waiting for its time window until {waiting['until']}"
+            )
         for item in incomplete[:20]:
             missing = ", ".join(item.missing_uids[:5]) or "not named"
-            print(f"  incomplete {item.reference}: expected {item.expected.count}, stored "
-                  f"{item.stored_instances}; missing {missing}")  # fmt: skip
+            print(
+                f"  incomplete {item.reference}: expected {item.expected.count}, stored "
+                f"{item.stored_instances}; missing {missing}"
+            )
         for row in unmatched[:20]:
             print(f"  unmatched {row['query_set']} row {row['row']}: {row['value']}")
         if planned == 0:

@@ -26,8 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trolley_etl.core.errors import DiskFullError, ResponseFormatError
-from trolley_etl.core.uids import InvalidUidError, single_uid
+from trolley_etl.core.errors import (
+    DiskFullError,
+    InvalidUidError,
+    ObjectTooLargeError,
+    UnexpectedInstanceError,
+)
+from trolley_etl.core.uids import single_uid
 
 if TYPE_CHECKING:
     from trolley_etl.core.backend import InstanceSink, InstanceWriter
@@ -39,14 +44,6 @@ PREFIX_BYTES = 1 << 20
 #: Default largest object accepted (DICOM lengths are 32-bit; bigger is not a real object).
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-class UnexpectedInstanceError(ResponseFormatError):
-    """The archive sent an object that is not part of what was asked for."""
-
-
-class ObjectTooLargeError(ResponseFormatError):
-    """An object grew past the configured maximum size."""
 
 
 def expected_uids(reference: Reference) -> dict[str, str]:
@@ -170,8 +167,11 @@ def read_uids(prefix: bytes, *, complete: bool) -> dict[str, str]:
 _JSON_UID = re.compile(
     rb'"(0020000D|0020000E|00080018)"\s*:\s*\{[^{}]*?"Value"\s*:\s*\[\s*"([^"]*)"'
 )
-_JSON_TAGS = {b"0020000D": "StudyInstanceUID", b"0020000E": "SeriesInstanceUID",
-              b"00080018": "SOPInstanceUID"}  # fmt: skip
+_JSON_TAGS = {
+    b"0020000D": "StudyInstanceUID",
+    b"0020000E": "SeriesInstanceUID",
+    b"00080018": "SOPInstanceUID",
+}
 
 
 def _uids_from_json(prefix: bytes, *, complete: bool) -> dict[str, object]:
@@ -190,8 +190,10 @@ def _uids_from_json(prefix: bytes, *, complete: bool) -> dict[str, object]:
             found = element.get("Value") if isinstance(element, dict) else None
             values[keyword] = found[0] if isinstance(found, list) and len(found) == 1 else found
         return values
-    return {_JSON_TAGS[m.group(1)]: m.group(2).decode("ascii", "replace")
-            for m in _JSON_UID.finditer(prefix)}  # fmt: skip
+    return {
+        _JSON_TAGS[m.group(1)]: m.group(2).decode("ascii", "replace")
+        for m in _JSON_UID.finditer(prefix)
+    }
 
 
 def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:

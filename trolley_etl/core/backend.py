@@ -25,7 +25,8 @@ from trolley_etl.core.query import Query
 class InstanceWriter(Protocol):
     """Receives the bytes of one DICOM Part 10 object, in order."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes) -> None:
+        """Append bytes of the object being received."""
 
     def commit(self) -> None:
         """The object is complete; make it permanent."""
@@ -37,7 +38,8 @@ class InstanceWriter(Protocol):
 class InstanceSink(Protocol):
     """Where downloaders put what they receive (a StorageDir, a dataset queue, ...)."""
 
-    def open_instance(self) -> InstanceWriter: ...
+    def open_instance(self) -> InstanceWriter:
+        """A writer for the next object."""
 
 
 def write_instance(sink: InstanceSink, data: bytes) -> None:

@@ -15,8 +15,8 @@ from collections.abc import MutableSequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from trolley_etl.core.constants import DEFAULT_LAYOUT
-from trolley_etl.core.errors import QueryError
+from trolley_etl.core.constants import DEFAULT_LAYOUT as DEFAULT_LAYOUT  # also ours to offer
+from trolley_etl.core.errors import LayoutError, QueryError
 from trolley_etl.core.query import check_keyword
 
 #: Used in a path where the dataset has no value for a layout keyword.
@@ -73,31 +73,31 @@ class LayoutTemplate:
         self.template = template
         self.parts: list[list[tuple[str, str | None]]] = []  # per path component: (text, field)
         if not template or template.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", template):
-            raise QueryError(f"layout {template!r} must be a non-empty relative path")
+            raise LayoutError(f"layout {template!r} must be a non-empty relative path")
         for component in template.split("/"):
             self.parts.append(self._parse_component(component))
         if not any(name for _, name in self.parts[-1]):
-            raise QueryError(f"layout {template!r}: the file name must contain a {{Keyword}}")
+            raise LayoutError(f"layout {template!r}: the file name must contain a {{Keyword}}")
 
     def _parse_component(self, component: str) -> list[tuple[str, str | None]]:
         where = f"layout {self.template!r}"
         if component in ("", ".", ".."):
-            raise QueryError(f"{where}: empty, '.' or '..' path components are not allowed")
+            raise LayoutError(f"{where}: empty, '.' or '..' path components are not allowed")
         if "\\" in component:
-            raise QueryError(f"{where}: use '/' as the separator")
+            raise LayoutError(f"{where}: use '/' as the separator")
         try:
             pieces = list(string.Formatter().parse(component))
         except ValueError as exc:
-            raise QueryError(f"{where}: {exc} (unbalanced braces?)") from None
+            raise LayoutError(f"{where}: {exc} (unbalanced braces?)") from None
         parsed: list[tuple[str, str | None]] = []
         for literal, name, spec, conversion in pieces:
             if name is not None:
                 if spec or conversion:
-                    raise QueryError(f"{where}: format specs are not supported in {{{name}}}")
+                    raise LayoutError(f"{where}: format specs are not supported in {{{name}}}")
                 try:
                     check_keyword(name)
                 except QueryError as exc:
-                    raise QueryError(f"{where}: {exc}") from None
+                    raise LayoutError(f"{where}: {exc}") from None
             parsed.append((literal, name or None))
         return parsed
 

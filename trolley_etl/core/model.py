@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from trolley_etl.core.errors import MissingReferencesError
-from trolley_etl.core.uids import InvalidUidError, rejected_rows, single_uid
+from trolley_etl.core.errors import InvalidUidError, MissingReferencesError
+from trolley_etl.core.uids import rejected_rows, single_uid
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -29,6 +29,7 @@ class QueryLevel(str, Enum):
 
     @property
     def depth(self) -> int:
+        """0 for study, 1 for series, 2 for instance."""
         return _DEPTH[self]
 
     def is_above(self, other: QueryLevel) -> bool:
@@ -44,31 +45,40 @@ _DEPTH = {QueryLevel.STUDY: 0, QueryLevel.SERIES: 1, QueryLevel.INSTANCE: 2}
 
 @dataclass(frozen=True)
 class StudyReference:
+    """A whole study, by its Study Instance UID."""
+
     study_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.STUDY
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself; a deeper level raises MissingReferencesError (those must be searched)."""
         return _own_reference_or_raise(self, max_level)
 
 
 @dataclass(frozen=True)
 class SeriesReference:
+    """One series of a study."""
+
     study_uid: str
     series_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.SERIES
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself; instance level raises MissingReferencesError (those must be searched)."""
         return _own_reference_or_raise(self, max_level)
 
 
 @dataclass(frozen=True)
 class InstanceReference:
+    """One instance of a series."""
+
     study_uid: str
     series_uid: str
     instance_uid: str
     level: ClassVar[QueryLevel] = QueryLevel.INSTANCE
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself: an instance is the deepest level."""
         return _own_reference_or_raise(self, max_level)
 
 
@@ -96,6 +106,8 @@ def _empty_dataset() -> Dataset:
 
 @dataclass(eq=False)
 class Instance:
+    """A found instance and its search row."""
+
     uid: str
     series_uid: str
     study_uid: str
@@ -103,17 +115,22 @@ class Instance:
     level: ClassVar[QueryLevel] = QueryLevel.INSTANCE
 
     def reference(self) -> InstanceReference:
+        """The reference that retrieves it."""
         return InstanceReference(self.study_uid, self.series_uid, self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Its own reference."""
         return [self.reference()]
 
     def merge(self, other: Instance) -> None:
+        """Take in the attributes another row gave for the same instance."""
         _merge_data(self.data, other.data)
 
 
 @dataclass(eq=False)
 class Series:
+    """A found series, its search row, and its instances once searched."""
+
     uid: str
     study_uid: str
     data: Dataset = field(default_factory=_empty_dataset, repr=False)
@@ -122,9 +139,11 @@ class Series:
     level: ClassVar[QueryLevel] = QueryLevel.SERIES
 
     def reference(self) -> SeriesReference:
+        """The reference that retrieves it."""
         return SeriesReference(self.study_uid, self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself, or its instances at instance level (MissingReferencesError until searched)."""
         if max_level is not QueryLevel.INSTANCE:
             return [self.reference()]
         if self.instances is None:
@@ -134,12 +153,15 @@ class Series:
         return [instance.reference() for instance in self.instances]
 
     def merge(self, other: Series) -> None:
+        """Take in another row for the same series, and its instances."""
         _merge_data(self.data, other.data)
         self.instances = _merge_children(self.instances, other.instances)
 
 
 @dataclass(eq=False)
 class Study:
+    """A found study, its search row, and its series once searched."""
+
     uid: str
     data: Dataset = field(default_factory=_empty_dataset, repr=False)
     series: list[Series] | None = None  # None: not searched yet; [] means known empty
@@ -147,9 +169,11 @@ class Study:
     level: ClassVar[QueryLevel] = QueryLevel.STUDY
 
     def reference(self) -> StudyReference:
+        """The reference that retrieves it."""
         return StudyReference(self.uid)
 
     def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Itself, or its series or instances when a deeper level is needed."""
         if max_level is QueryLevel.STUDY:
             return [self.reference()]
         if self.series is None:
@@ -164,9 +188,11 @@ class Study:
         self.series = _merge_children(self.series, other.series)
 
     def all_series(self) -> list[Series]:
+        """Every series searched so far."""
         return list(self.series or [])
 
     def all_instances(self) -> list[Instance]:
+        """Every instance searched so far."""
         return [i for s in self.all_series() for i in (s.instances or [])]
 
 
@@ -180,7 +206,7 @@ def _merge_data(target: Dataset, source: Dataset) -> None:
             target[element.tag] = element
 
 
-def _merge_children(mine: list | None, theirs: list | None) -> list | None:
+def _merge_children(mine: list[Any] | None, theirs: list[Any] | None) -> list[Any] | None:
     if theirs is None:
         return mine
     if mine is None:
@@ -230,20 +256,38 @@ def iter_references(objects: Iterable[Retrievable]) -> Iterator[Reference]:
 #: study-level query attributes); a series- or instance-level search row is split on these.
 STUDY_KEYWORDS = frozenset(
     {
-        "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "IssuerOfPatientID",
-        "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-        "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
-        "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "InstitutionName",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "IssuerOfPatientID",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "InstitutionName",
     }
-)  # fmt: skip
+)
 
 SERIES_KEYWORDS = frozenset(
     {
-        "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-        "SeriesTime", "BodyPartExamined", "NumberOfSeriesRelatedInstances",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "NumberOfSeriesRelatedInstances",
         "PerformedProcedureStepStartDate",
     }
-)  # fmt: skip
+)
 
 
 #: The UIDs that place a row at each level in the tree (and that rows are deduplicated on);

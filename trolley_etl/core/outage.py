@@ -25,10 +25,6 @@ PROBE_CAP = 30.0
 MAX_WAIT = 120.0
 
 
-class ArchiveUnavailableError(ConnectionFailedError):
-    """The archive could not be reached, or answered only 5xx, through every retry."""
-
-
 def is_outage_error(error: BaseException | None = None, status: int | None = None) -> bool:
     """Connection failures and 5xx answers: what a down archive gives."""
     if isinstance(error, ConnectionFailedError):

@@ -34,16 +34,35 @@ _DATETIME = re.compile(
 #: dictionary gives them (a test compares the two): checking these needs no pydicom, which is
 #: slow to import (it loads numpy), so `trolley-etl status` reads a manifest without it.
 COMMON_KEYWORD_VRS: dict[str, str] = {
-    "AccessionNumber": "SH", "BodyPartExamined": "CS", "InstanceNumber": "IS",
-    "InstitutionName": "LO", "IssuerOfPatientID": "LO", "ModalitiesInStudy": "CS",
-    "Modality": "CS", "NumberOfSeriesRelatedInstances": "IS",
-    "NumberOfStudyRelatedInstances": "IS", "NumberOfStudyRelatedSeries": "IS",
-    "PatientBirthDate": "DA", "PatientID": "LO", "PatientName": "PN", "PatientSex": "CS",
-    "PerformedProcedureStepStartDate": "DA", "ReferringPhysicianName": "PN",
-    "SOPClassUID": "UI", "SOPInstanceUID": "UI", "SeriesDate": "DA", "SeriesDescription": "LO",
-    "SeriesInstanceUID": "UI", "SeriesNumber": "IS", "SeriesTime": "TM", "StudyDate": "DA",
-    "StudyDescription": "LO", "StudyID": "SH", "StudyInstanceUID": "UI", "StudyTime": "TM",
-}  # fmt: skip
+    "AccessionNumber": "SH",
+    "BodyPartExamined": "CS",
+    "InstanceNumber": "IS",
+    "InstitutionName": "LO",
+    "IssuerOfPatientID": "LO",
+    "ModalitiesInStudy": "CS",
+    "Modality": "CS",
+    "NumberOfSeriesRelatedInstances": "IS",
+    "NumberOfStudyRelatedInstances": "IS",
+    "NumberOfStudyRelatedSeries": "IS",
+    "PatientBirthDate": "DA",
+    "PatientID": "LO",
+    "PatientName": "PN",
+    "PatientSex": "CS",
+    "PerformedProcedureStepStartDate": "DA",
+    "ReferringPhysicianName": "PN",
+    "SOPClassUID": "UI",
+    "SOPInstanceUID": "UI",
+    "SeriesDate": "DA",
+    "SeriesDescription": "LO",
+    "SeriesInstanceUID": "UI",
+    "SeriesNumber": "IS",
+    "SeriesTime": "TM",
+    "StudyDate": "DA",
+    "StudyDescription": "LO",
+    "StudyID": "SH",
+    "StudyInstanceUID": "UI",
+    "StudyTime": "TM",
+}
 
 
 def suggest_keyword(name: str) -> str:
@@ -92,21 +111,26 @@ def _check_single(value: str, keyword: str, vr: str) -> None:
             _check_date(value[:8], keyword)
 
 
+def _check_range(value: str, keyword: str, vr: str) -> None:
+    """A date, time or date-time, or a range of them (`start-end`, either side open)."""
+    if value.count("-") != 1 or (vr == "DT" and re.search(r"[0-9][+-][0-9]{4}$", value)):
+        _check_single(value, keyword, vr)  # one value (a DT may end in a UTC offset)
+        return
+    start, end = value.split("-")
+    if not start and not end:
+        raise QueryError(f"{keyword}: empty range {value!r}")
+    for part in (start, end):
+        if part:
+            _check_single(part, keyword, vr)
+    if start and end and start > end:
+        raise QueryError(f"{keyword}: range {value!r} ends before it starts")
+
+
 def _check_value(value: str, keyword: str, vr: str) -> None:
     if value == "":
         return  # universal matching: the attribute is only asked to be returned
     if vr in ("DA", "TM", "DT"):
-        if value.count("-") == 1 and not (vr == "DT" and re.search(r"[0-9][+-][0-9]{4}$", value)):
-            start, end = value.split("-")
-            if not start and not end:
-                raise QueryError(f"{keyword}: empty range {value!r}")
-            for part in (start, end):
-                if part:
-                    _check_single(part, keyword, vr)
-            if start and end and start > end:
-                raise QueryError(f"{keyword}: range {value!r} ends before it starts")
-        else:
-            _check_single(value, keyword, vr)
+        _check_range(value, keyword, vr)
         return
     if vr == "UI":
         if not _UID.match(value) or len(value) > 64:
@@ -227,6 +251,7 @@ class Query(BaseModel):
         )
 
     def with_level(self, level: QueryLevel) -> Query:
+        """The same query at another level."""
         return self.model_copy(update={"query_level": level})
 
     def dicom_value(self, keyword: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trolley_etl.core.errors import ConfigurationError
+
 TODAY_ENV = "TROLLEY_ETL_TODAY"
 RELATIVE_SPEC = re.compile(r"^([1-9][0-9]{0,4})([dwmy])$")
 
@@ -60,7 +62,9 @@ def today() -> dt.date:
         try:
             return dt.date.fromisoformat(fixed)
         except ValueError:
-            raise ValueError(f"{TODAY_ENV} must be a date as YYYY-MM-DD, not {fixed!r}") from None
+            raise ConfigurationError(
+                f"{TODAY_ENV} must be a date as YYYY-MM-DD, not {fixed!r}"
+            ) from None
     return dt.date.today()
 
 

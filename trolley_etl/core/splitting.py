@@ -16,7 +16,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ConfigurationError, ResultsCappedError
 from trolley_etl.core.model import QueryLevel, Study, merge_studies
 from trolley_etl.core.query import Query
 
@@ -27,10 +27,6 @@ EARLIEST_DATE = dt.date(1900, 1, 1)
 DAY_SECONDS = 86400
 
 Event = Callable[..., None]
-
-
-class ResultsCappedError(TrolleyError):
-    """A search returned as many results as the archive's cap and could not be split."""
 
 
 class Splitter:
@@ -49,7 +45,7 @@ class Splitter:
         max_parts: int = MAX_PARTS,
     ) -> None:
         if max_results is not None and max_results < 1:
-            raise ValueError("max_results must be at least 1")
+            raise ConfigurationError("max_results must be at least 1")
         self.search_once = search_once
         self.max_results = max_results
         self.on_event = on_event
@@ -59,8 +55,9 @@ class Splitter:
         if query.query_level is QueryLevel.INSTANCE:
             return self.search_once(query)  # the cap is on studies and series (see README)
         budget = [self.max_parts]
-        whole = query.model_copy(update={"limit": None, "offset": 0}) if self._splits(query) \
-            else query  # fmt: skip
+        whole = (
+            query.model_copy(update={"limit": None, "offset": 0}) if self._splits(query) else query
+        )
         studies = self._search(whole, budget, depth=0)
         if whole is query:
             return studies
@@ -96,8 +93,13 @@ class Splitter:
                 "StudyDate range, or raise max_results if the archive allows more"
             )
         if self.on_event is not None:
-            self.on_event("search.split", filters=dict(query.filters), reason=reason,
-                          parts=[dict(p.filters) for p in parts], depth=depth)  # fmt: skip
+            self.on_event(
+                "search.split",
+                filters=dict(query.filters),
+                reason=reason,
+                parts=[dict(p.filters) for p in parts],
+                depth=depth,
+            )
         found = merge_studies([s for part in parts for s in self._search(part, budget, depth + 1)])
         missed = {s.uid for s in studies} - {s.uid for s in found}
         if missed:
@@ -201,8 +203,10 @@ def _time_bounds(value: str | tuple[str, ...] | None) -> tuple[int, int] | None:
     if isinstance(value, tuple) or "-" not in value:
         return None
     start, _, end = value.partition("-")
-    return (_seconds(start, pad="00") if start else 0,
-            _seconds(end, pad="59") if end else DAY_SECONDS - 1)  # fmt: skip
+    return (
+        _seconds(start, pad="00") if start else 0,
+        _seconds(end, pad="59") if end else DAY_SECONDS - 1,
+    )
 
 
 def _seconds(text: str, pad: str) -> int:

@@ -19,11 +19,14 @@ from pydicom import Dataset
 
 from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, MetadataSource, Searcher
+from trolley_etl.core.constants import DEFAULT_LAYOUT
 from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
+    ConfigurationError,
     DownloadError,
     MissingReferencesError,
-    NotFoundError,
+    NoMatchError,
+    SeveralMatchesError,
     TrolleyError,
 )
 from trolley_etl.core.model import (
@@ -39,7 +42,7 @@ from trolley_etl.core.model import (
     merge_studies,
 )
 from trolley_etl.core.query import FilterValue, Query
-from trolley_etl.core.storage import DEFAULT_LAYOUT, StorageDir, StoredInstance
+from trolley_etl.core.storage import StorageDir, StoredInstance
 
 DEFAULT_WORKERS = 4
 
@@ -55,7 +58,7 @@ class Trolley:
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         if workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ConfigurationError("workers must be at least 1")
         self.searcher = searcher
         self.downloader = downloader
         self.storage = storage
@@ -69,16 +72,18 @@ class Trolley:
         return self.searcher
 
     def find_studies(self, query: Query) -> list[Study]:
+        """Every study matching `query`, as the searcher answers."""
         return self._require_searcher().search(query)
 
     def find_study(self, query: Query) -> Study:
         """The one study matching the query; an error naming the count otherwise."""
         studies = self.find_studies(query)
-        if len(studies) != 1:
+        if not studies:
+            raise NoMatchError(f"expected exactly one study for {_describe(query)}, found 0")
+        if len(studies) > 1:
             uids = ", ".join(s.uid for s in studies[:5]) + (", ..." if len(studies) > 5 else "")
-            found = f" ({uids})" if studies else ""
-            raise NotFoundError(
-                f"expected exactly one study for {_describe(query)}, found {len(studies)}{found}"
+            raise SeveralMatchesError(
+                f"expected exactly one study for {_describe(query)}, found {len(studies)} ({uids})"
             )
         return studies[0]
 
@@ -138,7 +143,7 @@ class Trolley:
         studies = merge_studies(self.searcher.search(Query(query_level=level, filters=filters)))
         matching = [s for s in studies if s.uid == ref.study_uid]
         if not matching:
-            raise NotFoundError(f"the archive has no {level.value}s for {ref}")
+            raise NoMatchError(f"the archive has no {level.value}s for {ref}")
         return matching[0]
 
     def plan(self, objects: Sequence[Retrievable]) -> list[Reference]:
@@ -189,8 +194,12 @@ class Trolley:
 
             # the runner's engine: bounded, fetching while the other objects are planned
             # every object is checked against the reference it was fetched for (CheckedSink)
-            execute(planned(), lambda ref: self.downloader.fetch(ref, CheckedSink(sink, ref)),
-                    workers=workers, on_done=finished)  # fmt: skip
+            execute(
+                planned(),
+                lambda ref: self.downloader.fetch(ref, CheckedSink(sink, ref)),
+                workers=workers,
+                on_done=finished,
+            )
         if failures:
             raise DownloadError(failures, stored)
         return stored
@@ -244,6 +253,7 @@ class Trolley:
             thread.join(timeout=30)
 
     def close(self) -> None:
+        """Close the searcher and the downloader."""
         if self.searcher is not None:
             self.searcher.close()
         self.downloader.close()
@@ -284,7 +294,7 @@ class _DatasetWriter:
 
     def commit(self) -> None:
         self._buffer.seek(0)
-        if self._buffer.getbuffer()[:1] == b"{":  # DICOM JSON of a metadata-only download
+        if self._buffer.getbuffer()[:1].tobytes() == b"{":  # DICOM JSON of a metadata-only download
             dataset = Dataset.from_json(self._buffer.getvalue(), lambda *_: b"")
         else:
             dataset = pydicom.dcmread(self._buffer)

@@ -19,16 +19,12 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import InvalidUidError
 
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 #: Rejected rows kept for reporting, at most (the count goes on beyond it).
 MAX_REJECTED_KEPT = 1000
-
-
-class InvalidUidError(TrolleyError, ValueError):
-    """A UID that is empty, multi-valued or not DICOM UID syntax; never retried."""
 
 
 def is_valid_uid(value: object) -> bool:

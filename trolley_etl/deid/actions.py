@@ -40,9 +40,16 @@ WRITTEN_BY_US = {0x00120062, 0x00120063, 0x00120064, 0x00280303}
 TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "CS", "AE"}
 NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"}
 DUMMIES = {
-    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS",
-    "CS": "ANONYMIZED", "IS": "0", "DS": "0", "AS": "000Y", "AE": "ANONYMOUS",
-}  # fmt: skip
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "PN": "ANONYMOUS",
+    "CS": "ANONYMIZED",
+    "IS": "0",
+    "DS": "0",
+    "AS": "000Y",
+    "AE": "ANONYMOUS",
+}
 
 
 @dataclass
@@ -171,15 +178,13 @@ class _Instance:
             self.outcome.count("kept", tag)
             return
         self.outcome.count("replaced", tag)
+        self.replace(element, tag, action)
+
+    def replace(self, element: DataElement, tag: BaseTag, action: str) -> None:
+        """Apply a replacing action (pseudonym, empty, dummy, new UID, clean) in place."""
+        vr = element.VR
         if action == "P":
-            original = _first(element.value)
-            if tag == PATIENT_ID:
-                new = policy.pseudonyms.patient_id(original)
-                self.outcome.mapped[("PatientID", original)] = new
-            else:
-                new = policy.pseudonyms.patient_name(self.patient_key)
-                self.outcome.mapped[("PatientName", original)] = new
-            element.value = new
+            self.pseudonymise(element, tag)
         elif action == EMPTY:
             element.value = Sequence() if vr == "SQ" else None
         elif action == DUMMY:
@@ -188,6 +193,17 @@ class _Instance:
             self.replace_uids(element, tag)
         elif action == CLEAN:
             self.clean(element)
+
+    def pseudonymise(self, element: DataElement, tag: BaseTag) -> None:
+        """PatientID and PatientName get their keyed pseudonyms; the pair is remembered."""
+        original = _first(element.value)
+        if tag == PATIENT_ID:
+            new = self.policy.pseudonyms.patient_id(original)
+            self.outcome.mapped[("PatientID", original)] = new
+        else:
+            new = self.policy.pseudonyms.patient_name(self.patient_key)
+            self.outcome.mapped[("PatientName", original)] = new
+        element.value = new
 
     def walk_items(self, ds: Dataset, tag: BaseTag) -> None:
         raw = ds.get_item(tag)
@@ -299,8 +315,14 @@ def _text(ds: Dataset, tag: int) -> str:
 def _identifiers(ds: Dataset) -> list[str]:
     """Values that must not survive in free text: names, IDs, the accession number."""
     found: set[str] = set()
-    for keyword in ("PatientID", "AccessionNumber", "OtherPatientIDs", "PatientBirthDate",
-                    "StudyID", "MedicalRecordLocator"):  # fmt: skip
+    for keyword in (
+        "PatientID",
+        "AccessionNumber",
+        "OtherPatientIDs",
+        "PatientBirthDate",
+        "StudyID",
+        "MedicalRecordLocator",
+    ):
         element = ds.get(keyword)
         if element is not None:
             found.update(v.strip() for v in _values(element))

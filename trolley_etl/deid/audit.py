@@ -67,9 +67,12 @@ class AuditLog:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO deid_runs VALUES (?, ?, ?, datetime('now'))",
-                (self.run_id, json.dumps(settings, sort_keys=True),
-                 json.dumps(by_outcome, sort_keys=True)),
-            )  # fmt: skip
+                (
+                    self.run_id,
+                    json.dumps(settings, sort_keys=True),
+                    json.dumps(by_outcome, sort_keys=True),
+                ),
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import DeidSettingsError
 from trolley_etl.deid import audit, gate
 from trolley_etl.deid.actions import Policy
 from trolley_etl.deid.keys import Pseudonymizer
@@ -30,10 +30,6 @@ from trolley_etl.deid.stream import deidentify_file
 if TYPE_CHECKING:
     from trolley_etl.core.storage import StorageDir, StoredInstance
     from trolley_etl.manifest.models import Deid
-
-
-class DeidSettingsError(TrolleyError):
-    """De-identification cannot start as configured (a usage error, exit 2)."""
 
 
 def _tag(keyword: str) -> int:
@@ -76,8 +72,15 @@ def settings_record(config: Deid, policy: Policy) -> dict[str, Any]:
 
 
 class Deidentifier:
-    def __init__(self, config: Deid, policy: Policy, database: Path | None, run_id: str,
-                 map_path: Path | None, logger: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Deid,
+        policy: Policy,
+        database: Path | None,
+        run_id: str,
+        map_path: Path | None,
+        logger: Any = None,
+    ) -> None:
         self.config = config
         self.policy = policy
         self.settings = settings_record(config, policy)
@@ -106,21 +109,32 @@ class Deidentifier:
         try:
             with os.fdopen(fd, "wb") as out:
                 result = deidentify_file(
-                    staged, out, self.policy,
-                    allow_burned_in=self.config.allow_burned_in, devices=self.devices,
-                )  # fmt: skip
+                    staged,
+                    out,
+                    self.policy,
+                    allow_burned_in=self.config.allow_burned_in,
+                    devices=self.devices,
+                )
                 out.flush()
             if result.quarantined:
                 out_path.unlink(missing_ok=True)
-                uids = (result.sop_instance_uid, result.study_uid, result.series_uid,
-                        result.sop_class_uid)  # fmt: skip
+                uids = (
+                    result.sop_instance_uid,
+                    result.study_uid,
+                    result.series_uid,
+                    result.sop_class_uid,
+                )
                 if self.audit is not None:
                     self.audit.quarantine(uids, result.quarantined, received.sha256)
                 with self._lock:
                     self.quarantined += 1
                 if self.logger is not None:
-                    self.logger.warning("deid.quarantined", sop_instance_uid=uids[0],
-                                        study_uid=uids[1], reason=result.quarantined)  # fmt: skip
+                    self.logger.warning(
+                        "deid.quarantined",
+                        sop_instance_uid=uids[0],
+                        study_uid=uids[1],
+                        reason=result.quarantined,
+                    )
                 return None
             described = storage.describe(out_path, result.size, result.sha256)
         except BaseException:
@@ -136,8 +150,9 @@ class Deidentifier:
             file_sop_instance_uid=described.sop_instance_uid,
         )
         if self.audit is not None:
-            self.audit.file(result.sop_instance_uid, described.sop_instance_uid,
-                            received.sha256, result.sha256)  # fmt: skip
+            self.audit.file(
+                result.sop_instance_uid, described.sop_instance_uid, received.sha256, result.sha256
+            )
         if self.map is not None:
             for (kind, original), new in sorted(result.outcome.mapped.items()):
                 self.map.add(kind, original, new)
@@ -158,8 +173,12 @@ class Deidentifier:
         if self.map is not None:
             self.map.close()
         if self.logger is not None:
-            self.logger.info("deid.summary", written=self.written, quarantined=self.quarantined,
-                             secret_fingerprint=self.settings["secret_fingerprint"])  # fmt: skip
+            self.logger.info(
+                "deid.summary",
+                written=self.written,
+                quarantined=self.quarantined,
+                secret_fingerprint=self.settings["secret_fingerprint"],
+            )
 
 
 def make_deidentifier(
@@ -183,9 +202,14 @@ def make_deidentifier(
 
 
 def prepare(
-    config: Deid | None, *, base_dir: Path, root: Path, checkpoint: Any, run_id: str,
+    config: Deid | None,
+    *,
+    base_dir: Path,
+    root: Path,
+    checkpoint: Any,
+    run_id: str,
     logger: Any = None,
-) -> Deidentifier | None:  # fmt: skip
+) -> Deidentifier | None:
     """The run's Deidentifier (None without a `deid` section), after every check."""
     has_files = checkpoint.counts().get("files", 0) > 0
     recorded = checkpoint.get_meta(audit.SETTINGS_KEY)

@@ -14,6 +14,8 @@ import datetime as dt
 import hashlib
 import hmac
 
+from trolley_etl.core.errors import ConfigurationError
+
 #: Days a date may move at most, either way (both ends of a configured range).
 MAX_SHIFT_DAYS = 36_500
 
@@ -21,10 +23,10 @@ MAX_SHIFT_DAYS = 36_500
 class Pseudonymizer:
     def __init__(self, secret: bytes, shift_range: tuple[int, int] = (-730, -1)) -> None:
         if not secret:
-            raise ValueError("empty secret")
+            raise ConfigurationError("empty secret")
         low, high = shift_range
         if not -MAX_SHIFT_DAYS <= low <= high <= MAX_SHIFT_DAYS:
-            raise ValueError(f"bad date shift range {shift_range}")
+            raise ConfigurationError(f"bad date shift range {shift_range}")
         self._secret = secret
         self.shift_range = (low, high)
 

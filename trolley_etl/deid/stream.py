@@ -139,8 +139,13 @@ def _write_header(ds: Dataset, syntax: UID, writer: _HashingWriter) -> None:
     writer.write(buffer.getbuffer())
 
 
-def _deflated(source: Path, out: BinaryIO, policy: Policy, allow: bool,
-              devices: tuple[gate.DeviceRegions, ...]) -> FileResult:  # fmt: skip
+def _deflated(
+    source: Path,
+    out: BinaryIO,
+    policy: Policy,
+    allow: bool,
+    devices: tuple[gate.DeviceRegions, ...],
+) -> FileResult:
     """Deflated data sets are rare and small: read, change and write them whole."""
     if source.stat().st_size > MAX_DEFLATED_BYTES:
         raise StorageError(f"deflated object larger than {MAX_DEFLATED_BYTES} bytes")

@@ -62,28 +62,24 @@ def read_column(
                 problems.append(CsvProblem(exc.line, exc.message))
                 break  # the reader cannot go on after a quoting error
             value = row[index].strip() if index < len(row) else ""
-            if not value:
-                if any(cell.strip() for cell in row):
-                    problems.append(CsvProblem(row_number, f"empty {column}"))
-                else:
-                    problems.append(CsvProblem(row_number, "empty row"))
-                continue
-            if value in first_seen:
-                problems.append(
-                    CsvProblem(
-                        row_number, f"duplicate {value!r} (first on row {first_seen[value]})"
-                    )
-                )
-                continue
-            refused = refuse_value(value)
-            if refused:
-                problems.append(CsvProblem(row_number, refused))
+            problem = _cell_problem(value, row, column, first_seen)
+            if problem:
+                problems.append(CsvProblem(row_number, problem))
                 continue
             first_seen[value] = row_number
             values.append((row_number, value))
     if not values and not problems:
         problems.append(CsvProblem(1, f"{path.name} has no values in column {column!r}"))
     return values, problems
+
+
+def _cell_problem(value: str, row: list[str], column: str, first_seen: dict[str, int]) -> str:
+    """Why one cell cannot be used ("" when it can): empty, repeated, or not an exact value."""
+    if not value:
+        return f"empty {column}" if any(cell.strip() for cell in row) else "empty row"
+    if value in first_seen:
+        return f"duplicate {value!r} (first on row {first_seen[value]})"
+    return refuse_value(value) or ""
 
 
 def refuse_value(value: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ManifestError
 from trolley_etl.core.layout import LayoutTemplate
 from trolley_etl.manifest.models import BasicAuth, BearerAuth, HttpBackend, Manifest
 from trolley_etl.manifest.yaml_source import (
@@ -35,14 +35,6 @@ class ManifestIssue:
         return (
             f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
         )
-
-
-class ManifestError(TrolleyError):
-    """A manifest that cannot be used; `issues` holds every problem found."""
-
-    def __init__(self, issues: Sequence[ManifestIssue]) -> None:
-        super().__init__("\n".join(str(issue) for issue in issues))
-        self.issues = list(issues)
 
 
 def field_path(path: Sequence[str | int]) -> str:
@@ -139,7 +131,7 @@ def _message(err: Any) -> str:
         return f"unknown {name} {ctx.get('tag')!r}: expected one of {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
         return "required field is missing"
-    return message.removeprefix("Value error, ")
+    return str(message).removeprefix("Value error, ")
 
 
 def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):  # type: ignore[no-untyped-def]
@@ -150,8 +142,13 @@ def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):
         auth = backend.auth
         if not isinstance(auth, (BasicAuth, BearerAuth)) and auth.type != "oauth2":
             continue
-        for field_name in ("username_env", "password_env", "token_env", "client_id_env",
-                           "client_secret_env"):  # fmt: skip
+        for field_name in (
+            "username_env",
+            "password_env",
+            "token_env",
+            "client_id_env",
+            "client_secret_env",
+        ):
             variable = getattr(auth, field_name, None)
             if variable and variable not in os.environ:
                 path: Path_ = ("source", role, "auth", field_name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -29,11 +29,20 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from trolley_etl.backends.metadata_types import DEFAULT_METADATA_KEYWORDS
-from trolley_etl.core.errors import QueryError
-from trolley_etl.core.layout import DEFAULT_LAYOUT, LayoutTemplate
+from trolley_etl.core.constants import DEFAULT_LAYOUT
+from trolley_etl.core.errors import LayoutError, QueryError
+from trolley_etl.core.layout import LayoutTemplate
 from trolley_etl.core.query import FilterValue, check_keyword, normalise_filter
 from trolley_etl.core.relative_dates import RELATIVE_SPEC, RelativeDate
 from trolley_etl.manifest.csv_list import CsvProblem, read_column
+
+if TYPE_CHECKING:
+    from requests.auth import AuthBase
+
+    from trolley_etl.backends.dimse import DimseSettings
+    from trolley_etl.backends.http import HttpSettings
+    from trolley_etl.backends.limits import BackendLimits
+    from trolley_etl.core.backend import Downloader, Searcher
 
 MANIFEST_VERSION = 1
 #: Keys that would hold a secret in the file itself; each has an `_env` twin.
@@ -61,8 +70,10 @@ def _relative_date(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     if set(value) != {"last"} or not RELATIVE_SPEC.match(str(value["last"])):
-        raise error("relative_date", "a relative date is {last: N<unit>} with unit d, w, m "
-                    "or y, e.g. {last: 7d}")  # fmt: skip
+        raise error(
+            "relative_date",
+            "a relative date is {last: N<unit>} with unit d, w, m or y, e.g. {last: 7d}",
+        )
     return RelativeDate(last=str(value["last"]))
 
 
@@ -113,6 +124,10 @@ class StrictModel(BaseModel):
 class NoAuth(StrictModel):
     type: Literal["none"] = "none"
 
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """No credentials."""
+        return None
+
 
 class BasicAuth(StrictModel):
     """HTTP basic auth; both values are read from the environment at run time."""
@@ -121,12 +136,26 @@ class BasicAuth(StrictModel):
     username_env: EnvName
     password_env: EnvName
 
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """Basic auth with the values of the two variables, read now."""
+        from trolley_etl.backends.http import auth_from_env
+
+        return auth_from_env(
+            "basic", username_env=self.username_env, password_env=self.password_env
+        )
+
 
 class BearerAuth(StrictModel):
     """`Authorization: Bearer` with a token read from the environment."""
 
     type: Literal["bearer"]
     token_env: EnvName
+
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """A fixed bearer token, read now."""
+        from trolley_etl.backends.http import auth_from_env
+
+        return auth_from_env("bearer", token_env=self.token_env)
 
 
 def _check_login_url(url: str) -> str:
@@ -151,6 +180,10 @@ class VitreaAuth(StrictModel):
 
     _url = field_validator("login_url")(_check_login_url)
 
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """The shared Vitrea session, logged in now (see `_session_login`)."""
+        return _session_login(self.type, self.login_url, self, backend, self.realm)
+
 
 class ImpaxAuth(StrictModel):
     """AGFA IMPAX Data Center form login (j_security_check), renewed when the session ends."""
@@ -164,6 +197,35 @@ class ImpaxAuth(StrictModel):
     password_env: EnvName
 
     _url = field_validator("login_url")(_check_login_url)
+
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """The shared IMPAX session, logged in now (see `_session_login`)."""
+        return _session_login(self.type, self.login_url, self, backend)
+
+
+def _session_login(
+    kind: str,
+    login_url: str,
+    auth: VitreaAuth | ImpaxAuth,
+    backend: HttpBackend,
+    realm: str = "DefaultSystemRealm",
+) -> AuthBase:
+    """Vendor session login, shared by backends with the same login; done at once, so that a
+    refused login stops the command before it searches or downloads anything. The login goes
+    through the same TLS as the archive."""
+    from trolley_etl.backends.session_auth import session_auth_from_env
+
+    session = session_auth_from_env(
+        kind,
+        login_url=login_url,
+        username_env=auth.username_env,
+        password_env=auth.password_env,
+        realm=realm,
+        verify=backend.tls_verify(),
+        cert=backend.client_certificate(),
+    )
+    session.ensure_login()
+    return session
 
 
 class OAuth2Auth(StrictModel):
@@ -188,6 +250,18 @@ class OAuth2Auth(StrictModel):
             raise error("url_plain_http", "the client secret would travel unencrypted: use https")
         return url
 
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """Tokens from the token endpoint, renewed before they expire."""
+        from trolley_etl.backends import token_auth as tokens
+
+        source = tokens.OAuth2ClientCredentials(
+            self.token_url,
+            tokens.read_env(self.client_id_env),
+            tokens.read_env(self.client_secret_env),
+            scope=self.scope,
+        )
+        return tokens.TokenAuth(source)
+
 
 class CommandAuth(StrictModel):
     """A credential helper whose output is the bearer token (`[gcloud, auth,
@@ -197,6 +271,12 @@ class CommandAuth(StrictModel):
     command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         min_length=1, max_length=100, description="program and arguments (no shell)"
     )
+
+    def build(self, backend: HttpBackend) -> AuthBase | None:
+        """Tokens from the credential helper, asked again when one expires."""
+        from trolley_etl.backends import token_auth as tokens
+
+        return tokens.TokenAuth(tokens.CommandToken(self.command))
 
 
 Auth = Annotated[
@@ -271,6 +351,17 @@ class BackendCaps(StrictModel):
     )
     rate_limit: RateLimit | None = None
 
+    def backend_limits(self) -> BackendLimits:
+        """The caps this entry asks for, as the object its backend enforces them with."""
+        from trolley_etl.backends.limits import BackendLimits
+
+        rate = self.rate_limit
+        return BackendLimits(
+            max_connections=self.max_connections,
+            requests_per_second=rate.requests_per_second if rate else None,
+            megabytes_per_second=rate.megabytes_per_second if rate else None,
+        )
+
 
 class HttpBackend(BackendCaps):
     url: str = Field(description="Base URL, e.g. https://pacs.example.org/dicom-web")
@@ -300,6 +391,37 @@ class HttpBackend(BackendCaps):
             )
         return url.rstrip("/")
 
+    def tls_verify(self) -> bool | str:
+        """What the archive's certificate is checked against: a CA file, or verify_tls."""
+        ca_file = self.tls.path("ca_file") if self.tls else None
+        return ca_file or self.verify_tls
+
+    def client_certificate(self) -> str | tuple[str, str] | None:
+        """The client certificate of `tls` (one PEM file, or certificate and key)."""
+        if self.tls is None:
+            return None
+        cert, key = self.tls.path("cert_file"), self.tls.path("key_file")
+        return (cert, key) if cert and key else cert
+
+    def http_settings(self, limits: BackendLimits | None = None) -> HttpSettings:
+        """This entry's connection; credentials are read from the environment now."""
+        from trolley_etl.backends.http import HttpSettings
+
+        return HttpSettings(
+            self.url,
+            auth=self.auth.build(self),
+            verify=self.tls_verify(),
+            timeout=(min(10.0, self.timeout), self.timeout),
+            cert=self.client_certificate(),
+            limits=limits,
+        )
+
+    def describe(self) -> str:
+        """The protocol and URL without credentials, for logs and reports."""
+        from trolley_etl.backends.http import redact_url
+
+        return f"{getattr(self, 'backend', 'http')} {redact_url(self.url)}"
+
 
 class DimseBackend(BackendCaps):
     host: str = Field(min_length=1)
@@ -311,6 +433,31 @@ class DimseBackend(BackendCaps):
     dimse_timeout: Seconds = 120
     network_timeout: Seconds = 120
     tls: TlsFiles | None = Field(default=None, description="DICOM TLS (the archive's TLS port)")
+
+    def dimse_settings(self, limits: BackendLimits | None = None) -> DimseSettings:
+        """This entry's association settings (pynetdicom is imported only now)."""
+        from trolley_etl.backends.dimse import DimseSettings, DimseTls
+
+        tls = self.tls
+        return DimseSettings(
+            self.host,
+            self.port,
+            self.called_aet,
+            self.calling_aet,
+            connection_timeout=self.connection_timeout,
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            network_timeout=self.network_timeout,
+            limits=limits,
+            tls=None
+            if tls is None
+            else DimseTls(tls.path("ca_file"), tls.path("cert_file"), tls.path("key_file")),
+        )
+
+    def describe(self) -> str:
+        """The protocol and the archive's AE title and address."""
+        backend = getattr(self, "backend", "dicom")
+        return f"{backend} {self.called_aet}@{self.host}:{self.port}"
 
 
 #: The archive's cap on the results of one search; searches at the cap are split by date.
@@ -331,14 +478,33 @@ class QidoRsSearch(HttpBackend):
     page_size: int = Field(default=1000, ge=1, le=100_000)
     max_results: MaxResults = None
 
+    def searcher(self, base_dir: Path, limits: BackendLimits | None = None) -> Searcher:
+        """A QIDO-RS searcher."""
+        from trolley_etl.backends.qido_rs import QidoRS
+
+        settings = self.http_settings(limits)
+        return QidoRS(settings, page_size=self.page_size, max_results=self.max_results)
+
 
 class MintSearch(HttpBackend):
     backend: Literal["mint"]
+
+    def searcher(self, base_dir: Path, limits: BackendLimits | None = None) -> Searcher:
+        """A MINT searcher."""
+        from trolley_etl.backends.mint import Mint
+
+        return Mint(self.http_settings(limits))
 
 
 class DicomQrSearch(DimseBackend):
     backend: Literal["dicom-qr"]
     max_results: MaxResults = None
+
+    def searcher(self, base_dir: Path, limits: BackendLimits | None = None) -> Searcher:
+        """A C-FIND searcher."""
+        from trolley_etl.backends.dicom_qr import DicomQR
+
+        return DicomQR(self.dimse_settings(limits), max_results=self.max_results)
 
 
 class LocalSearch(StrictModel):
@@ -347,6 +513,17 @@ class LocalSearch(StrictModel):
     index_path: str | None = Field(
         default=None, description="where to keep the index (default: inside the folder)"
     )
+
+    def searcher(self, base_dir: Path, limits: BackendLimits | None = None) -> Searcher:
+        """The folder's index; also the downloader of a `local` download."""
+        from trolley_etl.backends.local_folder import LocalFolder
+
+        index = base_dir / self.index_path if self.index_path else None
+        return LocalFolder(base_dir / self.path, index_path=index)
+
+    def describe(self) -> str:
+        """The folder as the manifest names it."""
+        return f"{self.backend} {self.path}"
 
 
 SearchConfig = QidoRsSearch | DicomQrSearch | MintSearch | LocalSearch
@@ -374,6 +551,14 @@ class WadoRsDownload(HttpBackend):
             )
         return self
 
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """A WADO-RS downloader (of headers only with `metadata_only`)."""
+        from trolley_etl.backends.wado_rs import WadoRS
+
+        return WadoRS(
+            self.http_settings(limits), metadata_only=self.metadata_only, format=self.format
+        )
+
     @model_serializer(mode="wrap")
     def _omit_metadata_defaults(self, handler: Any) -> Any:
         """Full pulls dump as before these fields existed, so their checkpoints still match."""
@@ -387,6 +572,12 @@ class WadoRsDownload(HttpBackend):
 class WadoUriDownload(HttpBackend):
     backend: Literal["wado-uri"]
 
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """A WADO-URI downloader (instance by instance)."""
+        from trolley_etl.backends.wado_uri import WadoURI
+
+        return WadoURI(self.http_settings(limits))
+
 
 class Rad69Download(HttpBackend):
     backend: Literal["rad69"]
@@ -395,9 +586,25 @@ class Rad69Download(HttpBackend):
     )
     batch_size: int = Field(default=500, ge=1, le=10_000, description="instances per request")
 
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """A RAD-69 downloader."""
+        from trolley_etl.backends.rad69 import Rad69
+
+        return Rad69(
+            self.http_settings(limits),
+            repository_id=self.repository_id,
+            batch_size=self.batch_size,
+        )
+
 
 class CGetDownload(DimseBackend):
     backend: Literal["c-get"]
+
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """A C-GET downloader."""
+        from trolley_etl.backends.c_get import CGet
+
+        return CGet(self.dimse_settings(limits))
 
 
 class MoveDestination(StrictModel):
@@ -413,6 +620,17 @@ class CMoveDownload(DimseBackend):
     level: Literal["study", "series"] = Field(
         default="study", description="series: move series by series (some archives need it)"
     )
+
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """A C-MOVE downloader with its own Storage SCP on `move_destination`."""
+        from trolley_etl.backends import c_move
+
+        destination = c_move.MoveDestination(self.move_destination.aet, self.move_destination.port)
+        return c_move.CMove(
+            self.dimse_settings(limits),
+            move_destination=destination,
+            retrieval_level=None if self.level == "study" else self.level,
+        )
 
 
 class DicomQrMetadataDownload(DimseBackend):
@@ -439,11 +657,29 @@ class DicomQrMetadataDownload(DimseBackend):
                 raise error("keyword", str(exc), index) from None
         return keywords
 
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """Headers from an instance-level C-FIND."""
+        from trolley_etl.backends.dicom_qr_metadata import DicomQRMetadata
+
+        return DicomQRMetadata(
+            self.dimse_settings(limits), keywords=self.keywords, format=self.format
+        )
+
 
 class LocalDownload(StrictModel):
     """Copies from the folder the local search indexed."""
 
     backend: Literal["local"]
+
+    def downloader(self, limits: BackendLimits | None = None) -> Downloader:
+        """Never built on its own: the local search is its own downloader."""
+        from trolley_etl.core.errors import ConfigurationError
+
+        raise ConfigurationError("a local download needs a local search")
+
+    def describe(self) -> str:
+        """The folder of the local search."""
+        return self.backend
 
 
 DownloadConfig = (
@@ -661,7 +897,7 @@ class Storage(StrictModel):
     def _check_layout(cls, layout: str) -> str:
         try:
             LayoutTemplate(layout)
-        except QueryError as exc:
+        except LayoutError as exc:
             raise error("layout", str(exc)) from None
         return layout
 
@@ -753,11 +989,17 @@ class RunSettings(StrictModel):
 # --- de-identification (issue 14) -----------------------------------------------------------
 
 DeidOption = Literal[
-    "retain_safe_private", "retain_uids", "retain_device_identity",
-    "retain_institution_identity", "retain_patient_characteristics",
-    "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates",
-    "clean_descriptors", "clean_structured_content", "clean_graphics",
-]  # fmt: skip
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+]
 
 
 class BlankRegions(StrictModel):
@@ -894,8 +1136,12 @@ class Manifest(StrictModel):
             target = (base / self.deid.pseudonym_map).resolve()
             root = (base / self.storage.root).resolve()
             if target == root or root in target.parents:
-                raise error("pseudonym_map", "must lie outside storage.root (the export)",
-                            "deid", "pseudonym_map")  # fmt: skip
+                raise error(
+                    "pseudonym_map",
+                    "must lie outside storage.root (the export)",
+                    "deid",
+                    "pseudonym_map",
+                )
         return self
 
     @model_validator(mode="after")
@@ -903,8 +1149,12 @@ class Manifest(StrictModel):
         # the de-identification step rewrites Part 10 files; DICOM JSON files would leave as
         # the archive sent them, so the two are refused together rather than half-applied
         if self.deid is not None and self.source.file_format == "json":
-            raise error("deid", "de-identification works on Part 10 files: use the default "
-                        "`format: dicom` for metadata-only pulls with `deid`", "deid")  # fmt: skip
+            raise error(
+                "deid",
+                "de-identification works on Part 10 files: use the default "
+                "`format: dicom` for metadata-only pulls with `deid`",
+                "deid",
+            )
         return self
 
     @property

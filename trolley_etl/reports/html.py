@@ -91,8 +91,17 @@ def _studies(view: ReportView) -> str:
             + _cell(s.query_set)
             + "</tr>"
         )
-    headers = ["accession", "patient ID", "date", "modalities", "series", "instances", "size",
-               "status", "query set"]  # fmt: skip
+    headers = [
+        "accession",
+        "patient ID",
+        "date",
+        "modalities",
+        "series",
+        "instances",
+        "size",
+        "status",
+        "query set",
+    ]
     return (
         '<input id="filter" type="search" placeholder="filter studies (any column)" '
         'aria-label="filter studies"> <span id="shown"></span> of '
@@ -105,19 +114,30 @@ def _failures(view: ReportView) -> str:
     if not view.failures:
         return "<p>Nothing failed.</p>"
     rows = [
-        "<tr>" + _cell(f.accession_number) + _cell(f.patient_id) + _cell(f.study_uid)
-        + _cell(f.what) + _cell(f.status, cls=f"status-{f.status}") + _cell(f.reason) + "</tr>"
+        "<tr>"
+        + _cell(f.accession_number)
+        + _cell(f.patient_id)
+        + _cell(f.study_uid)
+        + _cell(f.what)
+        + _cell(f.status, cls=f"status-{f.status}")
+        + _cell(f.reason)
+        + "</tr>"
         for f in view.failures
-    ]  # fmt: skip
-    return _table(["accession", "patient ID", "study", "series / instance", "status", "reason"],
-                  rows, "failures")  # fmt: skip
+    ]
+    return _table(
+        ["accession", "patient ID", "study", "series / instance", "status", "reason"],
+        rows,
+        "failures",
+    )
 
 
 def _unmatched(view: ReportView) -> str:
     if not view.unmatched:
         return ""
-    rows = ["<tr>" + _cell(name) + _cell(row if row is not None else "") + _cell(value) + "</tr>"
-            for name, row, value in view.unmatched]  # fmt: skip
+    rows = [
+        "<tr>" + _cell(name) + _cell(row if row is not None else "") + _cell(value) + "</tr>"
+        for name, row, value in view.unmatched
+    ]
     table = _table(["query set", "cohort row", "value"], rows, "unmatched")
     return f"<h2>Cohort rows that matched no study</h2>{table}"
 
@@ -129,8 +149,12 @@ def _drift(view: ReportView) -> str:
         if not drift:
             continue
         detail = json.dumps({k: v for k, v in drift.items() if k.endswith("_studies")})
-        cells = (_cell(run.run_id), _cell(drift.get("added", 0), num=True),
-                 _cell(drift.get("removed", 0), num=True), _cell(detail))  # fmt: skip
+        cells = (
+            _cell(run.run_id),
+            _cell(drift.get("added", 0), num=True),
+            _cell(drift.get("removed", 0), num=True),
+            _cell(detail),
+        )
         rows.append("<tr>" + "".join(cells) + "</tr>")
     if not rows:
         return "<p>No run compared the archive with a lock file, or nothing drifted.</p>"
@@ -139,14 +163,22 @@ def _drift(view: ReportView) -> str:
 
 def _runs(view: ReportView) -> str:
     rows = [
-        "<tr>" + _cell(r.run_id) + _cell(r.purpose) + _cell(r.status, cls=f"status-{r.status}")
-        + _cell(r.started_at) + _cell(r.finished_at or "-")
+        "<tr>"
+        + _cell(r.run_id)
+        + _cell(r.purpose)
+        + _cell(r.status, cls=f"status-{r.status}")
+        + _cell(r.started_at)
+        + _cell(r.finished_at or "-")
         + _cell(len(r.throughput), num=True)
-        + _cell(human_bytes(r.throughput[-1][1] if r.throughput else 0)) + "</tr>"
+        + _cell(human_bytes(r.throughput[-1][1] if r.throughput else 0))
+        + "</tr>"
         for r in view.runs
-    ]  # fmt: skip
-    table = _table(["run", "purpose", "status", "started", "finished", "files stored",
-                    "bytes stored"], rows, "runs")  # fmt: skip
+    ]
+    table = _table(
+        ["run", "purpose", "status", "started", "finished", "files stored", "bytes stored"],
+        rows,
+        "runs",
+    )
     plots = "".join(
         f"<figure><figcaption>{escape(r.run_id)}</figcaption>"
         f"{svg.line(f'Throughput of {r.run_id}', r.throughput)}</figure>"

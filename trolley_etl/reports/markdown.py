@@ -35,29 +35,47 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if view.by_modality:
-        lines.append("Instances by modality: " + ", ".join(
-            f"{_md(k)} {v}" for k, v in view.by_modality.items()) + ".")  # fmt: skip
+        lines.append(
+            "Instances by modality: "
+            + ", ".join(f"{_md(k)} {v}" for k, v in view.by_modality.items())
+            + "."
+        )
         lines.append("")
     if view.failures:
-        lines += [f"### Failed or incomplete ({len(view.failures)})", "",
-                  "| accession | patient ID | status | reason |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### Failed or incomplete ({len(view.failures)})",
+            "",
+            "| accession | patient ID | status | reason |",
+            "|---|---|---|---|",
+        ]
         for f in view.failures[:MAX_FAILURES]:
-            lines.append(f"| {_md(f.accession_number)} | {_md(f.patient_id)} | "
-                         f"{_md(f.status)} | {_md(f.reason)} |")  # fmt: skip
+            lines.append(
+                f"| {_md(f.accession_number)} | {_md(f.patient_id)} | "
+                f"{_md(f.status)} | {_md(f.reason)} |"
+            )
         if len(view.failures) > MAX_FAILURES:
             lines.append(f"\n… and {len(view.failures) - MAX_FAILURES} more: see the full report.")
         lines.append("")
     if view.unmatched:
-        lines.append(f"**{len(view.unmatched)} cohort rows matched no study**: "
-                     + ", ".join(f"{_md(value)} ({_md(name)})"
-                                 for name, _, value in view.unmatched[:MAX_FAILURES])
-                     + (" …" if len(view.unmatched) > MAX_FAILURES else ""))  # fmt: skip
+        lines.append(
+            f"**{len(view.unmatched)} cohort rows matched no study**: "
+            + ", ".join(
+                f"{_md(value)} ({_md(name)})" for name, _, value in view.unmatched[:MAX_FAILURES]
+            )
+            + (" …" if len(view.unmatched) > MAX_FAILURES else "")
+        )
         lines.append("")
     if view.runs:
-        lines += ["### Runs", "", "| run | status | started | finished | files |",
-                  "|---|---|---|---|---:|"]  # fmt: skip
+        lines += [
+            "### Runs",
+            "",
+            "| run | status | started | finished | files |",
+            "|---|---|---|---|---:|",
+        ]
         for run in view.runs[-MAX_RUNS:]:
-            lines.append(f"| {_md(run.run_id)} | {_md(run.status)} | {_md(run.started_at)} | "
-                         f"{_md(run.finished_at or '-')} | {len(run.throughput)} |")  # fmt: skip
+            lines.append(
+                f"| {_md(run.run_id)} | {_md(run.status)} | {_md(run.started_at)} | "
+                f"{_md(run.finished_at or '-')} | {len(run.throughput)} |"
+            )
         lines.append("")
     return "\n".join(lines)

@@ -24,25 +24,47 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any, TextIO
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import MetadataError
 
 LEVELS = ("instance", "series", "study")
 #: Keywords shown when the user names none: what a researcher filters a cohort by.
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "instance": (
-        "PatientID", "AccessionNumber", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID",
-        "SOPInstanceUID", "SOPClassUID", "Modality", "SeriesNumber", "InstanceNumber",
-        "Rows", "Columns", "NumberOfFrames",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "Modality",
+        "SeriesNumber",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
     ),
     "series": (
-        "PatientID", "AccessionNumber", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID",
-        "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
     ),
     "study": (
-        "PatientID", "PatientSex", "PatientBirthDate", "AccessionNumber", "StudyDate",
-        "StudyInstanceUID", "StudyDescription",
+        "PatientID",
+        "PatientSex",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyInstanceUID",
+        "StudyDescription",
     ),
-}  # fmt: skip
+}
 #: Columns every row has after the keywords, per level.
 EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
     "instance": ("path", "size", "sha256"),
@@ -52,10 +74,6 @@ EXTRA_COLUMNS: dict[str, tuple[str, ...]] = {
 #: How many first bytes of a file are read for its header; longer headers go to pydicom.
 HEADER_PREFIX = 64 * 1024
 PARQUET_BATCH = 4096
-
-
-class MetadataError(TrolleyError):
-    """The table cannot be built as asked (unknown keyword, missing optional library)."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +143,12 @@ def iter_rows(
         raise MetadataError(f"--level must be one of {', '.join(LEVELS)}")
     if level == "instance":
         for f in files:
-            yield {**read_values(root / f.path, f.size, fields),
-                   "path": f.path, "size": f.size, "sha256": f.sha256}  # fmt: skip
+            yield {
+                **read_values(root / f.path, f.size, fields),
+                "path": f.path,
+                "size": f.size,
+                "sha256": f.sha256,
+            }
         return
     key = (lambda f: (f.study_uid, f.series_uid)) if level == "series" else (lambda f: f.study_uid)
     for _, group in groupby(files, key=key):
@@ -136,8 +158,12 @@ def iter_rows(
         if level == "study":
             row["modalities"] = "\\".join(sorted({m.modality for m in members if m.modality}))
             row["series"] = len({m.series_uid for m in members})
-        row.update(instances=len(members), size=sum(m.size for m in members),
-                   path=_common_folder(members), sha256=_digest(members))  # fmt: skip
+        row.update(
+            instances=len(members),
+            size=sum(m.size for m in members),
+            path=_common_folder(members),
+            sha256=_digest(members),
+        )
         yield row
 
 
@@ -145,8 +171,14 @@ def stored_files(checkpoint: Any) -> Iterator[StoredFile]:
     """The checkpoint's files in study, series, path order (what `iter_rows` needs)."""
     records = sorted(checkpoint.files(), key=lambda r: (r["study_uid"], r["series_uid"], r["path"]))
     for r in records:
-        yield StoredFile(r["path"], r["size"], r["sha256"], r["study_uid"], r["series_uid"],
-                         r.get("modality") or "")  # fmt: skip
+        yield StoredFile(
+            r["path"],
+            r["size"],
+            r["sha256"],
+            r["study_uid"],
+            r["series_uid"],
+            r.get("modality") or "",
+        )
 
 
 # --- writers ----------------------------------------------------------------------------------
@@ -197,9 +229,12 @@ def write_parquet(rows: Iterable[dict[str, Any]], names: list[str], path: Path) 
 
 
 def write_table(
-    rows: Iterable[dict[str, Any]], names: list[str], style: str, output: Path | None,
+    rows: Iterable[dict[str, Any]],
+    names: list[str],
+    style: str,
+    output: Path | None,
     stdout: TextIO,
-) -> int:  # fmt: skip
+) -> int:
     """Write the rows; to `output` through a private temp file renamed at the end (a reader
     never sees half a table), or CSV to `stdout`. Returns the row count."""
     if style == "parquet":

@@ -16,10 +16,28 @@ from typing import Any
 
 from trolley_etl.reports.view import UNKNOWN, human_bytes
 
-COLUMNS = ("query_set", "accession_number", "patient_id", "study_date", "modalities",
-           "series_kept", "series_total", "instances", "estimated_bytes", "study_uid")  # fmt: skip
-HEADERS = ("query set", "accession", "patient ID", "date", "modalities", "series",
-           "instances", "est. size")  # fmt: skip
+COLUMNS = (
+    "query_set",
+    "accession_number",
+    "patient_id",
+    "study_date",
+    "modalities",
+    "series_kept",
+    "series_total",
+    "instances",
+    "estimated_bytes",
+    "study_uid",
+)
+HEADERS = (
+    "query set",
+    "accession",
+    "patient ID",
+    "date",
+    "modalities",
+    "series",
+    "instances",
+    "est. size",
+)
 
 
 def _int(value: Any) -> int | None:
@@ -97,15 +115,30 @@ def _series(row: dict[str, Any]) -> str:
 def render_table(rows: list[dict[str, Any]], items: int) -> str:
     """Aligned columns with a header and a totals line (the last line names the counts)."""
     body = [
-        (r["query_set"], r["accession_number"] or "-", r["patient_id"] or "-",
-         r["study_date"] or "-", r["modalities"] or "-", _series(r), _shown(r["instances"]),
-         "unknown" if r["estimated_bytes"] is None else "~" + human_bytes(r["estimated_bytes"]))
+        (
+            r["query_set"],
+            r["accession_number"] or "-",
+            r["patient_id"] or "-",
+            r["study_date"] or "-",
+            r["modalities"] or "-",
+            _series(r),
+            _shown(r["instances"]),
+            "unknown" if r["estimated_bytes"] is None else "~" + human_bytes(r["estimated_bytes"]),
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     sums = totals(rows)
     size = sums["estimated_bytes"]
-    footer = ("total", "", "", "", "", _series(sums), _shown(sums["instances"]),
-              "unknown" if size is None else "~" + human_bytes(size))  # fmt: skip
+    footer = (
+        "total",
+        "",
+        "",
+        "",
+        "",
+        _series(sums),
+        _shown(sums["instances"]),
+        "unknown" if size is None else "~" + human_bytes(size),
+    )
     widths = [max(len(str(line[i])) for line in [HEADERS, *body, footer]) for i in range(8)]
     numeric = {5, 6, 7}
 
@@ -125,15 +158,23 @@ def render_table(rows: list[dict[str, Any]], items: int) -> str:
 def sorted_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Query sets in manifest order, then by date and accession: how people scan a list."""
     order = {name: i for i, name in reversed(list(enumerate(r["query_set"] for r in rows)))}
-    return sorted(rows, key=lambda r: (order[r["query_set"]], r["study_date"],
-                                       r["accession_number"], r["study_uid"]))  # fmt: skip
+    return sorted(
+        rows,
+        key=lambda r: (
+            order[r["query_set"]],
+            r["study_date"],
+            r["accession_number"],
+            r["study_uid"],
+        ),
+    )
 
 
 def render_plan(rows: list[dict[str, Any]], items: int, style: str) -> str:
     rows = sorted_rows(rows)
     if style == "json":
-        return json.dumps({"studies": rows, "totals": totals(rows), "items": items},
-                          indent=2) + "\n"  # fmt: skip
+        return (
+            json.dumps({"studies": rows, "totals": totals(rows), "items": items}, indent=2) + "\n"
+        )
     if style == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trolley_etl.core.errors import ConfigurationError
+
 FORMATS = ("json", "csv", "html", "md")
 #: What each format's saved copy is named with.
 EXTENSIONS = {"json": "json", "csv": "csv", "html": "html", "md": "md"}
@@ -26,7 +28,7 @@ def render(report: dict[str, Any], style: str) -> str:
         from trolley_etl.reports.markdown import render_markdown
 
         return render_markdown(report)
-    raise ValueError(f"unknown report format {style!r}")
+    raise ConfigurationError(f"unknown report format {style!r}")
 
 
 def append_job_summary(report: dict[str, Any]) -> Path | None:

@@ -23,10 +23,15 @@ def run_report(audit: dict[str, Any], run_id: str) -> dict[str, Any]:
     problems = []
     for row in rows:
         if row.get("run_id") == run_id and row.get("sha256"):
-            study = changed.setdefault(row["study_uid"], {
-                "accession_number": row.get("accession_number", ""),
-                "patient_id": row.get("patient_id", ""), "instances": 0, "bytes": 0,
-            })  # fmt: skip
+            study = changed.setdefault(
+                row["study_uid"],
+                {
+                    "accession_number": row.get("accession_number", ""),
+                    "patient_id": row.get("patient_id", ""),
+                    "instances": 0,
+                    "bytes": 0,
+                },
+            )
             study["instances"] += 1
             study["bytes"] += row.get("size", 0)
             stored += 1

@@ -53,8 +53,11 @@ def attempts_from_logs(logs_dir: Path, wanted: set[tuple[str, str, str]]) -> Cou
                     event = json.loads(line)
                 except ValueError:
                     continue
-                key = _key(event.get("study_uid", ""), event.get("series_uid", ""),
-                           event.get("instance_uid", ""))  # fmt: skip
+                key = _key(
+                    event.get("study_uid", ""),
+                    event.get("series_uid", ""),
+                    event.get("instance_uid", ""),
+                )
                 if key in wanted:
                     tries[key] += 1
     return tries
@@ -77,8 +80,9 @@ def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, A
     sets: dict[str, dict[str, Any]] = {}
 
     def entry(name: str) -> dict[str, Any]:
-        return sets.setdefault(name or "-", {"studies": 0, "items": Counter(), "instances": 0,
-                                             "bytes": 0})  # fmt: skip
+        return sets.setdefault(
+            name or "-", {"studies": 0, "items": Counter(), "instances": 0, "bytes": 0}
+        )
 
     for name in owner.values():
         entry(name)["studies"] += 1
@@ -92,22 +96,28 @@ def build_status(manifest_name: str, root: Path, checkpoint: Any) -> dict[str, A
     not_done = [state.value for state in ItemState if state is not ItemState.DONE]
     listed = checkpoint.items(not_done)[: MAX_LISTED * 5]
     keys = {
-        i.item_id: _key(i.reference.study_uid, getattr(i.reference, "series_uid", ""),
-                        getattr(i.reference, "instance_uid", ""))
+        i.item_id: _key(
+            i.reference.study_uid,
+            getattr(i.reference, "series_uid", ""),
+            getattr(i.reference, "instance_uid", ""),
+        )
         for i in listed
-    }  # fmt: skip
+    }
     tries = attempts_from_logs(state_dir(root) / "logs", set(keys.values()))
     studies = {row.study_uid: row for row in checkpoint.study_rows()}
     problems = []
     for item in listed:
         study = studies.get(item.reference.study_uid)
-        problems.append({
-            "state": item.state, "reference": _describe(item.reference),
-            "accession_number": study.accession_number if study else "",
-            "patient_id": study.patient_id if study else "",
-            "attempts": max(item.attempts, tries.get(keys[item.item_id], 0)),
-            "error": item.last_error,
-        })  # fmt: skip
+        problems.append(
+            {
+                "state": item.state,
+                "reference": _describe(item.reference),
+                "accession_number": study.accession_number if study else "",
+                "patient_id": study.patient_id if study else "",
+                "attempts": max(item.attempts, tries.get(keys[item.item_id], 0)),
+                "error": item.last_error,
+            }
+        )
     runs = [decoded_run(r.to_json()) for r in checkpoint.runs()]
     return {
         "manifest": manifest_name,
@@ -126,30 +136,48 @@ def render_status(status: dict[str, Any]) -> str:
     for name, entry in status["query_sets"].items():
         items = Counter(entry["items"])
         other = sum(v for k, v in items.items() if k not in ("done", "failed", "pending"))
-        body.append((name, entry["studies"], items["done"], items["failed"], items["pending"],
-                     other, entry["instances"], human_bytes(entry["bytes"])))  # fmt: skip
+        body.append(
+            (
+                name,
+                entry["studies"],
+                items["done"],
+                items["failed"],
+                items["pending"],
+                other,
+                entry["instances"],
+                human_bytes(entry["bytes"]),
+            )
+        )
     widths = [max(len(str(r[i])) for r in [headers, *body]) for i in range(len(headers))]
 
     def fmt(row: Any) -> str:
-        return "  ".join(str(v).ljust(widths[i]) if i == 0 else str(v).rjust(widths[i])
-                         for i, v in enumerate(row)).rstrip()  # fmt: skip
+        return "  ".join(
+            str(v).ljust(widths[i]) if i == 0 else str(v).rjust(widths[i])
+            for i, v in enumerate(row)
+        ).rstrip()
 
     counts = status["counts"]
-    first = (f"{status['manifest']}: {counts['done']} done, {counts['pending']} pending, "
-             f"{counts['failed']} failed; {counts['files']} files, "
-             f"{counts['bytes'] / 2**20:.1f} MiB in {status['root']}")  # fmt: skip
-    lines = [first, "", fmt(headers),
-             fmt(["-" * w for w in widths]), *(fmt(r) for r in body)]  # fmt: skip
+    first = (
+        f"{status['manifest']}: {counts['done']} done, {counts['pending']} pending, "
+        f"{counts['failed']} failed; {counts['files']} files, "
+        f"{counts['bytes'] / 2**20:.1f} MiB in {status['root']}"
+    )
+    lines = [first, "", fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in body)]
     run = status["last_run"]
     if run:
-        lines += ["", f"last run {run['run_id']}: {run['status']}, "
-                  f"started {run['started_at']}, finished {run['finished_at'] or '-'} "
-                  f"({status['runs']} runs so far)"]  # fmt: skip
+        lines += [
+            "",
+            f"last run {run['run_id']}: {run['status']}, "
+            f"started {run['started_at']}, finished {run['finished_at'] or '-'} "
+            f"({status['runs']} runs so far)",
+        ]
     problems = status["not_done"]
     for item in problems[:MAX_LISTED]:
         who = " ".join(x for x in (item["accession_number"], item["patient_id"]) if x)
-        lines.append(f"  {item['state']} {who + ' ' if who else ''}{item['reference']} after "
-                     f"{item['attempts']} attempt(s): {item['error'] or '-'}")  # fmt: skip
+        lines.append(
+            f"  {item['state']} {who + ' ' if who else ''}{item['reference']} after "
+            f"{item['attempts']} attempt(s): {item['error'] or '-'}"
+        )
     if len(problems) > MAX_LISTED:
         lines.append("  ... and more: `trolley-etl report MANIFEST --format csv` lists them all")
     return "\n".join(lines) + "\n"

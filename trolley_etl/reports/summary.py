@@ -14,8 +14,12 @@ from typing import Any
 from trolley_etl.reports.view import human_bytes
 from trolley_etl.runner.checkpoint import open_checkpoint
 
-_DONE_WORD = {"complete": "complete", "failed": "finished with failures",
-              "interrupted": "interrupted", "incomplete": "incomplete"}  # fmt: skip
+_DONE_WORD = {
+    "complete": "complete",
+    "failed": "finished with failures",
+    "interrupted": "interrupted",
+    "incomplete": "incomplete",
+}
 
 
 def _duration(seconds: float) -> str:
@@ -45,9 +49,14 @@ def stored_totals(root: Path) -> dict[str, int]:
 
 
 def run_summary(
-    manifest: Path, root: Path, status: str, counts: dict[str, int], seconds: float,
-    report_path: Path | None, log_path: Path | None,
-) -> str:  # fmt: skip
+    manifest: Path,
+    root: Path,
+    status: str,
+    counts: dict[str, int],
+    seconds: float,
+    report_path: Path | None,
+    log_path: Path | None,
+) -> str:
     totals = stored_totals(root)
     lines = [
         f"{_DONE_WORD.get(status, status)}: {totals['studies']} studies, {totals['series']} "
@@ -58,10 +67,19 @@ def run_summary(
     pending = counts.get("pending", 0)
     incomplete = counts.get("incomplete", 0)
     if failed or pending or incomplete:
-        parts = [f"{n} {word}" for n, word in ((failed, "failed"), (incomplete, "incomplete"),
-                                               (pending, "not fetched yet")) if n]  # fmt: skip
-        lines.append(f"{', '.join(parts)} retrieval items: `trolley-etl status {manifest}` lists "
-                     "them" + (f"; the log is {log_path}" if log_path else ""))  # fmt: skip
+        parts = [
+            f"{n} {word}"
+            for n, word in (
+                (failed, "failed"),
+                (incomplete, "incomplete"),
+                (pending, "not fetched yet"),
+            )
+            if n
+        ]
+        lines.append(
+            f"{', '.join(parts)} retrieval items: `trolley-etl status {manifest}` lists "
+            "them" + (f"; the log is {log_path}" if log_path else "")
+        )
         if status != "interrupted":
             lines.append(f"rerun `trolley-etl run {manifest}` to try them again")
     if report_path:

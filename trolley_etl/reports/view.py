@@ -102,20 +102,28 @@ def _worst(states: dict[str, int]) -> str:
     return next(iter(states), UNKNOWN)
 
 
-def build_view(report: dict[str, Any]) -> ReportView:
-    summary = report.get("summary", {})
-    # a run's own report lists only the rows not stored (reports.run_report)
-    rows: list[dict[str, Any]] = report.get("instances", report.get("not_stored", []))
+def _series_and_meta(
+    rows: list[dict[str, Any]],
+) -> tuple[dict[str, set[str]], dict[str, dict[str, Any]]]:
+    """The series UIDs of each study, and each study's descriptive keys from any of its rows
+    (failed rows may carry the keys the stored rows lack, or the reverse)."""
     series_of: dict[str, set[str]] = {}
+    study_meta: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row.get("series_uid"):
             series_of.setdefault(row["study_uid"], set()).add(row["series_uid"])
-    study_meta: dict[str, dict[str, Any]] = {}
-    for row in rows:  # failed rows may carry the keys the stored rows lack, or the reverse
         meta = study_meta.setdefault(row["study_uid"], {})
         for key in ("patient_id", "accession_number", "study_date", "query_set"):
             if row.get(key) and not meta.get(key):
                 meta[key] = row[key]
+    return series_of, study_meta
+
+
+def build_view(report: dict[str, Any]) -> ReportView:
+    summary = report.get("summary", {})
+    # a run's own report lists only the rows not stored (reports.run_report)
+    rows: list[dict[str, Any]] = report.get("instances", report.get("not_stored", []))
+    series_of, study_meta = _series_and_meta(rows)
     expected = {
         s.get("study_uid"): s.get("expected_instances")
         for s in report.get("studies", [])
@@ -125,16 +133,21 @@ def build_view(report: dict[str, Any]) -> ReportView:
     for uid, study in summary.get("by_study", {}).items():
         meta = study_meta.get(uid, {})
         expect = study.get("expected_instances", expected.get(uid))
-        studies.append(StudyLine(
-            study_uid=uid, query_set=study.get("query_set") or meta.get("query_set", ""),
-            accession_number=study.get("accession_number") or meta.get("accession_number", ""),
-            patient_id=study.get("patient_id") or meta.get("patient_id", ""),
-            study_date=study.get("study_date") or meta.get("study_date", ""),
-            modalities=list(study.get("modalities", [])), series=len(series_of.get(uid, ())),
-            instances=int(study.get("instances", 0)),
-            expected_instances=expect if isinstance(expect, int) else None,
-            bytes=int(study.get("bytes", 0)), status=_worst(study.get("status", {})),
-        ))  # fmt: skip
+        studies.append(
+            StudyLine(
+                study_uid=uid,
+                query_set=study.get("query_set") or meta.get("query_set", ""),
+                accession_number=study.get("accession_number") or meta.get("accession_number", ""),
+                patient_id=study.get("patient_id") or meta.get("patient_id", ""),
+                study_date=study.get("study_date") or meta.get("study_date", ""),
+                modalities=list(study.get("modalities", [])),
+                series=len(series_of.get(uid, ())),
+                instances=int(study.get("instances", 0)),
+                expected_instances=expect if isinstance(expect, int) else None,
+                bytes=int(study.get("bytes", 0)),
+                status=_worst(study.get("status", {})),
+            )
+        )
     for study_line in studies:  # fewer files than the archive said it holds: not complete
         short = (
             study_line.expected_instances is not None
@@ -149,13 +162,16 @@ def build_view(report: dict[str, Any]) -> ReportView:
         if row.get("status") in ("stored", "stale"):
             continue
         meta = study_meta.get(row["study_uid"], {})
-        failures.append(Failure(
-            accession_number=row.get("accession_number") or meta.get("accession_number", ""),
-            patient_id=row.get("patient_id") or meta.get("patient_id", ""),
-            study_uid=row["study_uid"],
-            what=row.get("sop_instance_uid") or row.get("series_uid") or "",
-            status=row.get("status", ""), reason=row.get("error") or row.get("status", ""),
-        ))  # fmt: skip
+        failures.append(
+            Failure(
+                accession_number=row.get("accession_number") or meta.get("accession_number", ""),
+                patient_id=row.get("patient_id") or meta.get("patient_id", ""),
+                study_uid=row["study_uid"],
+                what=row.get("sop_instance_uid") or row.get("series_uid") or "",
+                status=row.get("status", ""),
+                reason=row.get("error") or row.get("status", ""),
+            )
+        )
 
     runs = []
     by_run: dict[str, list[tuple[dt.datetime, int]]] = {}
@@ -170,12 +186,17 @@ def build_view(report: dict[str, Any]) -> ReportView:
         for at, size in points:
             cumulative += size
             line.append((max(0.0, (at - start).total_seconds()) if start else 0.0, cumulative))
-        runs.append(RunLine(
-            run_id=run.get("run_id", ""), status=run.get("status", UNKNOWN),
-            started_at=run.get("started_at", ""), finished_at=run.get("finished_at"),
-            purpose=run.get("purpose", "run"), lock_drift=run.get("lock_drift"),
-            throughput=line,
-        ))  # fmt: skip
+        runs.append(
+            RunLine(
+                run_id=run.get("run_id", ""),
+                status=run.get("status", UNKNOWN),
+                started_at=run.get("started_at", ""),
+                finished_at=run.get("finished_at"),
+                purpose=run.get("purpose", "run"),
+                lock_drift=run.get("lock_drift"),
+                throughput=line,
+            )
+        )
 
     expected_known = any(s.expected_instances is not None for s in studies)
     cohort = report.get("cohort")
@@ -194,15 +215,24 @@ def build_view(report: dict[str, Any]) -> ReportView:
         # rows asked for by name (CSV rows, listed UIDs); filter queries ask for none
         ("requested", _sum_cohort(cohort, "requested") or None),
         ("found", found),
-        ("selected", found - dropped if found is not None and dropped is not None
-         else len(studies)),
+        (
+            "selected",
+            found - dropped if found is not None and dropped is not None else len(studies),
+        ),
         ("stored", _sum_cohort(cohort, "stored") if cohort else stored),
-        ("incomplete", _sum_cohort(cohort, "incomplete") if cohort else
-         (sum(1 for s in studies if s.status == "incomplete") if expected_known else None)),
+        (
+            "incomplete",
+            _sum_cohort(cohort, "incomplete")
+            if cohort
+            else (sum(1 for s in studies if s.status == "incomplete") if expected_known else None),
+        ),
         ("failed", _sum_cohort(cohort, "failed") if cohort else failed),
-    ]  # fmt: skip
-    by_month = Counter(s.study_date[:4] + "-" + s.study_date[4:6] for s in studies
-                       if len(s.study_date) >= 6 and s.study_date[:6].isdigit())  # fmt: skip
+    ]
+    by_month = Counter(
+        s.study_date[:4] + "-" + s.study_date[4:6]
+        for s in studies
+        if len(s.study_date) >= 6 and s.study_date[:6].isdigit()
+    )
     return ReportView(
         name=report.get("manifest", {}).get("name", UNKNOWN),
         generated_at=report.get("generated_at", ""),

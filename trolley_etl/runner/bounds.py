@@ -47,5 +47,5 @@ def apply_limits(manifest: Manifest, *backends: object, gate: OutageGate | None 
         from trolley_etl.backends.dimse import DimseSettings  # pynetdicom: only when used
 
         if isinstance(settings, DimseSettings):
-            setattr(backend, "settings",  # noqa: B010 - any backend with DIMSE settings
-                    dataclasses.replace(settings, deadline=limits.request_deadline))  # fmt: skip
+            bounded = dataclasses.replace(settings, deadline=limits.request_deadline)
+            setattr(backend, "settings", bounded)  # noqa: B010 - any backend with DIMSE settings

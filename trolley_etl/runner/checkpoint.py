@@ -307,9 +307,16 @@ class Checkpoint:
             self._db.execute(
                 "INSERT INTO runs (run_id, started_at, status, manifest_hash, provenance, pid, "
                 "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, now(), RunState.RUNNING.value, manifest_hash,
-                 json.dumps(provenance or {}, sort_keys=True), os.getpid(), socket.gethostname()),
-            )  # fmt: skip
+                (
+                    run_id,
+                    now(),
+                    RunState.RUNNING.value,
+                    manifest_hash,
+                    json.dumps(provenance or {}, sort_keys=True),
+                    os.getpid(),
+                    socket.gethostname(),
+                ),
+            )
 
     def mark_abandoned_runs(self) -> list[str]:
         """Runs still `running` whose process is gone become `aborted`, with what they did.
@@ -337,9 +344,11 @@ class Checkpoint:
                 self._db.executemany(
                     "UPDATE runs SET status = ?, summary = COALESCE(summary, ?) "
                     "WHERE run_id = ? AND status = ?",
-                    [(RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
-                     for run_id in aborted],
-                )  # fmt: skip
+                    [
+                        (RunState.ABORTED.value, summary, run_id, RunState.RUNNING.value)
+                        for run_id in aborted
+                    ],
+                )
         return aborted
 
     def add_run_provenance(self, run_id: str, **values: Any) -> None:
@@ -373,9 +382,6 @@ class Checkpoint:
 
     # --- the resolved work -----------------------------------------------------------------
 
-    def is_resolved(self) -> bool:
-        return self.get_meta("resolution_hash") is not None
-
     def save_resolution(
         self,
         resolution_hash: str,
@@ -400,11 +406,17 @@ class Checkpoint:
             self._db.executemany(
                 "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (s.study_uid, s.query_set, s.patient_id, s.accession_number,
-                     s.study_date, s.modalities)
+                    (
+                        s.study_uid,
+                        s.query_set,
+                        s.patient_id,
+                        s.accession_number,
+                        s.study_date,
+                        s.modalities,
+                    )
                     for s in studies
                 ],
-            )  # fmt: skip
+            )
             existing = {
                 (row[1], row[2], row[3]): row[0]
                 for row in self._db.execute(
@@ -428,9 +440,12 @@ class Checkpoint:
             self._db.executemany(
                 "UPDATE items SET expected_instances = ?, expected_uids = ? "
                 "WHERE study_uid = ? AND series_uid = ? AND instance_uid = ?",
-                [(exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
-                 for key, exp in expected.items() if key in wanted],
-            )  # fmt: skip
+                [
+                    (exp.count, None if exp.uids is None else json.dumps(list(exp.uids)), *key)
+                    for key, exp in expected.items()
+                    if key in wanted
+                ],
+            )
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('resolution_hash', ?)", (resolution_hash,)
             )
@@ -490,26 +505,7 @@ class Checkpoint:
         self, item_id: int, stored: StoredInstance, source: str, run_id: str | None = None
     ) -> None:
         """Record a file that is already renamed into place and fsynced."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO files (sop_instance_uid, item_id, study_uid, series_uid, "
-                "path, size, sha256, transfer_syntax, sop_class_uid, source, stored_at, "
-                "modality, patient_id, accession_number, study_date, run_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    stored.sop_instance_uid, item_id, stored.study_uid, stored.series_uid,
-                    stored.relative_path.as_posix(), stored.size, stored.sha256,
-                    stored.transfer_syntax, stored.sop_class_uid, source, now(),
-                    stored.modality, stored.patient_id, stored.accession_number,
-                    stored.study_date, run_id,
-                ),
-            )  # fmt: skip
-
-    def record_files(
-        self, item_id: int, stored: list[StoredInstance], source: str, run_id: str | None = None
-    ) -> None:
-        """Record files of one item already renamed into place and durable."""
-        self.record_files_of_items([(item_id, stored)], source, run_id)
+        self.record_files_of_items([(item_id, [stored])], source, run_id)
 
     def record_files_of_items(
         self,
@@ -531,14 +527,26 @@ class Checkpoint:
         at = now()
         rows = [
             (
-                s.sop_instance_uid, item_id, s.study_uid, s.series_uid,
-                s.relative_path.as_posix(), s.size, s.sha256, s.transfer_syntax,
-                s.sop_class_uid, source, at, s.modality, s.patient_id, s.accession_number,
-                s.study_date, run_id,
+                s.sop_instance_uid,
+                item_id,
+                s.study_uid,
+                s.series_uid,
+                s.relative_path.as_posix(),
+                s.size,
+                s.sha256,
+                s.transfer_syntax,
+                s.sop_class_uid,
+                source,
+                at,
+                s.modality,
+                s.patient_id,
+                s.accession_number,
+                s.study_date,
+                run_id,
             )
             for item_id, stored in batches
             for s in stored
-        ]  # fmt: skip
+        ]
         if not rows:
             return 0
         last = 0
@@ -727,12 +735,16 @@ _FILE_FIELDS = frozenset(f for f in FileRecord.__dataclass_fields__ if f != "ext
 def _item(row: tuple[Any, ...]) -> Item:
     uids = json.loads(row[8]) if row[8] else None
     return Item(
-        row[0], reference_of(row[1], row[2], row[3]), ItemState(row[4]), row[5], row[6],
+        row[0],
+        reference_of(row[1], row[2], row[3]),
+        ItemState(row[4]),
+        row[5],
+        row[6],
         expected=Expectation(row[7], None if uids is None else tuple(uids)),
         stored_instances=row[9],
         missing_uids=tuple(json.loads(row[10])) if row[10] else (),
         extra_instances=row[11] or 0,
-    )  # fmt: skip
+    )
 
 
 def _union(known: Expectation | None, more: Expectation) -> Expectation:

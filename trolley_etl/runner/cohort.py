@@ -41,8 +41,12 @@ class Dropped:
 
     def to_json(self) -> dict[str, Any]:
         level = "series" if self.series_uid else "study"
-        return {"level": level, "study_uid": self.study_uid, "series_uid": self.series_uid,
-                "rule": self.rule}  # fmt: skip
+        return {
+            "level": level,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "rule": self.rule,
+        }
 
 
 @dataclass
@@ -64,26 +68,31 @@ class QuerySetAccount:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "requested": self.requested, "matched": self.matched,
+            "requested": self.requested,
+            "matched": self.matched,
             "unmatched": [u.to_json() for u in self.unmatched],
-            "studies_found": self.studies_found, "empty_queries": self.empty_queries,
+            "studies_found": self.studies_found,
+            "empty_queries": self.empty_queries,
             "dropped_by_select": [d.to_json() for d in self.dropped_by_select],
             "allow_unmatched": self.allow_unmatched,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuerySetAccount:
         return cls(
-            requested=int(data.get("requested", 0)), matched=int(data.get("matched", 0)),
-            unmatched=[Unmatched(int(u["row"]), str(u["value"]))
-                       for u in data.get("unmatched", [])],
+            requested=int(data.get("requested", 0)),
+            matched=int(data.get("matched", 0)),
+            unmatched=[
+                Unmatched(int(u["row"]), str(u["value"])) for u in data.get("unmatched", [])
+            ],
             studies_found=int(data.get("studies_found", 0)),
             empty_queries=int(data.get("empty_queries", 0)),
-            dropped_by_select=[Dropped(str(d["study_uid"]), str(d.get("series_uid", "")),
-                                       str(d.get("rule", ""))) for d in
-                               data.get("dropped_by_select", [])],
+            dropped_by_select=[
+                Dropped(str(d["study_uid"]), str(d.get("series_uid", "")), str(d.get("rule", "")))
+                for d in data.get("dropped_by_select", [])
+            ],
             allow_unmatched=bool(data.get("allow_unmatched", False)),
-        )  # fmt: skip
+        )
 
 
 Cohort = dict[str, QuerySetAccount]
@@ -99,8 +108,14 @@ def cohort_from_json(text: str | None) -> Cohort:
     return {name: QuerySetAccount.from_json(data) for name, data in json.loads(text).items()}
 
 
-_NO_UNITS = {"units_planned": 0, "stored": 0, "incomplete": 0, "failed": 0, "pending": 0,
-             "stored_instances": 0}  # fmt: skip
+_NO_UNITS = {
+    "units_planned": 0,
+    "stored": 0,
+    "incomplete": 0,
+    "failed": 0,
+    "pending": 0,
+    "stored_instances": 0,
+}
 
 
 def cohort_report(

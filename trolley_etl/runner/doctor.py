@@ -114,7 +114,7 @@ class Doctor:
         search, download = source.search, source.effective_download
         if isinstance(search, (HttpBackend, DimseBackend)):
             yield from self._backend("search", search)
-        if download is not search and isinstance(download, (HttpBackend, DimseBackend)):
+        if download.backend != "local" and isinstance(download, (HttpBackend, DimseBackend)):
             yield from self._backend("download", download)
 
     def _backend(self, role: str, config: Any) -> Iterator[Check]:
@@ -138,23 +138,34 @@ class Doctor:
 
     # --- network ---------------------------------------------------------------------------
 
-    def _network(self, role: str, config: Any, host: str, port: int,
-                 uses_tls: bool) -> Iterator[Check]:  # fmt: skip
+    def _network(
+        self, role: str, config: Any, host: str, port: int, uses_tls: bool
+    ) -> Iterator[Check]:
         timeout = min(10.0, float(getattr(config, "connection_timeout", 10.0)))
         try:
             addresses = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port)})
         except OSError as exc:
-            yield Check(role, "address", FAIL, f"{host} does not resolve ({exc.strerror})",
-                        "check the host name, or this machine's DNS")  # fmt: skip
+            yield Check(
+                role,
+                "address",
+                FAIL,
+                f"{host} does not resolve ({exc.strerror})",
+                "check the host name, or this machine's DNS",
+            )
             return
         yield Check(role, "address", OK, f"{host} resolves to {', '.join(addresses)}")
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            yield Check(role, "port", FAIL, f"{host}:{port} does not answer ({reason})",
-                        "check the port; ask the archive's administrators whether a firewall "
-                        "blocks this machine")  # fmt: skip
+            yield Check(
+                role,
+                "port",
+                FAIL,
+                f"{host}:{port} does not answer ({reason})",
+                "check the port; ask the archive's administrators whether a firewall "
+                "blocks this machine",
+            )
             return
         yield Check(role, "port", OK, f"{host}:{port} answers")
         if uses_tls:
@@ -166,11 +177,21 @@ class Doctor:
         try:
             context = tls_context(config)
         except (OSError, ssl.SSLError) as exc:
-            return Check(role, "tls", FAIL, f"cannot load the TLS files: {exc}",
-                         "check tls.ca_file, tls.cert_file and tls.key_file")  # fmt: skip
+            return Check(
+                role,
+                "tls",
+                FAIL,
+                f"cannot load the TLS files: {exc}",
+                "check tls.ca_file, tls.cert_file and tls.key_file",
+            )
         if context is None:
-            return Check(role, "tls", WARN, "certificate not verified (verify_tls: false)",
-                         "give tls.ca_file instead of switching verification off")  # fmt: skip
+            return Check(
+                role,
+                "tls",
+                WARN,
+                "certificate not verified (verify_tls: false)",
+                "give tls.ca_file instead of switching verification off",
+            )
         try:
             with (
                 socket.create_connection((host, port), timeout=timeout) as raw,
@@ -178,20 +199,34 @@ class Doctor:
             ):
                 cert = wrapped.getpeercert() or {}
         except ssl.SSLCertVerificationError as exc:
-            return Check(role, "tls", FAIL, f"certificate of {host} not accepted: "
-                         f"{exc.verify_message or exc.reason}",
-                         "set tls.ca_file to the CA that signed the archive's certificate, and "
-                         "use the host name the certificate names")  # fmt: skip
+            return Check(
+                role,
+                "tls",
+                FAIL,
+                f"certificate of {host} not accepted: {exc.verify_message or exc.reason}",
+                "set tls.ca_file to the CA that signed the archive's certificate, and "
+                "use the host name the certificate names",
+            )
         except (OSError, ssl.SSLError) as exc:
-            return Check(role, "tls", FAIL, f"TLS handshake with {host}:{port} failed: {exc}",
-                         "check that the port speaks TLS, and the client certificate "
-                         "(tls.cert_file, tls.key_file) if the archive asks for one")  # fmt: skip
+            return Check(
+                role,
+                "tls",
+                FAIL,
+                f"TLS handshake with {host}:{port} failed: {exc}",
+                "check that the port speaks TLS, and the client certificate "
+                "(tls.cert_file, tls.key_file) if the archive asks for one",
+            )
         expires = cert.get("notAfter")
         if isinstance(expires, str):
             left = ssl.cert_time_to_seconds(expires) - dt.datetime.now(dt.timezone.utc).timestamp()
             if left < CERT_EXPIRY_WARN_DAYS * 86400:
-                return Check(role, "tls", WARN, f"certificate valid, but expires {expires}",
-                             "ask the archive's administrators to renew it")  # fmt: skip
+                return Check(
+                    role,
+                    "tls",
+                    WARN,
+                    f"certificate valid, but expires {expires}",
+                    "ask the archive's administrators to renew it",
+                )
             return Check(role, "tls", OK, f"certificate valid until {expires}")
         return Check(role, "tls", OK, "certificate valid")
 
@@ -201,8 +236,9 @@ class Doctor:
         if http is None:
             return Check(role, "clock", SKIP, "no HTTP client to ask")
         try:
-            response = http.session.get(http.base_url, timeout=http.timeout,
-                                        verify=http.session.verify)  # fmt: skip
+            response = http.session.get(
+                http.base_url, timeout=http.timeout, verify=http.session.verify
+            )
             response.close()
         except Exception as exc:
             return Check(role, "clock", SKIP, f"no answer to compare clocks with ({exc})")
@@ -211,8 +247,9 @@ class Doctor:
             return Check(role, "clock", SKIP, "the server sends no Date header")
         server = email.utils.parsedate_to_datetime(date)
         skew = (dt.datetime.now(dt.timezone.utc) - server).total_seconds()
-        detail = f"this machine is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} " \
-                 "the server"  # fmt: skip
+        detail = (
+            f"this machine is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the server"
+        )
         hint = "synchronise the clock (NTP): tokens, certificates and logs depend on it"
         if abs(skew) >= SKEW_FAIL:
             return Check(role, "clock", FAIL, detail, hint)
@@ -233,15 +270,25 @@ class Doctor:
             with association(settings, ae, what="C-ECHO") as assoc:
                 status = assoc.send_c_echo()
         except AssociationRejectedError as exc:
-            return Check(role, "c-echo", FAIL, str(exc),
-                         f"the archive must list calling AE {config.calling_aet!r} (with this "
-                         f"machine's address) and be called {config.called_aet!r}")  # fmt: skip
+            return Check(
+                role,
+                "c-echo",
+                FAIL,
+                str(exc),
+                f"the archive must list calling AE {config.calling_aet!r} (with this "
+                f"machine's address) and be called {config.called_aet!r}",
+            )
         except BackendError as exc:
             return Check(role, "c-echo", FAIL, str(exc), "check host, port and TLS settings")
         code = int(status.Status) if "Status" in status else None
         if code != 0:
-            return Check(role, "c-echo", FAIL, f"C-ECHO answered status {code}",
-                         "ask the archive's administrators to allow C-ECHO")  # fmt: skip
+            return Check(
+                role,
+                "c-echo",
+                FAIL,
+                f"C-ECHO answered status {code}",
+                "ask the archive's administrators to allow C-ECHO",
+            )
         return Check(role, "c-echo", OK, f"{settings.describe()}: C-ECHO succeeded")
 
     # --- search and download ---------------------------------------------------------------
@@ -261,8 +308,13 @@ class Doctor:
             yield Check("search", "credentials", FAIL, str(exc), _auth_hint(config))
             return
         except TrolleyError as exc:
-            yield Check("search", "search", FAIL, f"the first query ({shown}) failed: {exc}",
-                        "see the message; check the filters of the first query set")  # fmt: skip
+            yield Check(
+                "search",
+                "search",
+                FAIL,
+                f"the first query ({shown}) failed: {exc}",
+                "see the message; check the filters of the first query set",
+            )
             return
         auth_type = getattr(getattr(config, "auth", None), "type", "none")
         if auth_type != "none":
@@ -271,8 +323,13 @@ class Doctor:
             self.study_uid = studies[0].uid
             yield Check("search", "search", OK, f"the first query ({shown}) found a study")
         else:
-            yield Check("search", "search", WARN, f"the first query ({shown}) found no study",
-                        "check the filters; the download cannot be tried")  # fmt: skip
+            yield Check(
+                "search",
+                "search",
+                WARN,
+                f"the first query ({shown}) found no study",
+                "check the filters; the download cannot be tried",
+            )
 
     def _download(self, config: Any) -> Iterator[Check]:
         if config.backend == "c-get":
@@ -283,17 +340,26 @@ class Doctor:
         try:
             reference = self._one_instance(self.study_uid)
             sink = _Discard()
-            self.downloader.fetch(reference, sink)  # type: ignore[arg-type]
+            self.downloader.fetch(reference, sink)
         except AuthenticationError as exc:
             yield Check("download", "credentials", FAIL, str(exc), _auth_hint(config))
             return
         except TrolleyError as exc:
-            yield Check("download", config.backend, FAIL, f"fetching one object failed: {exc}",
-                        _download_hint(config))  # fmt: skip
+            yield Check(
+                "download",
+                config.backend,
+                FAIL,
+                f"fetching one object failed: {exc}",
+                _download_hint(config),
+            )
             return
-        yield Check("download", config.backend, OK,
-                    f"{config.backend} delivered {sink.instances} instance(s), {sink.bytes} bytes, "
-                    f"of study {self.study_uid}")  # fmt: skip
+        yield Check(
+            "download",
+            config.backend,
+            OK,
+            f"{config.backend} delivered {sink.instances} instance(s), {sink.bytes} bytes, "
+            f"of study {self.study_uid}",
+        )
 
     def _one_instance(self, study_uid: str) -> InstanceReference | SeriesReference:
         """One instance of the study (one series for downloaders that fetch series)."""
@@ -304,8 +370,12 @@ class Doctor:
         reference = SeriesReference(study_uid, series[0].uid)
         if self.downloader.retrieval_level is QueryLevel.SERIES:
             return reference
-        instance_query = Query(query_level=QueryLevel.INSTANCE, StudyInstanceUID=study_uid,
-                               SeriesInstanceUID=series[0].uid, limit=1)  # fmt: skip
+        instance_query = Query(
+            query_level=QueryLevel.INSTANCE,
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=series[0].uid,
+            limit=1,
+        )
         found = [i for study in self.searcher.search(instance_query) for i in study.all_instances()]
         if not found:
             raise BackendError(f"the archive lists no instances of series {series[0].uid}")
@@ -313,7 +383,7 @@ class Doctor:
 
     def _get_roles(self) -> Check:
         """Which common image classes the archive lets us receive over C-GET (SCP role)."""
-        from pynetdicom.sop_class import uid_to_sop_class  # type: ignore[attr-defined]
+        from pynetdicom.sop_class import uid_to_sop_class
 
         from trolley_etl.backends.dimse import COMMON_IMAGE_CLASSES, STUDY_ROOT_GET, association
 
@@ -327,22 +397,39 @@ class Doctor:
             with association(settings, ae, ext_neg=list(downloader.roles), what="C-GET") as assoc:
                 accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts if cx.as_scp}
         except TrolleyError as exc:
-            return Check("download", "c-get roles", FAIL, str(exc),
-                         "ask the archive's administrators to allow C-GET")  # fmt: skip
+            return Check(
+                "download",
+                "c-get roles",
+                FAIL,
+                str(exc),
+                "ask the archive's administrators to allow C-GET",
+            )
         missing = [c for c in COMMON_IMAGE_CLASSES if c not in accepted]
         total = len(COMMON_IMAGE_CLASSES)
         if len(missing) == total:
-            return Check("download", "c-get roles", FAIL,
-                         "the archive accepted no storage class for C-GET (SCP role refused)",
-                         "use c-move, or ask for SCP/SCU role selection to be allowed")  # fmt: skip
+            return Check(
+                "download",
+                "c-get roles",
+                FAIL,
+                "the archive accepted no storage class for C-GET (SCP role refused)",
+                "use c-move, or ask for SCP/SCU role selection to be allowed",
+            )
         if missing:
             names = ", ".join(str(uid_to_sop_class(c).name) for c in missing[:4])
-            return Check("download", "c-get roles", WARN,
-                         f"storage roles negotiated for {total - len(missing)} of {total} common "
-                         f"classes (not: {names})",
-                         "objects of those classes cannot arrive by C-GET; use c-move")  # fmt: skip
-        return Check("download", "c-get roles", OK,
-                     f"storage roles negotiated for all {total} common image classes")  # fmt: skip
+            return Check(
+                "download",
+                "c-get roles",
+                WARN,
+                f"storage roles negotiated for {total - len(missing)} of {total} common "
+                f"classes (not: {names})",
+                "objects of those classes cannot arrive by C-GET; use c-move",
+            )
+        return Check(
+            "download",
+            "c-get roles",
+            OK,
+            f"storage roles negotiated for all {total} common image classes",
+        )
 
 
 def _auth_hint(config: Any) -> str:
@@ -351,10 +438,15 @@ def _auth_hint(config: Any) -> str:
         return f"check that {auth.command[0]!r} prints a token this archive accepts"
     names = [
         str(getattr(auth, key))
-        for key in ("username_env", "password_env", "token_env", "client_id_env",
-                    "client_secret_env")
+        for key in (
+            "username_env",
+            "password_env",
+            "token_env",
+            "client_id_env",
+            "client_secret_env",
+        )
         if getattr(auth, key, None)
-    ]  # fmt: skip
+    ]
     if names:
         return f"check the credentials in {', '.join(names)}, and that this account may search"
     return "the archive asks for credentials: add auth to the backend"
@@ -363,8 +455,10 @@ def _auth_hint(config: Any) -> str:
 def _download_hint(config: Any) -> str:
     if config.backend == "c-move":
         dest = config.move_destination
-        return (f"the archive must know AE {dest.aet!r} with this machine's address and port "
-                f"{dest.port}, and reach that port (firewall)")  # fmt: skip
+        return (
+            f"the archive must know AE {dest.aet!r} with this machine's address and port "
+            f"{dest.port}, and reach that port (firewall)"
+        )
     if config.backend == "c-get":
         return "check that the archive allows C-GET for this calling AE"
     return "check the download url and that the account may retrieve"

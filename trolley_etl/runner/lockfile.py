@@ -13,7 +13,6 @@ is pulled does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,17 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import LockFileError
+from trolley_etl.core.files import file_sha256
 from trolley_etl.core.model import InstanceReference, Reference, SeriesReference, StudyReference
 from trolley_etl.runner.atomic import write_atomic
 from trolley_etl.runner.checkpoint import Expectation
 
 LOCK_VERSION = 1
 LOCK_SUFFIX = ".lock.json"
-
-
-class LockFileError(TrolleyError):
-    """A lock file that cannot be read, or that belongs to another version of the manifest."""
 
 
 def lock_path_for(manifest_path: Path) -> Path:
@@ -87,8 +83,9 @@ class Lock:
         return {uid: name for name, studies in self.query_sets.items() for uid in studies}
 
     def references(self) -> list[Reference]:
-        return [ref for studies in self.query_sets.values() for refs in studies.values()
-                for ref in refs]  # fmt: skip
+        return [
+            ref for studies in self.query_sets.values() for refs in studies.values() for ref in refs
+        ]
 
     def expectations(self) -> dict[Reference, Expectation]:
         """The expectation of each unit as locked: a count, or the listed instance."""
@@ -133,8 +130,11 @@ class Lock:
                     f"(this trolley-etl writes {LOCK_VERSION})"
                 )
             manifest = data["manifest"]
-            lock = cls(str(manifest["name"]), str(manifest["manifest_hash"]),
-                       tool_version=str(data.get("tool_version", "")))  # fmt: skip
+            lock = cls(
+                str(manifest["name"]),
+                str(manifest["manifest_hash"]),
+                tool_version=str(data.get("tool_version", "")),
+            )
             lock.resolved_dates = dict(data.get("resolved_dates") or {})
             for name, content in data["query_sets"].items():
                 studies = lock.query_sets.setdefault(str(name), {})
@@ -169,14 +169,17 @@ def _study_entry(
         elif isinstance(ref, SeriesReference):
             series[ref.series_uid] = None  # the whole series
     entry["series"] = [
-        _series_entry(study_uid, uid, expected) if instances is None
+        _series_entry(study_uid, uid, expected)
+        if instances is None
         else {"series_uid": uid, "instances": sorted(instances)}
         for uid, instances in sorted(series.items())
-    ]  # fmt: skip
+    ]
     return entry
 
 
-def _series_entry(study_uid: str, series_uid: str, expected: dict[Reference, int]) -> dict:
+def _series_entry(
+    study_uid: str, series_uid: str, expected: dict[Reference, int]
+) -> dict[str, Any]:
     entry: dict[str, Any] = {"series_uid": series_uid}
     count = expected.get(SeriesReference(study_uid, series_uid))
     if count is not None:
@@ -224,7 +227,7 @@ def read_lock(path: Path) -> Lock:
 
 def lock_hash(path: Path) -> str:
     """SHA-256 of the lock file as stored: what reports cite and the checkpoint remembers."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def write_lock(path: Path, lock: Lock) -> bool:

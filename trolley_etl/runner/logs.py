@@ -115,7 +115,7 @@ class RunLog:
         self.style = style
         outputs: list[tuple[TextIO, str, int]] = [(stream, style, level)]
         self._files: list[TextIO] = []
-        self._bound: dict[str, Any] = {}
+        self._step: str | None = None
         for path in (log_file, extra_file):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,10 +123,13 @@ class RunLog:
                 self._files.append(handle)
                 outputs.append((handle, "json", LEVELS["debug"]))
         self._tee = TeeLogger(outputs)
-        self.logger = structlog.wrap_logger(
+        #: The command's logger, bound to the context so far (see `bind`). Parts of a run
+        #: that log on their own (backends, the run window) are handed a logger bound to
+        #: their own context, which later binds here do not change.
+        self.logger: Any = structlog.wrap_logger(
             self._tee,
             processors=[
-                self._merge_bound,
+                self._add_step,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 redact_secrets,
@@ -141,14 +144,23 @@ class RunLog:
         self._tee.status = progress.on_event if progress is not None else None
 
     def bind(self, **values: Any) -> None:
-        """Fields every later event carries, from any thread (run_id, manifest, step)."""
-        self._bound.update(values)
+        """Fields every later event of `logger` carries (run_id, manifest, step).
 
-    def _merge_bound(
+        structlog's bound loggers are immutable: this replaces `logger` with a newly bound
+        one, and loggers handed out before keep the context they were given. The step is
+        the exception: it is where the run is now, so every event gets the current one,
+        whichever logger it went through and whichever thread sent it.
+        """
+        if "step" in values:
+            self._step = values.pop("step")
+        if values:
+            self.logger = self.logger.bind(**values)
+
+    def _add_step(
         self, _: Any, __: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        for key, value in self._bound.items():
-            event.setdefault(key, value)
+        if self._step is not None:
+            event.setdefault("step", self._step)
         return event
 
     def close(self) -> None:

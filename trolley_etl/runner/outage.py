@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 
 from trolley_etl.core.backend import Searcher
-from trolley_etl.core.errors import BackendError
+from trolley_etl.core.errors import ArchiveUnavailableError, BackendError
 from trolley_etl.core.model import Study
-from trolley_etl.core.outage import ArchiveUnavailableError, is_outage_error
+from trolley_etl.core.outage import is_outage_error
 from trolley_etl.core.query import Query
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 

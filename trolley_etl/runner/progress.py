@@ -40,8 +40,15 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts what is stored; draws a bar (`enabled`) or prints plain lines (`lines`)."""
 
-    def __init__(self, total_items: int, *, enabled: bool, lines: bool = False,
-                 total_bytes: int | None = None, stream: TextIO | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        total_items: int,
+        *,
+        enabled: bool,
+        lines: bool = False,
+        total_bytes: int | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.instances = 0
         self.bytes = 0
         self.items = 0
@@ -54,12 +61,18 @@ class Progress:
         self._lines = lines and not enabled and total_items > 0
         self._lock = threading.Lock()
         self._bar = (
-            tqdm(total=total_items, unit="item", file=self._stream, dynamic_ncols=True,
-                 smoothing=0.1, leave=False,
-                 bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} items {postfix}")
+            tqdm(
+                total=total_items,
+                unit="item",
+                file=self._stream,
+                dynamic_ncols=True,
+                smoothing=0.1,
+                leave=False,
+                bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} items {postfix}",
+            )
             if enabled and total_items
             else None
-        )  # fmt: skip
+        )
 
     # --- what the runner reports -------------------------------------------------------------
 
@@ -86,8 +99,10 @@ class Progress:
         """A log event: waits and retries become the status (they are in the log anyway)."""
         name = str(event.get("event", ""))
         if name == "item.retry":
-            self.set_status(f"retrying after {event.get('error_type', 'an error')} "
-                            f"(attempt {event.get('attempt', '?')})")  # fmt: skip
+            self.set_status(
+                f"retrying after {event.get('error_type', 'an error')} "
+                f"(attempt {event.get('attempt', '?')})"
+            )
         elif name.endswith(".wait") or name.endswith(".waiting"):
             seconds = event.get("seconds") or event.get("wait_s")
             reason = event.get("reason") or name.removesuffix(".wait").removesuffix(".waiting")
@@ -120,8 +135,9 @@ class Progress:
         now = time.monotonic()  # plain lines: never more often than LINE_INTERVAL
         if self._lines and now - self._last_line >= LINE_INTERVAL:
             self._last_line = now
-            self._stream.write(f"progress: {self.items}/{self.total_items} items, "
-                               f"{self.describe()}\n")  # fmt: skip
+            self._stream.write(
+                f"progress: {self.items}/{self.total_items} items, {self.describe()}\n"
+            )
             self._stream.flush()
 
     def close(self) -> None:

@@ -31,8 +31,9 @@ def remember(checkpoint: Checkpoint, run_id: str, rows: list[dict[str, str]]) ->
     """Record the rejected rows of a resolution (replacing those of an earlier one)."""
     checkpoint.set_meta(META_KEY, json.dumps({"count": len(rows), "rows": rows[:KEPT]}))
     if rows:
-        checkpoint.add_run_provenance(run_id, invalid_search_rows=rows[:KEPT],
-                                      invalid_search_row_count=len(rows))  # fmt: skip
+        checkpoint.add_run_provenance(
+            run_id, invalid_search_rows=rows[:KEPT], invalid_search_row_count=len(rows)
+        )
 
 
 def recorded(checkpoint: Checkpoint) -> int:

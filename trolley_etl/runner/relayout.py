@@ -18,17 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trolley_etl.core.constants import STATE_DIR
-from trolley_etl.core.errors import StorageError
+from trolley_etl.core.errors import LayoutConflictError, StorageError
 from trolley_etl.core.storage import StorageDir, fsync_dir, read_header_facts
 from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl.runner.faults import crash_point
 
 #: Records updated per checkpoint transaction while moving.
 BATCH = 200
-
-
-class LayoutConflictError(StorageError):
-    """The new layout maps two stored files to one path."""
 
 
 def needs_relayout(checkpoint: Checkpoint, storage: StorageDir, layout: str) -> bool:

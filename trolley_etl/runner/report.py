@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import getpass
-import hashlib
 import io
 import json
 import os
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.core.constants import STATE_DIR
+from trolley_etl.core.files import file_sha256, recorded_size_problem
 from trolley_etl.core.relative_dates import resolved_ranges
-from trolley_etl.core.storage import STATE_DIR
 from trolley_etl.deid.audit import report_section as deid_report_section
 from trolley_etl.manifest import Manifest
 from trolley_etl.runner.atomic import write_atomic
@@ -58,10 +58,25 @@ ROOT_TAG_FILES = frozenset({BAG_MANIFEST, BAGIT_DECLARATION, BAG_INFO})
 BAG_PAYLOAD_DIR = "data"
 
 CSV_COLUMNS = (
-    "status", "study_uid", "series_uid", "sop_instance_uid", "sop_class_uid", "modality",
-    "patient_id", "accession_number", "study_date", "query_set", "path", "size", "sha256",
-    "transfer_syntax", "source", "run_id", "stored_at", "error",
-)  # fmt: skip
+    "status",
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "modality",
+    "patient_id",
+    "accession_number",
+    "study_date",
+    "query_set",
+    "path",
+    "size",
+    "sha256",
+    "transfer_syntax",
+    "source",
+    "run_id",
+    "stored_at",
+    "error",
+)
 
 
 def current_user() -> str:
@@ -71,18 +86,15 @@ def current_user() -> str:
         return str(os.getuid())
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_provenance(
-    manifest: Manifest, manifest_path: Path, root: Path, *, lock_path: Path | None,
-    lock_sha256: str | None, purpose: str = "run",
-) -> dict[str, Any]:  # fmt: skip
+    manifest: Manifest,
+    manifest_path: Path,
+    root: Path,
+    *,
+    lock_path: Path | None,
+    lock_sha256: str | None,
+    purpose: str = "run",
+) -> dict[str, Any]:
     """Who ran what, where, from which archive: recorded in the checkpoint at run start."""
     return {
         "purpose": purpose,
@@ -110,51 +122,75 @@ def build_report(
     rows: list[dict[str, Any]] = []
     for record in checkpoint.files():
         item = item_states.get(record.item_id)
-        rows.append({
-            "status": _file_status(root / record.path, record.size,
-                                   item.state if item else None),
-            "study_uid": record.study_uid, "series_uid": record.series_uid,
-            "sop_instance_uid": record.sop_instance_uid,
-            "sop_class_uid": record.sop_class_uid or "",
-            "modality": record.modality or "",
-            "patient_id": record.patient_id or "",
-            "accession_number": record.accession_number or "",
-            "study_date": record.study_date or "",
-            "query_set": query_sets.get(record.study_uid, ""),
-            "path": record.path, "size": record.size, "sha256": record.sha256,
-            "transfer_syntax": record.transfer_syntax or "", "source": record.source or "",
-            "run_id": record.run_id or "", "stored_at": record.stored_at, "error": "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "status": _file_status(
+                    root / record.path, record.size, item.state if item else None
+                ),
+                "study_uid": record.study_uid,
+                "series_uid": record.series_uid,
+                "sop_instance_uid": record.sop_instance_uid,
+                "sop_class_uid": record.sop_class_uid or "",
+                "modality": record.modality or "",
+                "patient_id": record.patient_id or "",
+                "accession_number": record.accession_number or "",
+                "study_date": record.study_date or "",
+                "query_set": query_sets.get(record.study_uid, ""),
+                "path": record.path,
+                "size": record.size,
+                "sha256": record.sha256,
+                "transfer_syntax": record.transfer_syntax or "",
+                "source": record.source or "",
+                "run_id": record.run_id or "",
+                "stored_at": record.stored_at,
+                "error": "",
+            }
+        )
     for item in item_states.values():
         if item.state == INCOMPLETE:  # one row per missing instance where they are named
             ref = item.reference
             for uid in item.missing_uids or ("",):
-                rows.append({
-                    **dict.fromkeys(CSV_COLUMNS, ""), "status": INCOMPLETE,
-                    "study_uid": ref.study_uid, "series_uid": getattr(ref, "series_uid", ""),
-                    "sop_instance_uid": uid, "query_set": query_sets.get(ref.study_uid, ""),
-                    "size": 0, "error": item.last_error or "",
-                })  # fmt: skip
+                rows.append(
+                    {
+                        **dict.fromkeys(CSV_COLUMNS, ""),
+                        "status": INCOMPLETE,
+                        "study_uid": ref.study_uid,
+                        "series_uid": getattr(ref, "series_uid", ""),
+                        "sop_instance_uid": uid,
+                        "query_set": query_sets.get(ref.study_uid, ""),
+                        "size": 0,
+                        "error": item.last_error or "",
+                    }
+                )
         if item.state in (FAILED, PENDING):  # no instances known: one row for the item
             ref = item.reference
-            rows.append({
-                **dict.fromkeys(CSV_COLUMNS, ""), "status": item.state,
-                "study_uid": ref.study_uid, "series_uid": getattr(ref, "series_uid", ""),
-                "sop_instance_uid": getattr(ref, "instance_uid", ""),
-                "query_set": query_sets.get(ref.study_uid, ""), "size": 0,
-                "error": item.last_error or "",
-                **_study_keys(study_rows.get(ref.study_uid)),  # map it back to the cohort list
-            })  # fmt: skip
+            rows.append(
+                {
+                    **dict.fromkeys(CSV_COLUMNS, ""),
+                    "status": item.state,
+                    "study_uid": ref.study_uid,
+                    "series_uid": getattr(ref, "series_uid", ""),
+                    "sop_instance_uid": getattr(ref, "instance_uid", ""),
+                    "query_set": query_sets.get(ref.study_uid, ""),
+                    "size": 0,
+                    "error": item.last_error or "",
+                    **_study_keys(study_rows.get(ref.study_uid)),  # map it back to the cohort list
+                }
+            )
     runs = []
     for run in checkpoint.runs():
         provenance = json.loads(run.provenance or "{}")
-        runs.append({
-            "run_id": run.run_id, "started_at": run.started_at,
-            "finished_at": run.finished_at, "status": run.status,
-            "manifest_sha256": run.manifest_hash,
-            "counts": json.loads(run.summary) if run.summary else None,
-            **{k: v for k, v in provenance.items() if k != "manifest_sha256"},
-        })  # fmt: skip
+        runs.append(
+            {
+                "run_id": run.run_id,
+                "started_at": run.started_at,
+                "finished_at": run.finished_at,
+                "status": run.status,
+                "manifest_sha256": run.manifest_hash,
+                "counts": json.loads(run.summary) if run.summary else None,
+                **{k: v for k, v in provenance.items() if k != "manifest_sha256"},
+            }
+        )
     lock_path = lock_path_for(manifest_path)
     return {
         "report_version": REPORT_VERSION,
@@ -189,22 +225,30 @@ def _study_keys(row: Any) -> dict[str, str]:
     """Patient ID, accession and date of a study as searched (for rows without a file)."""
     if row is None:
         return {}
-    return {"patient_id": row.patient_id or "", "accession_number": row.accession_number or "",
-            "study_date": row.study_date or ""}  # fmt: skip
+    return {
+        "patient_id": row.patient_id or "",
+        "accession_number": row.accession_number or "",
+        "study_date": row.study_date or "",
+    }
 
 
 def _unit_row(item: Item, query_sets: dict[str, str]) -> dict[str, Any]:
     """One retrieval unit: what the archive said it holds and what was stored."""
     ref = item.reference
     return {
-        "state": item.state, "level": ref.level.value, "study_uid": ref.study_uid,
+        "state": item.state,
+        "level": ref.level.value,
+        "study_uid": ref.study_uid,
         "series_uid": getattr(ref, "series_uid", ""),
         "sop_instance_uid": getattr(ref, "instance_uid", ""),
         "query_set": query_sets.get(ref.study_uid, ""),
-        "expected_instances": item.expected.count, "stored_instances": item.stored_instances,
-        "missing_uids": list(item.missing_uids), "extra_instances": item.extra_instances,
-        "attempts": item.attempts, "error": item.last_error or "",
-    }  # fmt: skip
+        "expected_instances": item.expected.count,
+        "stored_instances": item.stored_instances,
+        "missing_uids": list(item.missing_uids),
+        "extra_instances": item.extra_instances,
+        "attempts": item.attempts,
+        "error": item.last_error or "",
+    }
 
 
 def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[str, Any]:
@@ -228,12 +272,9 @@ def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[s
 
 
 def _file_status(path: Path, size: int, item_state: str | None) -> str:
-    try:
-        actual = path.stat().st_size
-    except FileNotFoundError:
-        return "missing"
-    if actual != size:
-        return "changed"
+    problem = recorded_size_problem(path, size)
+    if problem is not None:
+        return problem
     return "stale" if item_state == STALE else "stored"
 
 
@@ -243,16 +284,25 @@ def summarise(rows: list[dict[str, Any]], items: dict[str, int]) -> dict[str, An
     by_modality: dict[str, dict[str, int]] = {}
     by_study: dict[str, dict[str, Any]] = {}
     for row in files:
-        modality = by_modality.setdefault(row["modality"] or "unknown",
-                                          {"instances": 0, "bytes": 0})  # fmt: skip
+        modality = by_modality.setdefault(
+            row["modality"] or "unknown", {"instances": 0, "bytes": 0}
+        )
         modality["instances"] += 1
         modality["bytes"] += row["size"]
     for row in rows:
-        study = by_study.setdefault(row["study_uid"], {
-            "instances": 0, "bytes": 0, "modalities": set(), "status": Counter(),
-            "patient_id": "", "accession_number": "", "study_date": "",
-            "query_set": row["query_set"],
-        })  # fmt: skip
+        study = by_study.setdefault(
+            row["study_uid"],
+            {
+                "instances": 0,
+                "bytes": 0,
+                "modalities": set(),
+                "status": Counter(),
+                "patient_id": "",
+                "accession_number": "",
+                "study_date": "",
+                "query_set": row["query_set"],
+            },
+        )
         study["status"][row["status"]] += 1
         if row["sha256"]:
             study["instances"] += 1
@@ -315,12 +365,16 @@ def write_bag_manifests(root: Path, records: Iterable[FileRecord], name: str) ->
     write_atomic(root / BAG_MANIFEST, lines)
     is_bag = bool(entries) and all(p.startswith(BAG_PAYLOAD_DIR + "/") for p, _, _ in entries)
     if is_bag:
-        write_atomic(root / BAGIT_DECLARATION,
-                     "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n")  # fmt: skip
+        write_atomic(
+            root / BAGIT_DECLARATION, "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
+        )
         oxum = f"{sum(size for _, _, size in entries)}.{len(entries)}"
-        write_atomic(root / BAG_INFO, f"Bagging-Date: {time.strftime('%Y-%m-%d')}\n"
-                     f"External-Identifier: {name}\nPayload-Oxum: {oxum}\n"
-                     f"Bag-Software-Agent: trolley-etl {__version__}\n")  # fmt: skip
+        write_atomic(
+            root / BAG_INFO,
+            f"Bagging-Date: {time.strftime('%Y-%m-%d')}\n"
+            f"External-Identifier: {name}\nPayload-Oxum: {oxum}\n"
+            f"Bag-Software-Agent: trolley-etl {__version__}\n",
+        )
     else:  # a declaration left from another layout would claim a bag that is not one
         (root / BAGIT_DECLARATION).unlink(missing_ok=True)
         (root / BAG_INFO).unlink(missing_ok=True)

@@ -117,8 +117,11 @@ def requests_of(query_set: QuerySet) -> Iterator[Request]:
         uids = list(enumerate(query_set.study_uids, start=1))
         for start in range(0, len(uids), UID_CHUNK):
             chunk = uids[start : start + UID_CHUNK]
-            query = Query(filters={**filters, "StudyInstanceUID": [u for _, u in chunk]},
-                          limit=limit, include_fields=include)  # fmt: skip
+            query = Query(
+                filters={**filters, "StudyInstanceUID": [u for _, u in chunk]},
+                limit=limit,
+                include_fields=include,
+            )
             yield Request(query, RequestKind.UIDS, tuple(chunk))
     if query_set.from_csv is None and not query_set.study_uids:
         query = Query(filters=filters, limit=limit, include_fields=include)
@@ -204,8 +207,9 @@ def plan_units(trolley: Trolley, manifest: Manifest, searched: Searched, workers
             chosen = selected[0].all_series() if selected else []
             everything = _all_series(trolley, study.uid)
             kept_uids = {s.uid for s in chosen}
-            dropped = [Dropped(study.uid, s.uid, rule) for s in everything
-                       if s.uid not in kept_uids]  # fmt: skip
+            dropped = [
+                Dropped(study.uid, s.uid, rule) for s in everything if s.uid not in kept_uids
+            ]
             for series in chosen:  # counts the filtered answer may have left out
                 _fill_count(series, everything)
             study.series = chosen
@@ -239,10 +243,17 @@ def expand(
 
 
 def _all_series(trolley: Trolley, study_uid: str) -> list[Series]:
-    query = Query(query_level=QueryLevel.SERIES, filters={"StudyInstanceUID": study_uid},
-                  include_fields=(SERIES_COUNT,))  # fmt: skip
-    return [s for study in trolley.find_studies(query) if study.uid == study_uid
-            for s in study.all_series()]  # fmt: skip
+    query = Query(
+        query_level=QueryLevel.SERIES,
+        filters={"StudyInstanceUID": study_uid},
+        include_fields=(SERIES_COUNT,),
+    )
+    return [
+        s
+        for study in trolley.find_studies(query)
+        if study.uid == study_uid
+        for s in study.all_series()
+    ]
 
 
 def _fill_count(series: Series, listed: list[Series]) -> None:
@@ -303,8 +314,13 @@ def _list_instances(trolley: Trolley, ref: StudyReference | SeriesReference) -> 
     if isinstance(ref, SeriesReference):
         filters["SeriesInstanceUID"] = ref.series_uid
     studies = trolley.find_studies(Query(query_level=QueryLevel.INSTANCE, filters=filters))
-    return [i.uid for s in studies if s.uid == ref.study_uid for i in s.all_instances()
-            if not isinstance(ref, SeriesReference) or i.series_uid == ref.series_uid]  # fmt: skip
+    return [
+        i.uid
+        for s in studies
+        if s.uid == ref.study_uid
+        for i in s.all_instances()
+        if not isinstance(ref, SeriesReference) or i.series_uid == ref.series_uid
+    ]
 
 
 def list_instances(trolley: Trolley, ref: Reference) -> list[str]:

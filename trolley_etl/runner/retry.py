@@ -1,34 +1,25 @@
 """When to try an item again, and how long to wait first.
 
-Transient failures (connection errors, timeouts, truncated answers, HTTP 408/425/429/5xx,
-DIMSE failures) are retried with exponential backoff and full jitter, or after the server's
-own `Retry-After`. Permanent ones (bad credentials, 404, unusable data) are not.
+Whether a failure is worth another attempt is the error's own `transient` property (see the
+tree in `trolley_etl.core.errors`): connection errors, truncated answers and HTTP
+408/425/429/5xx are; bad credentials, 404 and unusable data are not. Transient failures are
+retried with exponential backoff and full jitter, or after the server's own `Retry-After`.
 """
 
 from __future__ import annotations
 
 import random
 
-from trolley_etl.core.errors import (
-    AuthenticationError,
-    BackendError,
-    ConnectionFailedError,
-    ObjectNotFoundError,
-    ResponseFormatError,
-)
+from trolley_etl.core.errors import TrolleyError
 
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Never wait longer than this between two attempts, whatever Retry-After says.
 MAX_DELAY = 120.0
 
 
 def is_retryable(error: BaseException) -> bool:
-    if isinstance(error, (AuthenticationError, ObjectNotFoundError)):
-        return False
-    if isinstance(error, (ConnectionFailedError, ResponseFormatError)):
-        return True
-    if isinstance(error, BackendError):
-        return error.status is None or error.status in RETRYABLE_STATUS
+    """Our errors say so themselves; of the others, only OS-level I/O and timeouts are."""
+    if isinstance(error, TrolleyError):
+        return error.transient
     return isinstance(error, (OSError, TimeoutError))
 
 

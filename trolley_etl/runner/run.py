@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import secrets
 import threading
 import time
@@ -23,7 +22,17 @@ from trolley_etl import __version__
 from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.engine import execute
-from trolley_etl.core.errors import DiskFullError, TrolleyError
+from trolley_etl.core.errors import (
+    DiskFullError,
+    IncompleteUnitError,
+    LayoutChangedError,
+    LockOutdatedError,
+    ManifestChangedError,
+    OutsideWindowError,
+    RootBusyError,
+    TrolleyError,
+)
+from trolley_etl.core.files import file_sha256
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
 from trolley_etl.core.privacy import prepare_root
@@ -61,35 +70,6 @@ from trolley_etl.runner.resolve import Found, Planned, Searched
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
 
-
-class ManifestChangedError(TrolleyError):
-    """The checkpoint was resolved from a manifest that would pull something else."""
-
-
-class LockOutdatedError(ManifestChangedError):
-    """The lock file was made for a manifest that pulled something else."""
-
-
-class RunInterrupted(TrolleyError):
-    """SIGINT or SIGTERM: the run stopped between files; the checkpoint is consistent."""
-
-
-class RootBusyError(TrolleyError):
-    """Another run holds the lock on this storage root."""
-
-
-class LayoutChangedError(ManifestChangedError):
-    """`storage.layout` changed while files stored under the old one are recorded."""
-
-
-class IncompleteUnitError(TrolleyError):
-    """A unit stored fewer instances than the archive said it holds."""
-
-    def __init__(self, expected: int, stored: int, missing: list[str]) -> None:
-        self.expected, self.stored, self.missing = expected, stored, missing
-        super().__init__(f"expected {expected} instances, stored {stored}")
-
-
 #: Builds the searcher and downloader of a manifest (tests pass in-memory fakes).
 BackendFactory = Callable[[Manifest], tuple[Searcher | None, Downloader]]
 
@@ -126,7 +106,7 @@ def new_run_id() -> str:
 
 
 def manifest_file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 @contextlib.contextmanager
@@ -319,14 +299,12 @@ class Runner:
         except KeyboardInterrupt:
             self.stop.set()
             return self._finish(checkpoint, RunState.INTERRUPTED)
-        except RunInterrupted:
-            return self._finish(checkpoint, RunState.INTERRUPTED)
         except DiskFullError:  # issue 13: not retried; the run is failed, the rerun resumes
             self.stop.set()
             with contextlib.suppress(Exception):  # the checkpoint may not be writable either
                 checkpoint.finish_run(self.run_id, RunState.FAILED.value, checkpoint.counts())
             raise
-        except window.OutsideWindowError:  # --no-wait: stopped when the window closed
+        except OutsideWindowError:  # --no-wait: stopped when the window closed
             self._finish(checkpoint, RunState.INTERRUPTED)
             raise
         except BaseException:

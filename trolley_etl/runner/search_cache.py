@@ -35,17 +35,19 @@ def study_to_json(study: Study) -> dict[str, Any]:
     return {
         "uid": study.uid,
         "data": _dataset_json(study.data),
-        "series": None if study.series is None else [
+        "series": None
+        if study.series is None
+        else [
             {
                 "uid": s.uid,
                 "data": _dataset_json(s.data),
-                "instances": None if s.instances is None else [
-                    {"uid": i.uid, "data": _dataset_json(i.data)} for i in s.instances
-                ],
+                "instances": None
+                if s.instances is None
+                else [{"uid": i.uid, "data": _dataset_json(i.data)} for i in s.instances],
             }
             for s in study.series
         ],
-    }  # fmt: skip
+    }
 
 
 def study_from_json(value: dict[str, Any]) -> Study:

@@ -16,11 +16,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
-from trolley_etl.core.errors import TrolleyError
-
-
-class CheckpointDamagedError(TrolleyError):
-    """The checkpoint file exists but SQLite cannot use it."""
+from trolley_etl.core.errors import CheckpointDamagedError, TrolleyError
 
 
 def damaged_checkpoint_error(path: Path, error: sqlite3.DatabaseError) -> TrolleyError:

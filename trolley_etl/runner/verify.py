@@ -12,7 +12,6 @@ pending, and lets the Runner download them again like any resumed run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trolley_etl.core.storage import STATE_DIR
+from trolley_etl.core.constants import STATE_DIR
+from trolley_etl.core.files import hash_file, recorded_size_problem
 from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, FileRecord
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.report import ROOT_TAG_FILES
 
-CHUNK = 1 << 20
 MISSING, CHANGED, UNEXPECTED = "missing", "changed", "unexpected"
 
 
@@ -75,17 +74,6 @@ class VerifyResult:
         }
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def _check(root: Path, record: FileRecord) -> Problem | None:
     path = root / record.path
     known: dict[str, Any] = {
@@ -95,12 +83,12 @@ def _check(root: Path, record: FileRecord) -> Problem | None:
         "expected_size": record.size,
         "expected_sha256": record.sha256,
     }
+    problem = recorded_size_problem(path, record.size)
+    if problem == MISSING:
+        return Problem(MISSING, **known)
     try:
-        if path.is_symlink() or not path.is_file():
-            return Problem(MISSING, **known)
-        size = path.stat().st_size
-        if size != record.size:  # no need to read it
-            return Problem(CHANGED, **known, actual_size=size)
+        if problem == CHANGED:  # no need to read it
+            return Problem(CHANGED, **known, actual_size=path.stat().st_size)
         size, sha = hash_file(path)
     except FileNotFoundError:
         return Problem(MISSING, **known)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from trolley_etl.core.errors import TrolleyError
+from trolley_etl.core.errors import ConfigurationError, OutsideWindowError
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 #: The file in the storage root's state folder that says a run is waiting for its window.
@@ -31,20 +31,16 @@ WAITING_FILE = "window-wait.json"
 MAX_SLEEP = 60.0
 
 
-class OutsideWindowError(TrolleyError):
-    """The run is outside its time window and was told not to wait (`run --no-wait`)."""
-
-
 def parse_clock(text: str) -> dt.time | None:
     """`HH:MM` or `HH:MM:SS` (24:00 is the end of the day, returned as None)."""
     parts = text.strip().split(":")
     if len(parts) not in (2, 3) or not all(p.isdigit() and len(p) == 2 for p in parts):
-        raise ValueError(f"{text!r} is not a time of day (HH:MM)")
+        raise ConfigurationError(f"{text!r} is not a time of day (HH:MM)")
     hour, minute, second = (int(p) for p in (*parts, "00")[:3])
     if (hour, minute, second) == (24, 0, 0):
         return None
     if hour > 23 or minute > 59 or second > 59:
-        raise ValueError(f"{text!r} is not a time of day (00:00 to 24:00)")
+        raise ConfigurationError(f"{text!r} is not a time of day (00:00 to 24:00)")
     return dt.time(hour, minute, second)
 
 
@@ -57,7 +53,7 @@ def load_zone(name: str | None) -> dt.tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(
+        raise ConfigurationError(
             f"unknown time zone {name!r} (an IANA name such as Europe/Amsterdam)"
         ) from None
 
@@ -76,16 +72,20 @@ class TimeWindow:
         """From the manifest's `hours: "19:00-07:00"`, `days: [mon, ...]` and `timezone`."""
         first, sep, last = hours.partition("-")
         if not sep:
-            raise ValueError(f"hours {hours!r} must be a span such as 19:00-07:00")
+            raise ConfigurationError(f"hours {hours!r} must be a span such as 19:00-07:00")
         start = parse_clock(first)
         if start is None:
-            raise ValueError(f"hours {hours!r} cannot start at 24:00")
+            raise ConfigurationError(f"hours {hours!r} cannot start at 24:00")
         names = [d.lower() for d in (days or DAY_NAMES)]
         unknown = [d for d in names if d not in DAY_NAMES]
         if unknown or not names:
-            raise ValueError(f"days must be some of {', '.join(DAY_NAMES)}")
-        return cls(start, parse_clock(last), frozenset(DAY_NAMES.index(d) for d in names),
-                   load_zone(timezone))  # fmt: skip
+            raise ConfigurationError(f"days must be some of {', '.join(DAY_NAMES)}")
+        return cls(
+            start,
+            parse_clock(last),
+            frozenset(DAY_NAMES.index(d) for d in names),
+            load_zone(timezone),
+        )
 
     def _span(self, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
         """The window that starts on `day` (whether or not `day` is one of the days)."""
@@ -169,8 +169,11 @@ class WindowGate:
                 f"the time window closed; it opens again at {until.isoformat(timespec='minutes')}"
                 "; the run stopped after the units in flight (run again to resume)"
             )
-        self.log.warning("window.closed", until=until.isoformat(),
-                         waiting_s=round((until - since).total_seconds()))  # fmt: skip
+        self.log.warning(
+            "window.closed",
+            until=until.isoformat(),
+            waiting_s=round((until - since).total_seconds()),
+        )
         self._note_waiting(until, since)
         try:
             while not self.is_open():
@@ -190,14 +193,23 @@ class WindowGate:
             self.state_file.write_text(json.dumps(payload))
 
 
-def gate_for(config: Any, *, ignore: bool, log: Any, state_dir: Path, run_id: str,
-             stop: threading.Event, no_wait: bool = False) -> WindowGate | None:  # fmt: skip
+def gate_for(
+    config: Any,
+    *,
+    ignore: bool,
+    log: Any,
+    state_dir: Path,
+    run_id: str,
+    stop: threading.Event,
+    no_wait: bool = False,
+) -> WindowGate | None:
     """The gate for a manifest's `run.window`; None without one or with --ignore-window."""
     if config is None or ignore:
         return None
     window = TimeWindow.parse(config.hours, config.days, config.timezone)
-    return WindowGate(window, log=log, state_dir=state_dir, run_id=run_id, stop=stop,
-                      no_wait=no_wait)  # fmt: skip
+    return WindowGate(
+        window, log=log, state_dir=state_dir, run_id=run_id, stop=stop, no_wait=no_wait
+    )
 
 
 def check_no_wait(config: Any, *, ignore: bool, now: dt.datetime | None = None) -> None:

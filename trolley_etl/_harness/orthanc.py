@@ -118,8 +118,8 @@ class OrthancServer:
         users: dict[str, str] | None = None,
         aet: str = "ORTHANC",
         check_called_aet: bool = False,
-        modalities: dict[str, list] | None = None,
-        extra_config: dict | None = None,
+        modalities: dict[str, list[Any]] | None = None,
+        extra_config: dict[str, Any] | None = None,
         http_port: int = 0,
         dicom_port: int = 0,
     ) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
-from trolley_etl.testing.proxy import HOP_BY_HOP
+from trolley_etl._harness.proxy import HOP_BY_HOP
 
 VITREA_401 = (
     b"<html><head><title>Error 401 you need to log in to access this page.</title></head>"
@@ -38,9 +38,16 @@ class VendorLoginProxy:
     that many forwarded requests (0: never).
     """
 
-    def __init__(self, upstream: str, product: str, users: dict[str, str], *,
-                 realm: str = "DefaultSystemRealm", session_requests: int = 0,
-                 cookie_max_age: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        upstream: str,
+        product: str,
+        users: dict[str, str],
+        *,
+        realm: str = "DefaultSystemRealm",
+        session_requests: int = 0,
+        cookie_max_age: int | None = None,
+    ) -> None:
         if product not in ("vitrea", "impax"):
             raise ValueError(product)
         self.upstream = upstream.rstrip("/")
@@ -110,8 +117,9 @@ class VendorLoginProxy:
                 self._anonymous.add(new)
             _answer(handler, 200, IMPAX_LOGIN_PAGE, cookie=new)
         elif self.product == "impax" and path == "/impax/j_security_check":
-            form = dict(parse_qsl(body.decode() if method == "POST" else urlsplit(
-                handler.path).query))  # fmt: skip
+            form = dict(
+                parse_qsl(body.decode() if method == "POST" else urlsplit(handler.path).query)
+            )
             self._impax_login(handler, session, form)
         elif self._valid(session):
             self._forward(handler)
@@ -138,11 +146,18 @@ class VendorLoginProxy:
             _answer(handler, 401, VITREA_401)
             return
         session = self._open_session(user)
-        _answer(handler, 200, b'{"token": "ignored by the server"}', cookie=session,
-                content_type="application/json", max_age=self.cookie_max_age)  # fmt: skip
+        _answer(
+            handler,
+            200,
+            b'{"token": "ignored by the server"}',
+            cookie=session,
+            content_type="application/json",
+            max_age=self.cookie_max_age,
+        )
 
-    def _impax_login(self, handler: BaseHTTPRequestHandler, session: str | None,
-                     form: dict[str, str]) -> None:  # fmt: skip
+    def _impax_login(
+        self, handler: BaseHTTPRequestHandler, session: str | None, form: dict[str, str]
+    ) -> None:
         user = form.get("j_username", "")
         with self._lock:
             opened = session in self._anonymous
@@ -183,11 +198,13 @@ class VendorLoginProxy:
 
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         self.seen_headers.append(dict(handler.headers.items()))
-        headers = {k: v for k, v in handler.headers.items()
-                   if k.lower() in ("accept", "accept-encoding")}  # fmt: skip
+        headers = {
+            k: v for k, v in handler.headers.items() if k.lower() in ("accept", "accept-encoding")
+        }
         try:
-            upstream = requests.get(self.upstream + handler.path, headers=headers, stream=True,
-                                    timeout=60)  # fmt: skip
+            upstream = requests.get(
+                self.upstream + handler.path, headers=headers, stream=True, timeout=60
+            )
         except requests.RequestException:
             _answer(handler, 502, b"upstream unreachable\n")
             return
@@ -213,9 +230,15 @@ def _cookie(header: str, name: str) -> str | None:
     return None
 
 
-def _answer(handler: BaseHTTPRequestHandler, status: int, body: bytes, *,
-            cookie: str | None = None, content_type: str = "text/html",
-            max_age: int | None = None) -> None:  # fmt: skip
+def _answer(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes,
+    *,
+    cookie: str | None = None,
+    content_type: str = "text/html",
+    max_age: int | None = None,
+) -> None:
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
     if cookie is not None:

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as exc:  # the test extra, not a runtime dependency
+    raise ImportError(
+        "the synthetic DICOM generator needs numpy, a test-only dependency: "
+        "pip install 'trolley-etl[test]' (or run `make setup`)"
+    ) from exc
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -123,7 +129,7 @@ def _pixels(seed_text: str, frames: int, rows: int, columns: int) -> np.ndarray:
     offsets = (np.arange(frames, dtype=np.uint16) * 13).reshape(frames, 1, 1)
     arr = base[np.newaxis, :, :] + noise + offsets
     arr &= (1 << _BITS_STORED) - 1
-    return arr if frames > 1 else arr[0]
+    return arr if frames > 1 else np.asarray(arr[0])
 
 
 def make_instance(
@@ -588,12 +594,20 @@ def deid_cohort() -> list[GeneratedInstance]:
 
     def base(acc: str, pid: str, date: str, series: int, number: int, **kw: Any) -> Any:
         return make_instance(
-            patient_id=pid, patient_name=DEID_PATIENTS[pid], study_uid=test_uid("deid", acc),
-            series_uid=test_uid("deid", acc, series), sop_uid=test_uid("deid", acc, series, number),
-            study_date=date, study_time="101500", accession_number=acc,
+            patient_id=pid,
+            patient_name=DEID_PATIENTS[pid],
+            study_uid=test_uid("deid", acc),
+            series_uid=test_uid("deid", acc, series),
+            sop_uid=test_uid("deid", acc, series, number),
+            study_date=date,
+            study_time="101500",
+            accession_number=acc,
             study_description=f"Study of {DEID_PATIENTS[pid].split('^')[0]}",
-            series_description="series", series_number=series + 1, instance_number=number, **kw,
-        )  # fmt: skip
+            series_description="series",
+            series_number=series + 1,
+            instance_number=number,
+            **kw,
+        )
 
     out: list[GeneratedInstance] = []
     first = base("DACC01", "DEID001", "20220301", 0, 1, modality="CT", private=True)
@@ -626,8 +640,9 @@ def deid_cohort() -> list[GeneratedInstance]:
     derived = base("DACC02", "DEID001", "20220415", 2, 1, modality="CT")
     out.append(_with_changes(derived, references))
     for number in (1, 2):
-        out.append(_with_changes(base("DACC03", "DEID002", "20210101", 0, number, modality="CT"),
-                                 common))  # fmt: skip
+        out.append(
+            _with_changes(base("DACC03", "DEID002", "20210101", 0, number, modality="CT"), common)
+        )
 
     def unflagged(ds: Dataset) -> None:
         common(ds)

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from trolley_etl._harness.demo import DEMO_DICOM_PORT, DEMO_HTTP_PORT
+from trolley_etl._harness.dicomgen import standard_cohort
+from trolley_etl._harness.orthanc import OrthancError, OrthancServer
 from trolley_etl.cli import exit_codes
-from trolley_etl.testing.demo import DEMO_DICOM_PORT, DEMO_HTTP_PORT
-from trolley_etl.testing.dicomgen import standard_cohort
-from trolley_etl.testing.orthanc import OrthancError, OrthancServer
 
 TRY = """\
 Try, in another terminal (with trolley-etl on the PATH: . .venv/bin/activate):
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with tempfile.TemporaryDirectory(prefix="trolley-demo-archive-") as workdir:
-        server = OrthancServer(Path(workdir), http_port=args.http_port,
-                               dicom_port=args.dicom_port)  # fmt: skip
+        server = OrthancServer(Path(workdir), http_port=args.http_port, dicom_port=args.dicom_port)
         try:
             server.start()
         except OrthancError as exc:
@@ -58,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             cohort = standard_cohort()
             server.upload_many(c.data for c in cohort)
-            print(f"demo archive running: Orthanc at {server.url} (DICOM port "
-                  f"{args.dicom_port}), {len(cohort)} instances", flush=True)  # fmt: skip
+            print(
+                f"demo archive running: Orthanc at {server.url} (DICOM port "
+                f"{args.dicom_port}), {len(cohort)} instances",
+                flush=True,
+            )
             print(TRY.format(manifest=args.manifest), flush=True)
             while not stop.wait(1.0):
                 if not server.running:

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from trolley_etl.testing.orthanc import free_port, terminate
+from trolley_etl._harness.orthanc import free_port, terminate
 
 _START_TIMEOUT = 15.0
 
@@ -28,8 +28,15 @@ class TlsFront:
     `client_ca` makes the front require a client certificate signed by that CA.
     """
 
-    def __init__(self, workdir: Path, upstream_port: int, *, cert: Path, key: Path,
-                 client_ca: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_port: int,
+        *,
+        cert: Path,
+        key: Path,
+        client_ca: Path | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.upstream_port = upstream_port
         self.cert, self.key, self.client_ca = cert, key, client_ca
@@ -60,9 +67,13 @@ class TlsFront:
             lines += [f"CAfile = {self.client_ca}", "verifyChain = yes", "requireCert = yes"]
         config = self.workdir / "stunnel.conf"
         config.write_text("\n".join(lines) + "\n")
-        self._proc = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True)  # fmt: skip
+        self._proc = subprocess.Popen(
+            [binary, str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

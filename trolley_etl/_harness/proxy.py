@@ -19,8 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-              "proxy-authorization", "proxy-authenticate", "content-length"}  # fmt: skip
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "content-length",
+}
 
 
 class FaultProxy:
@@ -54,8 +63,9 @@ class FaultProxy:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def fail_next(self, count: int, status: int, headers: dict[str, str] | None = None,
-                  prefix: str = "") -> None:  # fmt: skip
+    def fail_next(
+        self, count: int, status: int, headers: dict[str, str] | None = None, prefix: str = ""
+    ) -> None:
         with self._lock:
             self.failures = [(status, dict(headers or {}))] * count
             self.fail_prefix = prefix
@@ -80,8 +90,9 @@ class FaultProxy:
             return
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host",)}
         try:
-            upstream = requests.get(self.upstream + handler.path, headers=headers, stream=True,
-                                    timeout=60)  # fmt: skip
+            upstream = requests.get(
+                self.upstream + handler.path, headers=headers, stream=True, timeout=60
+            )
         except requests.RequestException:
             self._answer(handler, 502, {}, b"upstream unreachable\n")
             return
@@ -93,8 +104,12 @@ class FaultProxy:
                 and upstream.status_code == 200
                 and "multipart" in content_type
             ):
-                self._answer(handler, 200, {"Content-Type": content_type},
-                             self._without_last_part(upstream.content, content_type))  # fmt: skip
+                self._answer(
+                    handler,
+                    200,
+                    {"Content-Type": content_type},
+                    self._without_last_part(upstream.content, content_type),
+                )
                 self.dropped.append(handler.path)
                 return
             body = upstream.raw.read(decode_content=False) if upstream.status_code >= 400 else None
@@ -128,8 +143,9 @@ class FaultProxy:
             return body
         return delimiter.join([*pieces[:-2], pieces[-1]])
 
-    def _answer(self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str],
-                body: bytes) -> None:  # fmt: skip
+    def _answer(
+        self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes
+    ) -> None:
         handler.send_response(status)
         for key, value in headers.items():
             handler.send_header(key, value)

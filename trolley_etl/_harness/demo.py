@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trolley_etl._harness.dicomgen import standard_cohort
+from trolley_etl._harness.orthanc import OrthancError, OrthancServer
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.main import main as cli_main
-from trolley_etl.testing.dicomgen import standard_cohort
-from trolley_etl.testing.orthanc import OrthancError, OrthancServer
 
 DEMO_HTTP_PORT = 18042
 DEMO_DICOM_PORT = 14242
@@ -31,15 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if port_in_use(DEMO_HTTP_PORT):
-        print(f"demo: port {DEMO_HTTP_PORT} is already in use by another program; stop it "
-              "first (the demo never uploads into a server it did not start)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"demo: port {DEMO_HTTP_PORT} is already in use by another program; stop it "
+            "first (the demo never uploads into a server it did not start)",
+            file=sys.stderr,
+        )
         return exit_codes.USAGE
     with tempfile.TemporaryDirectory(prefix="trolley-demo-") as workdir:
         server = OrthancServer(
-            Path(workdir), http_port=DEMO_HTTP_PORT, dicom_port=DEMO_DICOM_PORT,
+            Path(workdir),
+            http_port=DEMO_HTTP_PORT,
+            dicom_port=DEMO_DICOM_PORT,
             extra_config={"DicomServerEnabled": False},
-        )  # fmt: skip
+        )
         try:
             server.start()
         except OrthancError as exc:

@@ -64,9 +64,13 @@ def make_pki(folder: Path, *, days: int = 30) -> LocalPKI:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
     def key_pem(key: Any) -> bytes:
-        return bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.TraditionalOpenSSL,
-                                       serialization.NoEncryption()))  # fmt: skip
+        return bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
 
     def cert_pem(cert: x509.Certificate) -> bytes:
         return cert.public_bytes(serialization.Encoding.PEM)
@@ -75,17 +79,29 @@ def make_pki(folder: Path, *, days: int = 30) -> LocalPKI:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name(common)).issuer_name(name(common))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+            .subject_name(name(common))
+            .issuer_name(name(common))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .sign(key, hashes.SHA256())
-        )  # fmt: skip
+        )
         return key, cert
 
     ca_key, ca_cert = authority("trolley-etl test CA")
@@ -95,12 +111,15 @@ def make_pki(folder: Path, *, days: int = 30) -> LocalPKI:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
-            .subject_name(name(common)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+            .subject_name(name(common))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        )  # fmt: skip
+        )
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
 

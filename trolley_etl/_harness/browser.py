@@ -21,10 +21,16 @@ from typing import Any
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-extensions", "--remote-debugging-pipe",
-)  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--remote-debugging-pipe",
+)
 
 
 class BrowserError(RuntimeError):
@@ -60,10 +66,12 @@ class Page:
         # the child's fd 3 reads our commands, its fd 4 writes the answers
         self._proc = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             pass_fds=(3, 4),
             preexec_fn=lambda: _as_fds_3_and_4(to_browser, from_browser),
-        )  # fmt: skip
+        )
         os.close(to_browser)
         os.close(from_browser)
         self._buffer = b""
