@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from trolley_etl.core.backend import InstanceSink, InstanceWriter
-from trolley_etl.core.errors import ResponseFormatError
+from trolley_etl.core.errors import MultipartParseError, ResponseFormatError
 
 
 def boundary_from_content_type(content_type: str) -> str | None:
@@ -171,10 +171,6 @@ class _Parser:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
-
-
-class MultipartParseError(ValueError):
-    """The body is not a `multipart/related` message this parser can cut into parts."""
 
 
 def _headers(block: bytes) -> dict[str, str]:

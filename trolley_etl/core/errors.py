@@ -42,7 +42,8 @@ runner's retry policy reads; nothing else decides it.
         ├── ResponseFormatError       the answer breaks the protocol                (transient)
         │   ├── ResponseTooLargeError     an answer held in memory grew past its limit
         │   ├── UnexpectedInstanceError   an object that was not asked for arrived
-        │   └── ObjectTooLargeError       an object grew past the maximum size
+        │   ├── ObjectTooLargeError       an object grew past the maximum size
+        │   └── MultipartParseError       a multipart body that cannot be cut into parts
         ├── DimseStatusError          a C-FIND/C-GET/C-MOVE failure or warning status
         ├── IncompleteRetrievalError  fewer objects arrived than the archive reports as sent
         └── Rad69Error                a RAD-69 SOAP fault or Failure status
@@ -303,6 +304,11 @@ class UnexpectedInstanceError(ResponseFormatError):
 
 class ObjectTooLargeError(ResponseFormatError):
     """An object grew past the configured maximum size."""
+
+
+class MultipartParseError(ResponseFormatError):
+    """A `multipart/related` body this parser cannot cut into parts (raised without the URL
+    while parsing; the caller names the answer it came from)."""
 
 
 class DimseStatusError(BackendError):
