@@ -215,6 +215,10 @@ class StorageDir:
         if sync_dir:
             fsync_dir(target.parent)
 
+    def sync_folder(self, folder: Path) -> None:
+        """Make the renames into `folder` durable (object storage: nothing to do)."""
+        fsync_dir(folder)
+
 
 class StagedFile:
     """A temp file being filled with one object's bytes, hashed as they arrive."""

@@ -26,6 +26,7 @@ from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import DiskFullError, TrolleyError
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
+from trolley_etl.core.objectstore import ObjectStorageDir, copy_tag_files, object_storage
 from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
@@ -107,6 +108,9 @@ class RunOptions:
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
     ignore_window: bool = False  # contact the archive even outside run.window
     no_wait: bool = False  # outside run.window: stop (OutsideWindowError) instead of waiting
+    state_dir: Path | None = None  # issue 19: the checkpoint's folder for an object-storage root
+    executor: str | None = None  # issue 19: threads | dask (overrides run.executor)
+    scheduler: str | None = None  # issue 19: Dask scheduler address (overrides run.scheduler)
 
 
 @dataclass
@@ -153,6 +157,8 @@ class Runner:
         self.manifest_path = manifest_path
         self.options = options
         self.root = (options.root or manifest.storage_root).absolute()
+        if manifest.object_root is not None and options.root is None and options.state_dir:
+            self.root = options.state_dir.absolute()  # issue 19: `--state-dir`
         self.workers = options.workers or manifest.run.workers
         self.attempts_per_run = manifest.run.retries + 1
         self.run_id = options.run_id or new_run_id()
@@ -160,6 +166,8 @@ class Runner:
         self.stop = threading.Event()
         self.storage = StorageDir(self.root, manifest.storage.layout,
                                   file_format=manifest.source.file_format)  # fmt: skip
+        if manifest.object_root is not None and options.root is None:  # issue 19: s3://
+            self.storage = object_storage(manifest, self.root)
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
@@ -352,6 +360,11 @@ class Runner:
         if not relayout.needs_relayout(checkpoint, self.storage, layout):
             checkpoint.set_meta("layout", layout)
             return
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: objects are not renamed
+            raise LayoutChangedError(
+                f"storage.layout changed since objects were stored under {self.storage.store.url}"
+                "; object storage cannot be re-laid out in place: use another prefix"
+            )
         if not self.options.refresh:
             raise LayoutChangedError(
                 f"storage.layout changed since files were stored in {self.root} (or a move "
@@ -651,11 +664,14 @@ class Runner:
         problems = 0
         with self.step("verify") as outcome:
             checked = 0
+            listed = (  # issue 19: one listing of the bucket instead of a stat per file
+                self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
+            )
             for record in checkpoint.files():
                 path = self.root / record.path
                 checked += 1
                 try:
-                    size = path.stat().st_size
+                    size = path.stat().st_size if listed is None else listed.get(record.path, -1)
                 except FileNotFoundError:
                     size = -1
                 if size != record.size:
@@ -695,6 +711,8 @@ class Runner:
         report_path = report.save_report(self.root, report.report_json(small),
                                          f"{self.run_id}.json")  # fmt: skip
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: the checksums beside the data
+            copy_tag_files(self.root, self.storage.store, report.ROOT_TAG_FILES)
         self.log.logger.info("report.written", report=str(report_path),
                              bag_manifest=str(self.root / report.BAG_MANIFEST), bagit=bag,
                              **audit["summary"]["by_status"])  # fmt: skip
