@@ -345,13 +345,14 @@ class ObjectStorageDir(StorageDir):
         super().__init__(state_root, layout, deid, file_format=file_format)
         self.store = store
 
+    #: An object is durable once its PUT is answered: no file or folder to fsync.
+    is_remote = True
+
     def install(self, staged: Path, stored: StoredInstance, *, sync_dir: bool = True) -> None:
         """PUT the complete temp file to its key (checksum and If-None-Match), then drop it."""
         self.store.put_file(staged, stored.relative_path.as_posix(), stored.sha256, stored.size)
         staged.unlink(missing_ok=True)
 
-    def sync_folder(self, folder: Path) -> None:
-        """Nothing to do: an object is durable once its PUT is answered."""
 
     def stored_sizes(self) -> dict[str, int]:
         """Relative path -> size of every object under the prefix (one listing)."""

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from trolley_etl.core.storage import StorageDir, StoredInstance, fsync_file
+from trolley_etl.core.storage import StorageDir, StoredInstance, fsync_dir, fsync_file
 from trolley_etl.runner.checkpoint import Checkpoint
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.progress import Progress
@@ -174,9 +174,11 @@ class Committer:
         for job in placed:
             by_item[job.files].append(job.stored)
         try:
-            folders = {job.stored.path.parent for job in placed}
-            # together: one journal commit
-            for _ in self._syncers.map(self.storage.sync_folder, folders):
+            # object storage (issue 19): nothing renamed, no folder to sync
+            folders = (
+                set() if self.storage.is_remote else {job.stored.path.parent for job in placed}
+            )
+            for _ in self._syncers.map(fsync_dir, folders):  # together: one journal commit
                 pass
             self.checkpoint.record_files_of_items(
                 [(files.item_id, stored) for files, stored in by_item.items()],
