@@ -30,7 +30,9 @@ def run_metadata(args: argparse.Namespace) -> int:
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):
         return loaded
-    _, root = loaded
+    manifest, root = loaded
+    from trolley_etl.core.objectstore import object_store_of
+
     started = time.monotonic()
     try:
         fields = metadata.parse_fields(args.fields, args.level)
@@ -38,7 +40,8 @@ def run_metadata(args: argparse.Namespace) -> int:
         checkpoint = open_checkpoint(root)
         try:
             files = metadata.stored_files(checkpoint)
-            rows = metadata.iter_rows(root, files, args.level, fields)
+            objects = object_store_of(manifest)  # issue 19: an s3:// root
+            rows = metadata.iter_rows(root, files, args.level, fields, objects=objects)
             count = metadata.write_table(rows, names, args.format, args.output, sys.stdout)
         finally:
             checkpoint.close()

@@ -43,6 +43,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, metavar="MANIFEST")
     parser.add_argument("--root", type=Path, help="storage root (overrides storage.root)")
     parser.add_argument(
+        "--state-dir", type=Path, help="checkpoint folder of an s3:// root (run.state_dir)"
+    )
+    parser.add_argument(
         "--log-format",
         choices=("json", "console"),
         help="stderr log format (default: console on a terminal, json otherwise)",
@@ -79,6 +82,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     run.add_argument("--no-wait", action="store_true",
                      help=f"outside run.window (or when it closes), exit "
                      f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting")  # fmt: skip
+    run.add_argument("--executor", choices=("threads", "dask"),
+                     help="where units run (overrides run.executor)")  # fmt: skip
+    run.add_argument(
+        "--scheduler", metavar="tcp://HOST:PORT",
+        help="Dask scheduler (overrides run.scheduler; implies --executor dask)",
+    )  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -92,6 +101,9 @@ def _load(args: argparse.Namespace) -> Manifest:
 
 
 def _root(args: argparse.Namespace, manifest: Manifest) -> Path:
+    state = getattr(args, "state_dir", None)  # issue 19: an s3:// root's local folder
+    if args.root is None and state is not None and manifest.object_root is not None:
+        return Path(state).absolute()
     return (args.root or manifest.storage_root).absolute()
 
 
@@ -152,6 +164,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
         progress_lines=sys.stderr.isatty() and getattr(args, "no_progress", False),
         ignore_window=getattr(args, "ignore_window", False),
         no_wait=getattr(args, "no_wait", False),
+        state_dir=getattr(args, "state_dir", None),
+        executor=getattr(args, "executor", None),
+        scheduler=getattr(args, "scheduler", None),
     )
 
 

@@ -147,6 +147,11 @@ class ObjectStore:
 
     # --- operations ------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """The bucket exists and these credentials may list it (before any archive contact)."""
+        self._call("list_objects_v2", self.prefix, Bucket=self.bucket, MaxKeys=1,
+                   Prefix=f"{self.prefix}/" if self.prefix else "")  # fmt: skip
+
     def put_file(self, path: Path, relative: str, sha256: str, size: int) -> bool:
         """Send a complete local file to its key; True if sent, False if already there.
 
@@ -352,7 +357,6 @@ class ObjectStorageDir(StorageDir):
         """PUT the complete temp file to its key (checksum and If-None-Match), then drop it."""
         self.store.put_file(staged, stored.relative_path.as_posix(), stored.sha256, stored.size)
         staged.unlink(missing_ok=True)
-
 
     def stored_sizes(self) -> dict[str, int]:
         """Relative path -> size of every object under the prefix (one listing)."""

@@ -261,6 +261,8 @@ class Runner:
         if self.options.no_wait:
             window.check_no_wait(self.manifest.run.window, ignore=self.options.ignore_window)
         prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: the bucket, before the archive
+            self.storage.store.check()
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
