@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.backends.limits import DEFAULT_MAX_CONNECTIONS
 from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.engine import execute
@@ -172,6 +173,10 @@ class Runner:
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
         self.max_object_bytes = manifest.run.limits.max_object_mb << 20
+        # issue 19: where units run; a scheduler alone means dask
+        self.scheduler = options.scheduler or manifest.run.scheduler
+        self.executor = options.executor or ("dask" if options.scheduler else manifest.run.executor)
+        self._dask: Any = None  # the DaskExecutor while units run on a cluster
         self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
                                     log=log.logger, state_dir=state_dir(self.root),
                                     run_id=self.run_id, stop=self.stop,
@@ -263,6 +268,10 @@ class Runner:
         prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
         if isinstance(self.storage, ObjectStorageDir):  # issue 19: the bucket, before the archive
             self.storage.store.check()
+        if self.executor == "dask":
+            from trolley_etl.runner.executors.dask_executor import check_manifest
+
+            check_manifest(self.manifest)
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
@@ -502,7 +511,13 @@ class Runner:
                 abort_transfers()  # reads blocked on a stalled server return now (issue 13)
                 self.log.logger.warning("run.interrupted", waiting_for=running)
 
-            with committer:
+            if self.executor == "dask" and todo:  # issue 19: units run on a Dask cluster
+                from trolley_etl.runner.executors.dask_executor import DaskExecutor
+
+                self._dask = DaskExecutor(self.scheduler, self.workers, log=self.log.logger)
+            with committer, contextlib.ExitStack() as cluster:
+                if self._dask is not None:
+                    cluster.callback(self._close_dask)
                 try:
                     execute(
                         todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
@@ -533,15 +548,18 @@ class Runner:
             try:
                 # the unit as planned: batches (RAD-69) from their stored instance lists; each
                 # object is checked against the unit it was fetched for (issue 13)
-                count = sum(
-                    trolley.downloader.fetch(
-                        unit,
-                        CheckedSink(
-                            sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
-                        ),
+                if self._dask is not None:  # issue 19: fetched on a worker, recorded here
+                    count = self._fetch_on_cluster(checkpoint, item, committer)
+                else:
+                    count = sum(
+                        trolley.downloader.fetch(
+                            unit,
+                            CheckedSink(
+                                sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
+                            ),
+                        )
+                        for unit in _units(trolley, item)
                     )
-                    for unit in _units(trolley, item)
-                )
                 if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
@@ -593,6 +611,38 @@ class Runner:
                     return
                 if self.stop.wait(backoff_delay(attempt, error)):
                     return
+
+    def _fetch_on_cluster(self, checkpoint: Checkpoint, item: Item, committer: Committer) -> int:
+        """Run the unit as a Dask task; record the files it put in place (issue 19).
+
+        The worker's records are written by this process only, in one transaction, before
+        the caller checks completeness and marks the unit done.
+        """
+        from trolley_etl.runner.executors.dask_executor import UnitSpec, rebuild_error
+
+        download = self.manifest.source.effective_download
+        spec = UnitSpec(
+            manifest=self.manifest, item=item, root=str(self.root),
+            file_mode=self.storage.file_mode, max_object_bytes=self.max_object_bytes,
+            lease_name=f"trolley-etl:{self.source}",
+            max_leases=getattr(download, "max_connections", None) or DEFAULT_MAX_CONNECTIONS,
+        )  # fmt: skip
+        result = self._dask.run_unit(spec, self.stop)
+        if result is None:
+            raise _Stopped()
+        if result.stored:  # in place even when the unit failed later: known, not fetched again
+            checkpoint.record_files_of_items([(item.item_id, result.stored)], self.source,
+                                             self.run_id)  # fmt: skip
+            for stored in result.stored:
+                committer.progress.instance_stored(stored.size)
+        if result.error is not None:
+            raise rebuild_error(result.error)
+        return int(result.count)
+
+    def _close_dask(self) -> None:
+        if self._dask is not None:
+            self._dask.close()
+            self._dask = None
 
     def _with_expectation(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> Item:
         """A unit planned without an expectation (by an older trolley-etl) gets one now, from
