@@ -134,7 +134,9 @@ def test_run_status_verify_report_metadata_with_a_bucket(archive, seaweed, expec
     report = trolley("report", str(manifest), "--state-dir", str(state), "--format", "json",
                      seaweed=seaweed)  # fmt: skip
     assert report.returncode == 0, report.stderr
-    assert json.loads(report.stdout)["summary"]["instances"] == len(expected)
+    summary = json.loads(report.stdout)["summary"]
+    assert summary["instances"] == len(expected)
+    assert summary["by_status"] == {"stored": len(expected)}  # found in the bucket listing
     table = trolley("metadata", str(manifest), "--state-dir", str(state),
                     "--fields", "PatientID,SOPInstanceUID", seaweed=seaweed)  # fmt: skip
     assert table.returncode == 0, table.stderr

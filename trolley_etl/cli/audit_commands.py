@@ -123,9 +123,13 @@ def run_report(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
+    from trolley_etl.core.objectstore import object_store_of
+
+    objects = object_store_of(manifest) if args.root is None else None  # issue 19: s3://
+    sizes = dict(objects.list_objects()) if objects is not None else None
     checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
-        audit = report.build_report(checkpoint, manifest, args.manifest, root)
+        audit = report.build_report(checkpoint, manifest, args.manifest, root, sizes=sizes)
     finally:
         checkpoint.close()
     from trolley_etl.reports.render import append_job_summary, render

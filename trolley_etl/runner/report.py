@@ -101,9 +101,18 @@ def run_provenance(
 
 
 def build_report(
-    checkpoint: Checkpoint, manifest: Manifest, manifest_path: Path, root: Path
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    manifest_path: Path,
+    root: Path,
+    *,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes)."""
+    """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes).
+
+    `sizes` (path -> size, from a bucket listing) stands for the stat where the files are
+    objects (issue 19).
+    """
     item_states = {item.item_id: item for item in checkpoint.items()}
     study_rows = {row.study_uid: row for row in checkpoint.study_rows()}
     query_sets = {uid: row.query_set for uid, row in study_rows.items()}
@@ -112,7 +121,8 @@ def build_report(
         item = item_states.get(record.item_id)
         rows.append({
             "status": _file_status(root / record.path, record.size,
-                                   item.state if item else None),
+                                   item.state if item else None,
+                                   None if sizes is None else sizes.get(record.path, -1)),
             "study_uid": record.study_uid, "series_uid": record.series_uid,
             "sop_instance_uid": record.sop_instance_uid,
             "sop_class_uid": record.sop_class_uid or "",
@@ -227,10 +237,12 @@ def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[s
     return summary
 
 
-def _file_status(path: Path, size: int, item_state: str | None) -> str:
+def _file_status(path: Path, size: int, item_state: str | None, listed: int | None = None) -> str:
     try:
-        actual = path.stat().st_size
+        actual = path.stat().st_size if listed is None else listed
     except FileNotFoundError:
+        return "missing"
+    if actual < 0:
         return "missing"
     if actual != size:
         return "changed"

@@ -630,6 +630,7 @@ class Runner:
         result = self._dask.run_unit(spec, self.stop)
         if result is None:
             raise _Stopped()
+        crash_point("after-rename")  # the unit's objects in place, not yet recorded
         if result.stored:  # in place even when the unit failed later: known, not fetched again
             checkpoint.record_files_of_items([(item.item_id, result.stored)], self.source,
                                              self.run_id)  # fmt: skip
@@ -756,7 +757,11 @@ class Runner:
         if self.deid is not None:
             self.deid.close()  # its counts and settings go into the report
         # the audit report of the whole root after this run, and the checksums beside the data
-        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
+        listed = (  # issue 19: objects are found in a listing, not with a stat
+            self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
+        )
+        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root,
+                                     sizes=listed)  # fmt: skip
         audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed,
                      incomplete=incomplete, unmatched=unmatched)  # fmt: skip
         small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
