@@ -125,8 +125,12 @@ def run_report(args: argparse.Namespace) -> int:
     manifest, root = loaded
     from trolley_etl.core.objectstore import object_store_of
 
-    objects = object_store_of(manifest) if args.root is None else None  # issue 19: s3://
-    sizes = dict(objects.list_objects()) if objects is not None else None
+    try:  # issue 19: an s3:// root's file status comes from one listing
+        objects = object_store_of(manifest) if args.root is None else None
+        sizes = dict(objects.list_objects()) if objects is not None else None
+    except TrolleyError as exc:
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
         audit = report.build_report(checkpoint, manifest, args.manifest, root, sizes=sizes)
@@ -168,18 +172,20 @@ def run_verify(args: argparse.Namespace) -> int:
     workers = args.workers or manifest.run.workers
     from trolley_etl.core.objectstore import object_store_of
 
-    objects = object_store_of(manifest) if args.root is None else None  # issue 19: s3://
     try:
+        objects = object_store_of(manifest) if args.root is None else None  # issue 19: s3://
         result, repaired_items = _verify_once(root, workers, repair=args.repair, objects=objects)
     except RootBusyError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except TrolleyError as exc:  # the bucket unreachable or the credentials refused
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     if result.ok or not args.repair:
         _print_result(result, args.format, objects.url if objects else root)
         return exit_codes.OK if result.ok else exit_codes.ITEMS_FAILED
-    _print_result(
-        result, "text", objects.url if objects else root, out=sys.stderr
-    )  # what is about to be repaired
+    shown = objects.url if objects else root
+    _print_result(result, "text", shown, out=sys.stderr)  # what is about to be repaired
     if repaired_items:
         status = _repair_run(args, manifest, root)
         if status is not None:

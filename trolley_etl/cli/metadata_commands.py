@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import _common, manifest_with_checkpoint
+from trolley_etl.core.errors import TrolleyError
 from trolley_etl.runner.checkpoint import open_checkpoint
 
 
@@ -48,6 +49,11 @@ def run_metadata(args: argparse.Namespace) -> int:
     except metadata.MetadataError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except TrolleyError as exc:  # issue 19: the bucket of an s3:// root
+        from trolley_etl.cli.run_commands import _backend_exit
+
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     if not args.quiet and args.output:
         print(f"wrote {count} {args.level} rows to {args.output} "
               f"in {time.monotonic() - started:.1f} s", file=sys.stderr)  # fmt: skip
