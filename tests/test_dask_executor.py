@@ -231,3 +231,25 @@ run:
     assert refused.returncode == 2, refused.stderr
     assert "cannot use c-move" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_existing_cluster_via_scheduler(archive, seaweed, expected, tmp_path,
+                                           monkeypatch) -> None:  # fmt: skip
+    """`--scheduler tcp://...`: the run submits to a cluster it did not start, and leaves it
+    running when it ends. The workers have the bucket's credentials in their environment
+    (under the names the manifest gives), as on a real cluster: nothing secret is sent."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setenv(KEY_ENV, seaweed.access_key)  # inherited by the worker processes
+    monkeypatch.setenv(SECRET_ENV, seaweed.secret_key)
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "scheduler")
+        done = trolley("run", str(manifest), "--scheduler", cluster.scheduler_address,
+                       env=env_of(seaweed))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert cluster.scheduler_address in done.stderr  # the executor.dask event names it
+        assert len(client.scheduler_info()["workers"]) == 2  # still there
+    assert_bucket_is_the_cohort(store_of(seaweed, "scheduler"), tmp_path / "s3cli.state",
+                                expected)  # fmt: skip

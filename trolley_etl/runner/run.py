@@ -549,7 +549,7 @@ class Runner:
                 # the unit as planned: batches (RAD-69) from their stored instance lists; each
                 # object is checked against the unit it was fetched for (issue 13)
                 if self._dask is not None:  # issue 19: fetched on a worker, recorded here
-                    count = self._fetch_on_cluster(checkpoint, item, committer)
+                    count = self._fetch_on_cluster(checkpoint, item, sink)
                 else:
                     count = sum(
                         trolley.downloader.fetch(
@@ -612,7 +612,7 @@ class Runner:
                 if self.stop.wait(backoff_delay(attempt, error)):
                     return
 
-    def _fetch_on_cluster(self, checkpoint: Checkpoint, item: Item, committer: Committer) -> int:
+    def _fetch_on_cluster(self, checkpoint: Checkpoint, item: Item, sink: _CheckpointSink) -> int:
         """Run the unit as a Dask task; record the files it put in place (issue 19).
 
         The worker's records are written by this process only, in one transaction, before
@@ -634,8 +634,9 @@ class Runner:
         if result.stored:  # in place even when the unit failed later: known, not fetched again
             checkpoint.record_files_of_items([(item.item_id, result.stored)], self.source,
                                              self.run_id)  # fmt: skip
+            sink.files.bytes += result.bytes
             for stored in result.stored:
-                committer.progress.instance_stored(stored.size)
+                sink.committer.progress.instance_stored(stored.size)
         if result.error is not None:
             raise rebuild_error(result.error)
         return int(result.count)
