@@ -253,3 +253,44 @@ def test_an_existing_cluster_via_scheduler(archive, seaweed, expected, tmp_path,
         assert len(client.scheduler_info()["workers"]) == 2  # still there
     assert_bucket_is_the_cohort(store_of(seaweed, "scheduler"), tmp_path / "s3cli.state",
                                 expected)  # fmt: skip
+
+
+def test_sigint_under_dask_stops_with_130_then_resumes(archive, expected, tmp_path) -> None:
+    proxy = FaultProxy(archive.url)
+    proxy.delay = 0.5
+    try:
+        manifest = write_local_manifest(tmp_path, proxy.url, workers=2,
+                                        extra="  executor: dask\n")  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert process.stderr is not None
+        for line in process.stderr:
+            if '"executor.dask"' in line:
+                break
+        time.sleep(0.3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+        assert process.returncode == 130, rest
+        assert time.monotonic() - started < 30  # the cluster is closed, not waited out
+        proxy.delay = 0
+        rerun = trolley("run", str(manifest), env=dict(os.environ))
+        assert rerun.returncode == 0, rerun.stderr
+        assert_complete_and_consistent(tmp_path / "data", expected)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize(("point", "hit"), [("after-rename", 2), ("before-item-done", 2)])
+def test_driver_sigkilled_with_a_local_root_then_rerun(archive, expected, tmp_path, point, hit):
+    manifest = write_local_manifest(tmp_path, archive.url, workers=2,
+                                    extra="  executor: dask\n")  # fmt: skip
+    killed = trolley("run", str(manifest),
+                     env={**os.environ, "TROLLEY_ETL_CRASH_AT": f"{point}:{hit}"})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    time.sleep(1)  # its worker processes notice and exit
+    rerun = trolley("run", str(manifest), env=dict(os.environ))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_complete_and_consistent(tmp_path / "data", expected)
