@@ -19,9 +19,11 @@ and pseudonyms live in the driver's checkpoint); use the threads executor for bo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -147,33 +149,47 @@ def _worker_storage(spec: UnitSpec, scratch: Path) -> StorageDir:
     return storage
 
 
+#: Per worker process: the backends and storage of each manifest, built once and reused by
+#: every task of that run (connections, the S3 client), never any state of the run itself.
+_TOOLS: dict[tuple[str, str], tuple[Any, StorageDir]] = {}
+_TOOLS_LOCK = threading.Lock()
+
+
+def _tools(spec: UnitSpec) -> tuple[Any, StorageDir]:
+    """(Trolley, StorageDir) of the spec's manifest in this worker process."""
+    from trolley_etl.core.trolley import Trolley
+    from trolley_etl.runner.backends import build_backends
+
+    key = (spec.manifest.model_dump_json(), spec.root)
+    with _TOOLS_LOCK:
+        if key not in _TOOLS:
+            scratch = Path(tempfile.mkdtemp(prefix="trolley-worker-"))  # 0700
+            atexit.register(shutil.rmtree, scratch, True)
+            storage = _worker_storage(spec, scratch)
+            searcher, downloader = build_backends(spec.manifest, threading.Event())
+            trolley = Trolley(searcher=searcher, downloader=downloader, storage=storage,
+                              workers=1)  # fmt: skip
+            _TOOLS[key] = (trolley, storage)
+        return _TOOLS[key]
+
+
 def fetch_unit(spec: UnitSpec) -> UnitResult:
     """The Dask task: fetch one unit, put each instance in place, return the records."""
     from trolley_etl.core.arrival import CheckedSink
-    from trolley_etl.core.trolley import Trolley
-    from trolley_etl.runner.backends import build_backends
     from trolley_etl.runner.run import _units
 
     result = UnitResult()
     try:
-        with tempfile.TemporaryDirectory(prefix="trolley-unit-") as scratch:
-            storage = _worker_storage(spec, Path(scratch))
-            sink = _InstallingSink(storage)
-            with _lease(spec):
-                searcher, downloader = build_backends(spec.manifest, threading.Event())
-                trolley = Trolley(searcher=searcher, downloader=downloader, storage=storage,
-                                  workers=1)  # fmt: skip
-                try:
-                    result.count = sum(
-                        downloader.fetch(unit, CheckedSink(
-                            sink, unit, max_object_bytes=spec.max_object_bytes,
-                            root=Path(spec.root),
-                        ))
-                        for unit in _units(trolley, spec.item)
-                    )  # fmt: skip
-                finally:
-                    trolley.close()
-            result.stored, result.bytes = sink.stored, sink.bytes
+        trolley, storage = _tools(spec)
+        sink = _InstallingSink(storage)
+        with _lease(spec):
+            result.count = sum(
+                trolley.downloader.fetch(unit, CheckedSink(
+                    sink, unit, max_object_bytes=spec.max_object_bytes, root=Path(spec.root),
+                ))
+                for unit in _units(trolley, spec.item)
+            )  # fmt: skip
+        result.stored, result.bytes = sink.stored, sink.bytes
     except Exception as error:  # sent back as plain values: any exception pickles that way
         result.error = (
             type(error).__module__, type(error).__qualname__, str(error),
