@@ -171,3 +171,21 @@ def test_refused_credentials_exit_3_in_one_line(archive, seaweed, tmp_path):
     assert "wrong-secret" not in refused.stderr
     assert '"item.failed"' not in refused.stderr  # refused before any unit was fetched
     assert "SignatureDoesNotMatch" in refused.stderr
+
+
+def test_verify_repair_replaces_a_changed_object(archive, seaweed, expected, tmp_path):
+    manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "repair")
+    assert trolley("run", str(manifest), seaweed=seaweed).returncode == 0
+    state = tmp_path / "s3cli.state"
+    checkpoint = open_checkpoint(state)
+    try:
+        victim = sorted(f.path for f in checkpoint.files())[0]
+    finally:
+        checkpoint.close()
+    seaweed.client().put_object(Bucket="cohorts", Key=f"repair/{victim}", Body=b"bit rot")
+    found = trolley("verify", str(manifest), seaweed=seaweed)
+    assert found.returncode == 1
+    assert f"changed {victim}" in found.stdout
+    repaired = trolley("verify", str(manifest), "--repair", seaweed=seaweed)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert_bucket_is_the_cohort(store_of(seaweed, "repair"), state, expected)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, metavar="MANIFEST")
-    parser.add_argument("--root", type=Path, help="storage root (overrides storage.root)")
+    parser.add_argument("--root", type=_local_folder, help="storage root (overrides storage.root)")
     parser.add_argument(
         "--state-dir", type=Path, help="checkpoint folder of an s3:// root (run.state_dir)"
     )
@@ -53,6 +53,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, help="also write JSON logs to this file")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="only errors and the closing summary on stderr")  # fmt: skip
+
+
+def _local_folder(value: str) -> Path:
+    """`--root` is a local folder; an object-storage root belongs in the manifest (issue 19)."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"{value}: --root takes a local folder; put an s3:// root in storage.root"
+        )
+    return Path(value)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
