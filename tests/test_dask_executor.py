@@ -294,3 +294,16 @@ def test_driver_sigkilled_with_a_local_root_then_rerun(archive, expected, tmp_pa
     rerun = trolley("run", str(manifest), env=dict(os.environ))
     assert rerun.returncode == 0, rerun.stderr
     assert_complete_and_consistent(tmp_path / "data", expected)
+
+
+def test_an_unreachable_scheduler_exits_3_in_one_line(archive, tmp_path) -> None:
+    from trolley_etl.testing.orthanc import free_port
+
+    manifest = write_local_manifest(tmp_path, archive.url)
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    refused = trolley("run", str(manifest), "--scheduler", address, env=dict(os.environ))
+    assert refused.returncode == 3, refused.stderr
+    assert "cannot reach the Dask scheduler" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert time.monotonic() - started < 60  # bounded by the connect timeout

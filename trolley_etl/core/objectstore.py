@@ -103,6 +103,21 @@ class ObjectStore:
         #: Tests only: how many of the next sends carry a wrong checksum (a fault to survive).
         self.fault_wrong_checksums = 0
         self._fault_lock = threading.Lock()
+        self._settings = settings
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made on first use (so that a missing boto3 or credential is an
+        ordinary one-line failure of the run, not of building it)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._make_client(self._settings)
+            return self._client
+
+    @staticmethod
+    def _make_client(settings: S3Settings | None) -> Any:
         boto3 = _boto3()
         from botocore.config import Config
 
@@ -125,13 +140,16 @@ class ObjectStore:
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"} if settings and settings.endpoint_url else {},
         )
-        self.client = boto3.session.Session().client(
+        session = boto3.session.Session()
+        return session.client(
             "s3",
             endpoint_url=settings.endpoint_url if settings else None,
-            region_name=(settings.region if settings else None) or "us-east-1",
+            # the manifest's, else the provider chain's (AWS_REGION, config), else S3's default
+            region_name=(settings.region if settings else None) or session.region_name
+            or "us-east-1",
             config=config,
             **kwargs,
-        )
+        )  # fmt: skip
 
     # --- keys ------------------------------------------------------------------------------
 

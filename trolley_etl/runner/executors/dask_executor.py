@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Seconds a driver thread waits on a task between two looks at the stop flag.
 POLL_SECONDS = 0.5
+#: Seconds to connect to the scheduler before the run fails (exit 3).
+CONNECT_TIMEOUT = 15
 #: Seconds a task waits for a connection lease before it gives up (and is retried).
 LEASE_TIMEOUT = 3600.0
 
@@ -65,6 +67,7 @@ def _distributed() -> Any:
 
 def check_manifest(manifest: Manifest) -> None:
     """Refuse, before anything runs, what a cluster of stateless workers cannot do."""
+    _distributed()  # installed?
     download = manifest.source.effective_download
     if getattr(download, "backend", "") == "c-move":
         raise ExecutorSettingsError(
@@ -238,14 +241,23 @@ class DaskExecutor:
     def __init__(self, scheduler: str | None, workers: int, *, log: Any = None) -> None:
         distributed = _distributed()
         self.cluster = None
-        if scheduler:
-            self.client = distributed.Client(scheduler, timeout="30s")
-        else:
-            self.cluster = distributed.LocalCluster(
-                n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
-                dashboard_address=None, silence_logs=40,
-            )  # fmt: skip
-            self.client = distributed.Client(self.cluster)
+        try:
+            if scheduler:
+                self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
+            else:
+                self.cluster = distributed.LocalCluster(
+                    n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
+                    dashboard_address=None, silence_logs=40,
+                )  # fmt: skip
+                self.client = distributed.Client(self.cluster, timeout=CONNECT_TIMEOUT)
+        except Exception as error:  # refused, timed out, no ports: one line, exit 3
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    self.cluster.close()
+            where = scheduler or "a local cluster"
+            raise ConnectionFailedError(
+                f"cannot reach the Dask scheduler ({where}): {type(error).__name__}: {error}"
+            ) from None
         if log is not None:
             log.info("executor.dask", scheduler=self.client.scheduler.address,
                      workers=len(self.client.scheduler_info().get("workers", {})))  # fmt: skip
