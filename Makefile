@@ -9,6 +9,7 @@ ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 DEMO_OUT ?= demo-data
 PEERS_VENV ?= bench/.peers-venv
 BENCH_ARGS ?=
+SCALE_BENCH_ARGS ?=
 
 .PHONY: setup system-packages test-packages test test-fast lint format demo demo-archive bench clean
 
@@ -74,6 +75,8 @@ $(PEERS_VENV)/.installed:
 # A quick pass on about 100 MB: make bench BENCH_ARGS="--scale 0.1"
 bench: setup $(PEERS_VENV)/.installed
 	$(BIN)/python bench/run_bench.py --peers-python $(PEERS_VENV)/bin/python $(BENCH_ARGS)
+# then the scaling rows: Dask executor (1 and 2 worker processes), S3 root against local disk
+	$(BIN)/python bench/scale_bench.py $(SCALE_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache

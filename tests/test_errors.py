@@ -35,7 +35,7 @@ from trolley_etl.runner.retry import is_retryable
 from trolley_etl.testing import FakeArchive, make_dataset
 
 #: Private exceptions used for control flow inside one module, never seen by callers.
-CONTROL_FLOW = {"_Stopped", "_GiveUp", "_RowError", "YamlProblem"}
+CONTROL_FLOW = {"_Stopped", "_GiveUp", "_RowError", "YamlProblem", "_PreconditionFailed"}
 
 
 def _public_modules() -> list[str]:

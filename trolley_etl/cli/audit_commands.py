@@ -30,6 +30,7 @@ from trolley_etl.runner.checkpoint import open_checkpoint
 # The runner, the report and verify are imported by the commands that use them, so that
 # building the parser (and `trolley-etl status`) does not load pydicom and the backends.
 if TYPE_CHECKING:
+    from trolley_etl.core.objectstore import ObjectStore
     from trolley_etl.runner.run import RunOptions
     from trolley_etl.runner.verify import VerifyResult
 
@@ -123,9 +124,17 @@ def run_report(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     manifest, root = loaded
+    from trolley_etl.core.objectstore import object_store_of
+
+    try:  # issue 19: an s3:// root's file status comes from one listing
+        objects = object_store_of(manifest) if args.root is None else None
+        sizes = dict(objects.list_objects()) if objects is not None else None
+    except TrolleyError as exc:
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
-        audit = report.build_report(checkpoint, manifest, args.manifest, root)
+        audit = report.build_report(checkpoint, manifest, args.manifest, root, sizes=sizes)
     finally:
         checkpoint.close()
     from trolley_etl.reports.render import append_job_summary, render
@@ -165,26 +174,35 @@ def run_verify(args: argparse.Namespace) -> int:
         return loaded
     manifest, root = loaded
     workers = args.workers or manifest.run.workers
+    from trolley_etl.core.objectstore import object_store_of
+
     try:
-        result, repaired_items = _verify_once(root, workers, repair=args.repair)
+        objects = object_store_of(manifest) if args.root is None else None  # issue 19: s3://
+        result, repaired_items = _verify_once(root, workers, repair=args.repair, objects=objects)
     except RootBusyError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except TrolleyError as exc:  # the bucket unreachable or the credentials refused
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     if result.ok or not args.repair:
-        _print_result(result, args.format, root)
+        _print_result(result, args.format, objects.url if objects else root)
         return exit_codes.OK if result.ok else exit_codes.ITEMS_FAILED
-    _print_result(result, "text", root, out=sys.stderr)  # what is about to be repaired
+    shown = objects.url if objects else root
+    _print_result(result, "text", shown, out=sys.stderr)  # what is about to be repaired
     if repaired_items:
         status = _repair_run(args, manifest, root)
         if status is not None:
             return status
-    after, _ = _verify_once(root, workers, repair=False)
+    after, _ = _verify_once(root, workers, repair=False, objects=objects)
     replaced = _replaced_content(root, result)
-    _print_result(after, args.format, root, replaced=replaced)
+    _print_result(after, args.format, objects.url if objects else root, replaced=replaced)
     return exit_codes.OK if after.ok and not replaced else exit_codes.ITEMS_FAILED
 
 
-def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResult, set[int]]:
+def _verify_once(
+    root: Path, workers: int, *, repair: bool, objects: ObjectStore | None = None
+) -> tuple[VerifyResult, set[int]]:
     """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
     from trolley_etl.runner.readonly import reader_lock
     from trolley_etl.runner.run import root_lock
@@ -193,8 +211,8 @@ def _verify_once(root: Path, workers: int, *, repair: bool) -> tuple[VerifyResul
     with root_lock(root) if repair else reader_lock(root):  # issue 13: read-only roots
         checkpoint = open_checkpoint(root, read_only=not repair)
         try:
-            result = verify_root(root, checkpoint, workers)
-            items = prepare_repair(root, checkpoint, result) if repair else set()
+            result = verify_root(root, checkpoint, workers, objects=objects)
+            items = prepare_repair(root, checkpoint, result, objects=objects) if repair else set()
         finally:
             checkpoint.close()
     return result, items
@@ -233,7 +251,7 @@ def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
 def _print_result(
     result: VerifyResult,
     style: str,
-    root: Path,
+    root: Path | str,
     *,
     replaced: list[str] | None = None,
     out: TextIO | None = None,

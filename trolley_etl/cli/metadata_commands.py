@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import _common, manifest_with_checkpoint
-from trolley_etl.core.errors import MetadataError
+from trolley_etl.core.errors import MetadataError, TrolleyError
 from trolley_etl.runner.checkpoint import open_checkpoint
 
 
@@ -31,7 +31,9 @@ def run_metadata(args: argparse.Namespace) -> int:
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):
         return loaded
-    _, root = loaded
+    manifest, root = loaded
+    from trolley_etl.core.objectstore import object_store_of
+
     started = time.monotonic()
     try:
         fields = metadata.parse_fields(args.fields, args.level)
@@ -39,13 +41,19 @@ def run_metadata(args: argparse.Namespace) -> int:
         checkpoint = open_checkpoint(root)
         try:
             files = metadata.stored_files(checkpoint)
-            rows = metadata.iter_rows(root, files, args.level, fields)
+            objects = object_store_of(manifest)  # issue 19: an s3:// root
+            rows = metadata.iter_rows(root, files, args.level, fields, objects=objects)
             count = metadata.write_table(rows, names, args.format, args.output, sys.stdout)
         finally:
             checkpoint.close()
     except MetadataError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return exit_codes.USAGE
+    except TrolleyError as exc:  # issue 19: the bucket of an s3:// root
+        from trolley_etl.cli.run_commands import _backend_exit
+
+        print(f"trolley-etl: {exc}", file=sys.stderr)
+        return _backend_exit(exc)
     if not args.quiet and args.output:
         print(
             f"wrote {count} {args.level} rows to {args.output} "

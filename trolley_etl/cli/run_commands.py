@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, metavar="MANIFEST")
-    parser.add_argument("--root", type=Path, help="storage root (overrides storage.root)")
+    parser.add_argument("--root", type=_local_folder, help="storage root (overrides storage.root)")
+    parser.add_argument(
+        "--state-dir", type=Path, help="checkpoint folder of an s3:// root (run.state_dir)"
+    )
     parser.add_argument(
         "--log-format",
         choices=("json", "console"),
@@ -53,6 +56,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="only errors and the closing summary on stderr"
     )
+
+
+def _local_folder(value: str) -> Path:
+    """`--root` is a local folder; an object-storage root belongs in the manifest (issue 19)."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"{value}: --root takes a local folder; put an s3:// root in storage.root"
+        )
+    return Path(value)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -93,6 +105,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help=f"outside run.window (or when it closes), exit "
         f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting",
     )
+    run.add_argument("--executor", choices=("threads", "dask"),
+                     help="where units run (overrides run.executor)")  # fmt: skip
+    run.add_argument(
+        "--scheduler", metavar="tcp://HOST:PORT",
+        help="Dask scheduler (overrides run.scheduler; implies --executor dask)",
+    )  # fmt: skip
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
@@ -106,6 +124,9 @@ def _load(args: argparse.Namespace) -> Manifest:
 
 
 def _root(args: argparse.Namespace, manifest: Manifest) -> Path:
+    state = getattr(args, "state_dir", None)  # issue 19: an s3:// root's local folder
+    if args.root is None and state is not None and manifest.object_root is not None:
+        return Path(state).absolute()
     return (args.root or manifest.storage_root).absolute()
 
 
@@ -167,6 +188,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
         progress_lines=sys.stderr.isatty() and getattr(args, "no_progress", False),
         ignore_window=getattr(args, "ignore_window", False),
         no_wait=getattr(args, "no_wait", False),
+        state_dir=getattr(args, "state_dir", None),
+        executor=getattr(args, "executor", None),
+        scheduler=getattr(args, "scheduler", None),
     )
 
 

@@ -14,6 +14,7 @@ runner's retry policy reads; nothing else decides it.
     │   ├── LockFileError             a lock file that cannot be read or does not fit
     │   ├── LayoutError               a layout template that cannot be used
     │   ├── DeidSettingsError         de-identification cannot start as configured
+    │   ├── ExecutorSettingsError     the Dask executor cannot do what the manifest asks
     │   └── ProfileTableMissingError  the PS3.15 table package is not installed
     ├── QueryError                    a malformed query: unknown keyword, bad date, bad type
     ├── InvalidUidError               a UID that is empty, multi-valued or not UID syntax
@@ -25,6 +26,7 @@ runner's retry policy reads; nothing else decides it.
     ├── MetadataError                 the metadata table cannot be built as asked
     ├── StorageError                  a dataset could not be stored
     │   ├── DiskFullError             the disk of the storage root is full
+    │   ├── ObjectExistsError         another object lies at the key (never overwritten)
     │   └── LayoutConflictError       a new layout maps two stored files to one path
     ├── RunError                      a run cannot start or go on
     │   ├── RootBusyError             another run holds the storage root's lock
@@ -44,6 +46,7 @@ runner's retry policy reads; nothing else decides it.
         │   ├── UnexpectedInstanceError   an object that was not asked for arrived
         │   ├── ObjectTooLargeError       an object grew past the maximum size
         │   └── MultipartParseError       a multipart body that cannot be cut into parts
+        ├── ChecksumRejectedError     object storage computed another SHA-256      (transient)
         ├── DimseStatusError          a C-FIND/C-GET/C-MOVE failure or warning status
         ├── IncompleteRetrievalError  fewer objects arrived than the archive reports as sent
         └── Rad69Error                a RAD-69 SOAP fault or Failure status
@@ -114,6 +117,10 @@ class DeidSettingsError(ConfigurationError):
     """De-identification cannot start as configured (a usage error, exit 2)."""
 
 
+class ExecutorSettingsError(ConfigurationError):
+    """The manifest asks the Dask executor for something it cannot do (exit 2)."""
+
+
 class ProfileTableMissingError(ConfigurationError):
     """The package that ships the PS3.15 table is not installed."""
 
@@ -174,6 +181,10 @@ class StorageError(TrolleyError):
 
 class DiskFullError(StorageError):
     """The disk holding the storage root is full: not retried, the run stops (issue 13)."""
+
+
+class ObjectExistsError(StorageError):
+    """A different object already lies at the key: it is reported, never overwritten."""
 
 
 class LayoutConflictError(StorageError):
@@ -309,6 +320,16 @@ class ObjectTooLargeError(ResponseFormatError):
 class MultipartParseError(ResponseFormatError):
     """A `multipart/related` body this parser cannot cut into parts (raised without the URL
     while parsing; the caller names the answer it came from)."""
+
+
+class ChecksumRejectedError(BackendError):
+    """Object storage computed another SHA-256 than the one sent: the bytes went wrong on
+    the way, so another attempt is worth it."""
+
+    @property
+    def transient(self) -> bool:
+        """Always: a second upload of the same file usually arrives whole."""
+        return True
 
 
 class DimseStatusError(BackendError):

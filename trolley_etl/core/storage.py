@@ -106,6 +106,9 @@ class StorageDir:
         #: Mode of each stored file; None keeps mkstemp's owner-only 0600 (core.privacy).
         self.file_mode: int | None = None
 
+    #: True where `install` sends files away (object storage) instead of renaming them.
+    is_remote = False
+
     def open_instance(self) -> StagedFile:
         """A writer for one object; nothing appears in the layout until it is committed."""
         if self.tmp_dir not in self._ready_folders:

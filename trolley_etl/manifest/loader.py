@@ -135,6 +135,14 @@ def _message(err: Any) -> str:
 
 
 def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):  # type: ignore[no-untyped-def]
+    s3 = manifest.storage.s3  # issue 19: the bucket's key pair
+    for field_name in ("access_key_env", "secret_key_env"):
+        variable = getattr(s3, field_name, None) if manifest.object_root else None
+        if variable and variable not in os.environ:
+            where: Path_ = ("storage", "s3", field_name)
+            position = document.position(where)
+            yield ManifestIssue(file, position.line, position.column, field_path(where),
+                                f"environment variable {variable} is not set")  # fmt: skip
     for role in ("search", "download"):
         backend = getattr(manifest.source, role)
         if not isinstance(backend, HttpBackend):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -883,8 +884,45 @@ class Select(StrictModel):
         return _validate_filters(filters)
 
 
+class S3Settings(StrictModel):
+    """Where and as whom to reach an S3 (or S3-compatible) service for an `s3://` root (issue 19).
+
+    Without the `*_env` names, credentials come from the standard provider chain (AWS_*
+    variables, shared config, instance role); never from the manifest itself.
+    """
+
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible service URL (default: AWS S3 of the region)"
+    )
+    region: str | None = Field(default=None, description="e.g. eu-west-1")
+    access_key_env: EnvName | None = Field(
+        default=None, description="environment variable holding the access key id"
+    )
+    secret_key_env: EnvName | None = Field(
+        default=None, description="environment variable holding the secret access key"
+    )
+    multipart_threshold_mb: int = Field(
+        default=64, ge=5, le=5120, description="objects above this size are sent in parts"
+    )
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> S3Settings:
+        if (self.access_key_env is None) != (self.secret_key_env is None):
+            raise error("s3", "access_key_env and secret_key_env go together", "access_key_env")
+        if self.endpoint_url is not None and urlsplit(self.endpoint_url).scheme not in (
+            "http",
+            "https",
+        ):
+            raise error("url", "endpoint_url must be an http(s) URL", "endpoint_url")
+        return self
+
+
 class Storage(StrictModel):
-    root: str = Field(min_length=1, description="output folder, relative to the manifest")
+    root: str = Field(
+        min_length=1,
+        description="output folder, relative to the manifest, or s3://bucket/prefix",
+    )
+    s3: S3Settings | None = Field(default=None, description="the S3 service of an s3:// root")
     layout: str = Field(default=DEFAULT_LAYOUT, description="path template of DICOM keywords")
     permissions: Literal["private", "group"] = Field(
         default="private",
@@ -900,6 +938,17 @@ class Storage(StrictModel):
         except LayoutError as exc:
             raise error("layout", str(exc)) from None
         return layout
+
+    @field_validator("root")
+    @classmethod
+    def _check_object_root(cls, root: str) -> str:
+        if root.startswith("s3://") and not re.fullmatch(
+            r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/].*)?", root.rstrip("/")
+        ):
+            raise error("root", "an object-storage root is s3://bucket or s3://bucket/prefix")
+        if "://" in root and not root.startswith("s3://"):
+            raise error("root", "a root is a local folder or s3://bucket/prefix")
+        return root
 
 
 class Limits(StrictModel):
@@ -975,6 +1024,20 @@ class RunSettings(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     window: RunWindow | None = Field(
         default=None, description="when the archive may be contacted (e.g. nights only)"
+    )
+    executor: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="threads: this process; dask: Dask distributed (the dask extra)",
+    )
+    scheduler: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|tls)://[^\s/]+:\d+$",
+        description="Dask scheduler address; without it a local cluster of processes",
+    )
+    state_dir: str | None = Field(
+        default=None,
+        description="local folder of the checkpoint when storage.root is not a local folder "
+        "(default: NAME.state beside the manifest)",
     )
 
     @field_validator("completeness", mode="before")
@@ -1162,6 +1225,14 @@ class Manifest(StrictModel):
         return self._base_dir
 
     @property
+    def object_root(self) -> str | None:
+        """`storage.root` when it is object storage (s3://...), else None."""
+        return self.storage.root if self.storage.root.startswith("s3://") else None
+
+    @property
     def storage_root(self) -> Path:
-        """`storage.root`, resolved against the manifest's folder."""
+        """`storage.root`, resolved against the manifest's folder; for an object-storage
+        root, the local folder of its checkpoint, logs and reports (`run.state_dir`)."""
+        if self.object_root is not None:
+            return (self._base_dir / (self.run.state_dir or f"{self.name}.state")).resolve()
         return (self._base_dir / self.storage.root).resolve()

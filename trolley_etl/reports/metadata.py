@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from trolley_etl.core.errors import MetadataError
 
@@ -110,7 +110,11 @@ def columns(level: str, fields: list[str]) -> list[str]:
     return [*fields, *(c for c in EXTRA_COLUMNS[level] if c not in fields)]
 
 
-def read_values(path: Path, size: int, fields: list[str]) -> dict[str, str]:
+if TYPE_CHECKING:
+    from trolley_etl.core.objectstore import ObjectStore
+
+
+def read_file_values(path: Path, size: int, fields: list[str]) -> dict[str, str]:
     """The `fields` of one stored file's header, as text ("" where absent or unreadable)."""
     from trolley_etl.core.errors import StorageError
     from trolley_etl.core.storage import read_header_facts
@@ -120,6 +124,32 @@ def read_values(path: Path, size: int, fields: list[str]) -> dict[str, str]:
             prefix = handle.read(HEADER_PREFIX)
         facts = read_header_facts(path, fields, prefix, size)
     except (OSError, StorageError):
+        return dict.fromkeys(fields, "")
+    return {f: facts.text(f) for f in fields}
+
+
+read_values = read_file_values  # the name other modules know
+
+
+def read_object_values(
+    objects: ObjectStore, relative: str, size: int, fields: list[str]
+) -> dict[str, str]:
+    """`read_values` for an object in a bucket (issue 19): its first bytes with a ranged GET;
+    the whole object, streamed to a private temp file, only where the header is unusual."""
+    from trolley_etl.core.errors import StorageError, TrolleyError
+    from trolley_etl.core.header_scan import scan_header
+    from trolley_etl.core.storage import read_header_facts
+
+    try:
+        prefix = b"".join(objects.iter_bytes(relative, limit=min(HEADER_PREFIX, max(size, 1))))
+        facts = scan_header(prefix, fields, complete=len(prefix) >= size >= 0)
+        if facts is None:
+            with tempfile.NamedTemporaryFile(prefix="trolley-meta-") as temp:  # 0600
+                for chunk in objects.iter_bytes(relative):
+                    temp.write(chunk)
+                temp.flush()
+                facts = read_header_facts(Path(temp.name), fields)
+    except (OSError, TrolleyError, StorageError):
         return dict.fromkeys(fields, "")
     return {f: facts.text(f) for f in fields}
 
@@ -136,9 +166,23 @@ def _common_folder(files: list[StoredFile]) -> str:
 
 
 def iter_rows(
-    root: Path, files: Iterable[StoredFile], level: str, fields: list[str]
+    root: Path,
+    files: Iterable[StoredFile],
+    level: str,
+    fields: list[str],
+    *,
+    objects: ObjectStore | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The table's rows; `files` must come sorted by study, then series, then path."""
+    """The table's rows; `files` must come sorted by study, then series, then path.
+
+    With `objects`, the files are read from that bucket prefix (an s3:// root, issue 19).
+    """
+
+    def read_values(path: Path, size: int, fields: list[str]) -> dict[str, str]:
+        if objects is not None:
+            return read_object_values(objects, path.relative_to(root).as_posix(), size, fields)
+        return read_file_values(path, size, fields)
+
     if level not in LEVELS:
         raise MetadataError(f"--level must be one of {', '.join(LEVELS)}")
     if level == "instance":

@@ -210,12 +210,18 @@ class Committer:
                 [(files.item_id, stored) for files, stored in by_item.items()],
                 self.source,
                 self.run_id,
-                durable=False,
+                # object storage (issue 19): an acknowledged PUT is durable, nothing to sync
+                durable=self.storage.is_remote,
             )
         except BaseException as error:
             # in place but not recorded: the item is fetched again, which is safe
             for job in batch:
                 job.settle(error)
+            return
+        if self.storage.is_remote:
+            for job in batch:
+                job.settle(None)
+                self.progress.instance_stored(job.stored.size)
             return
         size = sum(job.stored.size for job in batch)
         with self._due:

@@ -113,9 +113,18 @@ def run_provenance(
 
 
 def build_report(
-    checkpoint: Checkpoint, manifest: Manifest, manifest_path: Path, root: Path
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    manifest_path: Path,
+    root: Path,
+    *,
+    sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes)."""
+    """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes).
+
+    `sizes` (path -> size, from a bucket listing) stands for the stat where the files are
+    objects (issue 19).
+    """
     item_states = {item.item_id: item for item in checkpoint.items()}
     study_rows = {row.study_uid: row for row in checkpoint.study_rows()}
     query_sets = {uid: row.query_set for uid, row in study_rows.items()}
@@ -125,7 +134,10 @@ def build_report(
         rows.append(
             {
                 "status": _file_status(
-                    root / record.path, record.size, item.state if item else None
+                    root / record.path,
+                    record.size,
+                    item.state if item else None,
+                    None if sizes is None else sizes.get(record.path, -1),
                 ),
                 "study_uid": record.study_uid,
                 "series_uid": record.series_uid,
@@ -271,8 +283,13 @@ def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[s
     return summary
 
 
-def _file_status(path: Path, size: int, item_state: str | None) -> str:
-    problem = recorded_size_problem(path, size)
+def _file_status(path: Path, size: int, item_state: str | None, listed: int | None = None) -> str:
+    """`listed` is the size an object-storage listing gave (-1: not listed); local files
+    are looked at on disk."""
+    if listed is not None:
+        problem = "missing" if listed < 0 else ("changed" if listed != size else None)
+    else:
+        problem = recorded_size_problem(path, size)
     if problem is not None:
         return problem
     return "stale" if item_state == STALE else "stored"

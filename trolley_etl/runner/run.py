@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trolley_etl import __version__
+from trolley_etl.backends.limits import DEFAULT_MAX_CONNECTIONS
 from trolley_etl.core.arrival import CheckedSink, disk_full_error
 from trolley_etl.core.backend import Downloader, Searcher
 from trolley_etl.core.engine import execute
@@ -35,6 +36,7 @@ from trolley_etl.core.errors import (
 from trolley_etl.core.files import file_sha256
 from trolley_etl.core.interrupts import abort_transfers
 from trolley_etl.core.model import InstanceReference, QueryLevel, SeriesReference, Study
+from trolley_etl.core.objectstore import ObjectStorageDir, copy_tag_files, object_storage
 from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
@@ -87,6 +89,9 @@ class RunOptions:
     purpose: str = "run"  # "repair" when `verify --repair` re-downloads broken files
     ignore_window: bool = False  # contact the archive even outside run.window
     no_wait: bool = False  # outside run.window: stop (OutsideWindowError) instead of waiting
+    state_dir: Path | None = None  # issue 19: the checkpoint's folder for an object-storage root
+    executor: str | None = None  # issue 19: threads | dask (overrides run.executor)
+    scheduler: str | None = None  # issue 19: Dask scheduler address (overrides run.scheduler)
 
 
 @dataclass
@@ -133,6 +138,8 @@ class Runner:
         self.manifest_path = manifest_path
         self.options = options
         self.root = (options.root or manifest.storage_root).absolute()
+        if manifest.object_root is not None and options.root is None and options.state_dir:
+            self.root = options.state_dir.absolute()  # issue 19: `--state-dir`
         self.workers = options.workers or manifest.run.workers
         self.attempts_per_run = manifest.run.retries + 1
         self.run_id = options.run_id or new_run_id()
@@ -140,10 +147,16 @@ class Runner:
         self.stop = threading.Event()
         self.storage = StorageDir(self.root, manifest.storage.layout,
                                   file_format=manifest.source.file_format)  # fmt: skip
+        if manifest.object_root is not None and options.root is None:  # issue 19: s3://
+            self.storage = object_storage(manifest, self.root)
         self.source = describe_source(manifest.source.effective_download)
         self.lock_path = lockfile.lock_path_for(manifest_path)
         self.deid: Deidentifier | None = None  # set up once the checkpoint is open
         self.max_object_bytes = manifest.run.limits.max_object_mb << 20
+        # issue 19: where units run; a scheduler alone means dask
+        self.scheduler = options.scheduler or manifest.run.scheduler
+        self.executor = options.executor or ("dask" if options.scheduler else manifest.run.executor)
+        self._dask: Any = None  # the DaskExecutor while units run on a cluster
         self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
                                     log=log.logger, state_dir=state_dir(self.root),
                                     run_id=self.run_id, stop=self.stop,
@@ -233,6 +246,12 @@ class Runner:
         if self.options.no_wait:
             window.check_no_wait(self.manifest.run.window, ignore=self.options.ignore_window)
         prepare_root(self.storage, self.manifest.storage.permissions)  # issue 13: private
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: the bucket, before the archive
+            self.storage.store.check()
+        if self.executor == "dask":
+            from trolley_etl.runner.executors.dask_executor import check_manifest
+
+            check_manifest(self.manifest)
         with root_lock(self.root):
             checkpoint = open_checkpoint(self.root)
             try:
@@ -332,6 +351,11 @@ class Runner:
         if not relayout.needs_relayout(checkpoint, self.storage, layout):
             checkpoint.set_meta("layout", layout)
             return
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: objects are not renamed
+            raise LayoutChangedError(
+                f"storage.layout changed since objects were stored under {self.storage.store.url}"
+                "; object storage cannot be re-laid out in place: use another prefix"
+            )
         if not self.options.refresh:
             raise LayoutChangedError(
                 f"storage.layout changed since files were stored in {self.root} (or a move "
@@ -467,7 +491,13 @@ class Runner:
                 abort_transfers()  # reads blocked on a stalled server return now (issue 13)
                 self.log.logger.warning("run.interrupted", waiting_for=running)
 
-            with committer:
+            if self.executor == "dask" and todo:  # issue 19: units run on a Dask cluster
+                from trolley_etl.runner.executors.dask_executor import DaskExecutor
+
+                self._dask = DaskExecutor(self.scheduler, self.workers, log=self.log.logger)
+            with committer, contextlib.ExitStack() as cluster:
+                if self._dask is not None:
+                    cluster.callback(self._close_dask)
                 try:
                     execute(
                         todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
@@ -498,15 +528,18 @@ class Runner:
             try:
                 # the unit as planned: batches (RAD-69) from their stored instance lists; each
                 # object is checked against the unit it was fetched for (issue 13)
-                count = sum(
-                    trolley.downloader.fetch(
-                        unit,
-                        CheckedSink(
-                            sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
-                        ),
+                if self._dask is not None:  # issue 19: fetched on a worker, recorded here
+                    count = self._fetch_on_cluster(checkpoint, item, sink)
+                else:
+                    count = sum(
+                        trolley.downloader.fetch(
+                            unit,
+                            CheckedSink(
+                                sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
+                            ),
+                        )
+                        for unit in _units(trolley, item)
                     )
-                    for unit in _units(trolley, item)
-                )
                 if count == 0 and item.expected.count != 0:
                     raise TrolleyError(f"the archive sent no instances for {ref}")
                 sink.wait()  # every file of the item is recorded before it is marked done
@@ -558,6 +591,40 @@ class Runner:
                     return
                 if self.stop.wait(backoff_delay(attempt, error)):
                     return
+
+    def _fetch_on_cluster(self, checkpoint: Checkpoint, item: Item, sink: _CheckpointSink) -> int:
+        """Run the unit as a Dask task; record the files it put in place (issue 19).
+
+        The worker's records are written by this process only, in one transaction, before
+        the caller checks completeness and marks the unit done.
+        """
+        from trolley_etl.runner.executors.dask_executor import UnitSpec, rebuild_error
+
+        download = self.manifest.source.effective_download
+        spec = UnitSpec(
+            manifest=self.manifest, item=item, root=str(self.root),
+            file_mode=self.storage.file_mode, max_object_bytes=self.max_object_bytes,
+            lease_name=f"trolley-etl:{self.source}",
+            max_leases=getattr(download, "max_connections", None) or DEFAULT_MAX_CONNECTIONS,
+        )  # fmt: skip
+        result = self._dask.run_unit(spec, self.stop)
+        if result is None:
+            raise _Stopped()
+        crash_point("after-rename")  # the unit's objects in place, not yet recorded
+        if result.stored:  # in place even when the unit failed later: known, not fetched again
+            checkpoint.record_files_of_items([(item.item_id, result.stored)], self.source,
+                                             self.run_id)  # fmt: skip
+            sink.files.bytes += result.bytes
+            for stored in result.stored:
+                sink.committer.progress.instance_stored(stored.size)
+        if result.error is not None:
+            raise rebuild_error(result.error)
+        return int(result.count)
+
+    def _close_dask(self) -> None:
+        if self._dask is not None:
+            self._dask.close()
+            self._dask = None
 
     def _with_expectation(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> Item:
         """A unit planned without an expectation (by an older trolley-etl) gets one now, from
@@ -631,11 +698,14 @@ class Runner:
         problems = 0
         with self.step("verify") as outcome:
             checked = 0
+            listed = (  # issue 19: one listing of the bucket instead of a stat per file
+                self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
+            )
             for record in checkpoint.files():
                 path = self.root / record.path
                 checked += 1
                 try:
-                    size = path.stat().st_size
+                    size = path.stat().st_size if listed is None else listed.get(record.path, -1)
                 except FileNotFoundError:
                     size = -1
                 if size != record.size:
@@ -668,13 +738,19 @@ class Runner:
         if self.deid is not None:
             self.deid.close()  # its counts and settings go into the report
         # the audit report of the whole root after this run, and the checksums beside the data
-        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root)
+        listed = (  # issue 19: objects are found in a listing, not with a stat
+            self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
+        )
+        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root,
+                                     sizes=listed)  # fmt: skip
         audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed,
                      incomplete=incomplete, unmatched=unmatched)  # fmt: skip
         small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
         report_path = report.save_report(self.root, report.report_json(small),
                                          f"{self.run_id}.json")  # fmt: skip
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
+        if isinstance(self.storage, ObjectStorageDir):  # issue 19: the checksums beside the data
+            copy_tag_files(self.root, self.storage.store, report.ROOT_TAG_FILES)
         self.log.logger.info("report.written", report=str(report_path),
                              bag_manifest=str(self.root / report.BAG_MANIFEST), bagit=bag,
                              **audit["summary"]["by_status"])  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trolley_etl.core.constants import STATE_DIR
 from trolley_etl.core.files import hash_file, recorded_size_problem
@@ -25,6 +25,10 @@ from trolley_etl.runner.checkpoint import FAILED, PENDING, Checkpoint, FileRecor
 from trolley_etl.runner.faults import crash_point
 from trolley_etl.runner.report import ROOT_TAG_FILES
 
+if TYPE_CHECKING:
+    from trolley_etl.core.objectstore import ObjectStore
+
+CHUNK = 1 << 20
 MISSING, CHANGED, UNEXPECTED = "missing", "changed", "unexpected"
 
 
@@ -111,17 +115,62 @@ def walk_payload(root: Path) -> Iterator[str]:
                 yield (here / name).relative_to(root).as_posix()
 
 
-def verify_root(root: Path, checkpoint: Checkpoint, workers: int = 4) -> VerifyResult:
-    """Re-hash every recorded file; list missing, changed and unexpected ones."""
+def _check_object(
+    objects: ObjectStore, listed: dict[str, int], record: FileRecord
+) -> Problem | None:
+    """`_check` for an object-storage root (issue 19): the listing gives the size, a GET the
+    bytes to hash."""
+    from trolley_etl.core.errors import ObjectNotFoundError
+
+    known: dict[str, Any] = {
+        "path": record.path,
+        "sop_instance_uid": record.sop_instance_uid,
+        "item_id": record.item_id,
+        "expected_size": record.size,
+        "expected_sha256": record.sha256,
+    }
+    if record.path not in listed:
+        return Problem(MISSING, **known)
+    if listed[record.path] != record.size:
+        return Problem(CHANGED, **known, actual_size=listed[record.path])
+    try:
+        size, sha = objects.hash_object(record.path)
+    except ObjectNotFoundError:
+        return Problem(MISSING, **known)
+    if sha != record.sha256 or size != record.size:
+        return Problem(CHANGED, **known, actual_size=size, actual_sha256=sha)
+    return None
+
+
+def verify_root(
+    root: Path, checkpoint: Checkpoint, workers: int = 4, *, objects: ObjectStore | None = None
+) -> VerifyResult:
+    """Re-hash every recorded file; list missing, changed and unexpected ones.
+
+    With `objects`, the files are the objects under that bucket prefix (issue 19); `root` is
+    then the local state folder.
+    """
     records = list(checkpoint.files())
     result = VerifyResult(checked=len(records), bytes=sum(r.size for r in records))
+    listed = dict(objects.list_objects()) if objects is not None else {}
+
+    def check(record: FileRecord) -> Problem | None:
+        if objects is not None:
+            return _check_object(objects, listed, record)
+        return _check(root, record)
+
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
-        for problem in pool.map(lambda r: _check(root, r), records):
+        for problem in pool.map(check, records):
             if problem is not None:
                 result.problems.append(problem)
     known = {r.path for r in records}
+    payload = (
+        (path for path in listed if path not in ROOT_TAG_FILES)
+        if objects is not None
+        else walk_payload(root)
+    )
     result.problems.extend(
-        Problem(UNEXPECTED, path) for path in sorted(walk_payload(root)) if path not in known
+        Problem(UNEXPECTED, path) for path in sorted(payload) if path not in known
     )
     result.problems.extend(unfinished_items(checkpoint))  # issue 13
     return result
@@ -140,7 +189,9 @@ def unfinished_items(checkpoint: Checkpoint) -> list[Problem]:
     ]
 
 
-def prepare_repair(root: Path, checkpoint: Checkpoint, result: VerifyResult) -> set[int]:
+def prepare_repair(
+    root: Path, checkpoint: Checkpoint, result: VerifyResult, *, objects: ObjectStore | None = None
+) -> set[int]:
     """Forget missing and changed files, delete the changed ones, mark their items pending.
 
     Unexpected files are left alone: they may be someone's own, and nothing says what they
@@ -157,7 +208,9 @@ def prepare_repair(root: Path, checkpoint: Checkpoint, result: VerifyResult) -> 
         # anywhere leaves the item pending or untouched, never done with forgotten files
         checkpoint.reopen_item(item_id, [p.sop_instance_uid for p in files], reason)
         for problem in files:
-            if problem.kind == CHANGED:
+            if problem.kind == CHANGED and objects is not None:  # issue 19: s3:// root
+                objects.delete(problem.path)
+            elif problem.kind == CHANGED:
                 (root / problem.path).unlink(missing_ok=True)
         crash_point("repair-item")
     return set(broken)
