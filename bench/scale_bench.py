@@ -55,10 +55,21 @@ def measure(manifest: Path, s3: SeaweedS3, log: Path) -> float:
     started = time.perf_counter()
     with log.open("ab") as stderr:
         done = subprocess.run(
-            [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--quiet",
-             "--log-format", "json"],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "trolley_etl",
+                "run",
+                str(manifest),
+                "--quiet",
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            check=False,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"{manifest} failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - started
@@ -83,15 +94,27 @@ def run_scale(scale: float, runs: int, archive_dir: Path | None) -> dict[str, An
                     walls.append(measure(manifest, s3, work / "runs.log"))
                     shutil.rmtree(folder, ignore_errors=True)
                 wall = statistics.median(walls)
-                rows.append({"name": name, "executor": executor, "workers": workers,
-                             "root": root, "wall_s": round(wall, 2),
-                             "mb_per_s": round(total / 1e6 / wall, 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "name": name,
+                        "executor": executor,
+                        "workers": workers,
+                        "root": root,
+                        "wall_s": round(wall, 2),
+                        "mb_per_s": round(total / 1e6 / wall, 1),
+                    }
+                )
                 print(f"{name:36} {wall:7.2f} s {total / 1e6 / wall:8.1f} MB/s", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return {"cohort": cohort.key, "instances": cohort.count, "bytes": total, "runs": runs,
-            "rows": rows}  # fmt: skip
+    return {
+        "cohort": cohort.key,
+        "instances": cohort.count,
+        "bytes": total,
+        "runs": runs,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

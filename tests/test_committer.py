@@ -26,10 +26,16 @@ from trolley_etl.runner.progress import Progress
 
 def _instance(n: int, series: str = "se") -> bytes:
     return make_instance(
-        patient_id="P1", patient_name="A^B", study_uid=test_uid("st"), series_uid=test_uid(series),
-        sop_uid=test_uid("sop", series, n), modality="CT", study_date="20240101",
-        accession_number="A1", instance_number=n,
-    ).data  # fmt: skip
+        patient_id="P1",
+        patient_name="A^B",
+        study_uid=test_uid("st"),
+        series_uid=test_uid(series),
+        sop_uid=test_uid("sop", series, n),
+        modality="CT",
+        study_date="20240101",
+        accession_number="A1",
+        instance_number=n,
+    ).data
 
 
 def _hand_over(storage: StorageDir, committer: Committer, files: ItemFiles, data: bytes) -> Path:
@@ -85,8 +91,9 @@ def test_files_are_renamed_recorded_unsynced_then_synced_by_batch(setup, monkeyp
         committer_module, "sync_filesystem", spy("sync", committer_module.sync_filesystem)
     )
     monkeypatch.setattr(storage, "install", spy("install", storage.install))
-    monkeypatch.setattr(checkpoint, "record_files_of_items",
-                        spy("record", checkpoint.record_files_of_items))  # fmt: skip
+    monkeypatch.setattr(
+        checkpoint, "record_files_of_items", spy("record", checkpoint.record_files_of_items)
+    )
     monkeypatch.setattr(checkpoint, "mark_durable", spy("durable", checkpoint.mark_durable))
 
     item = checkpoint_item(checkpoint)

@@ -81,8 +81,13 @@ def env_of(seaweed: SeaweedS3, **extra: str) -> dict[str, str]:
 
 
 def trolley(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
-                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def leftover_workers(pids: set[int]) -> None:
@@ -98,13 +103,13 @@ def leftover_workers(pids: set[int]) -> None:
 
 
 def test_dask_pull_into_a_bucket_equals_the_archive(archive, seaweed, expected, tmp_path):
-    manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "dask-full",
-                              run="  executor: dask\n")  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, archive.url, seaweed.endpoint_url, "dask-full", run="  executor: dask\n"
+    )
     done = trolley("run", str(manifest), env=env_of(seaweed))
     assert done.returncode == 0, done.stderr
     assert '"executor.dask"' in done.stderr and '"workers": 2' in done.stderr
-    assert_bucket_is_the_cohort(store_of(seaweed, "dask-full"), tmp_path / "s3cli.state",
-                                expected)  # fmt: skip
+    assert_bucket_is_the_cohort(store_of(seaweed, "dask-full"), tmp_path / "s3cli.state", expected)
     again = trolley("run", str(manifest), env=env_of(seaweed))
     assert again.returncode == 0, again.stderr
     assert '"executor.dask"' not in again.stderr  # nothing to do: no cluster started
@@ -123,23 +128,39 @@ def test_a_worker_sigkilled_mid_run_is_replaced_and_the_bucket_matches(
     proxy = CountingProxy(archive.url)
     proxy.delay = 1.5  # every answer slow: both workers are mid-unit when one is killed
     try:
-        manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "workerkill",
-                                  run="  executor: dask\n")  # fmt: skip
+        manifest = write_manifest(
+            tmp_path, archive.url, seaweed.endpoint_url, "workerkill", run="  executor: dask\n"
+        )
         download = f'  download: {{backend: wado-rs, url: "{proxy.url}/dicom-web"}}\n'
         manifest.write_text(manifest.read_text().replace("queries:", download + "queries:"))
         log = tmp_path / "run.jsonl"
         process = subprocess.Popen(
-            [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json",
-             "--log-file", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env_of(seaweed),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "trolley_etl",
+                "run",
+                str(manifest),
+                "--log-format",
+                "json",
+                "--log-file",
+                str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_of(seaweed),
+        )
         try:
             deadline = time.monotonic() + 60
             while proxy.in_flight < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert proxy.in_flight >= 2, "the workers never started their units"
-            workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-                       if "spawn_main" in " ".join(p.cmdline())]  # fmt: skip
+            workers = [
+                p
+                for p in psutil.Process(process.pid).children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())
+            ]
             assert len(workers) >= 2
             workers[0].kill()
             _, stderr = process.communicate(timeout=180)
@@ -150,8 +171,7 @@ def test_a_worker_sigkilled_mid_run_is_replaced_and_the_bucket_matches(
         assert process.returncode == 0, stderr
     finally:
         proxy.close()
-    assert_bucket_is_the_cohort(store_of(seaweed, "workerkill"), tmp_path / "s3cli.state",
-                                expected)  # fmt: skip
+    assert_bucket_is_the_cohort(store_of(seaweed, "workerkill"), tmp_path / "s3cli.state", expected)
 
 
 @pytest.mark.parametrize("cap", [1, 2])
@@ -159,10 +179,13 @@ def test_max_connections_hold_across_the_cluster(archive, seaweed, tmp_path, cap
     proxy = CountingProxy(archive.url)
     proxy.delay = 0.5
     try:
-        manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, f"cap{cap}",
-                                  run="  executor: dask\n")  # fmt: skip
-        download = (f"  download: {{backend: wado-rs, url: \"{proxy.url}/dicom-web\", "
-                    f"max_connections: {cap}}}\n")  # fmt: skip
+        manifest = write_manifest(
+            tmp_path, archive.url, seaweed.endpoint_url, f"cap{cap}", run="  executor: dask\n"
+        )
+        download = (
+            f'  download: {{backend: wado-rs, url: "{proxy.url}/dicom-web", '
+            f"max_connections: {cap}}}\n"
+        )
         manifest.write_text(manifest.read_text().replace("queries:", download + "queries:"))
         done = trolley("run", str(manifest), env=env_of(seaweed))
         assert done.returncode == 0, done.stderr
@@ -174,25 +197,33 @@ def test_max_connections_hold_across_the_cluster(archive, seaweed, tmp_path, cap
 
 
 DASK_KILL_POINTS = [
-    ("after-search", 1), ("after-resolution", 1), ("after-rename", 1), ("after-rename", 2),
-    ("before-item-done", 1), ("before-item-done", 3),
-]  # fmt: skip
+    ("after-search", 1),
+    ("after-resolution", 1),
+    ("after-rename", 1),
+    ("after-rename", 2),
+    ("before-item-done", 1),
+    ("before-item-done", 3),
+]
 
 
-@pytest.mark.parametrize(("point", "hit"), DASK_KILL_POINTS,
-                         ids=[f"{p}-{n}" for p, n in DASK_KILL_POINTS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("point", "hit"), DASK_KILL_POINTS, ids=[f"{p}-{n}" for p, n in DASK_KILL_POINTS]
+)
 def test_driver_sigkilled_at_a_crash_point_then_rerun(
     archive, seaweed, expected, tmp_path, point, hit
 ) -> None:
     prefix = f"driver-{point}-{hit}"
-    manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, prefix,
-                              run="  executor: dask\n")  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, archive.url, seaweed.endpoint_url, prefix, run="  executor: dask\n"
+    )
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     process = subprocess.Popen(
         [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         env=env_of(seaweed, TROLLEY_ETL_CRASH_AT=f"{point}:{hit}"),
-    )  # fmt: skip
+    )
     workers: set[int] = set()
     try:
         while process.poll() is None:
@@ -233,8 +264,9 @@ run:
     assert "Traceback" not in refused.stderr
 
 
-def test_an_existing_cluster_via_scheduler(archive, seaweed, expected, tmp_path,
-                                           monkeypatch) -> None:  # fmt: skip
+def test_an_existing_cluster_via_scheduler(
+    archive, seaweed, expected, tmp_path, monkeypatch
+) -> None:
     """`--scheduler tcp://...`: the run submits to a cluster it did not start, and leaves it
     running when it ends. The workers have the bucket's credentials in their environment
     (under the names the manifest gives), as on a real cluster: nothing secret is sent."""
@@ -243,28 +275,37 @@ def test_an_existing_cluster_via_scheduler(archive, seaweed, expected, tmp_path,
     monkeypatch.setenv(KEY_ENV, seaweed.access_key)  # inherited by the worker processes
     monkeypatch.setenv(SECRET_ENV, seaweed.secret_key)
 
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=2,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "scheduler")
-        done = trolley("run", str(manifest), "--scheduler", cluster.scheduler_address,
-                       env=env_of(seaweed))  # fmt: skip
+        done = trolley(
+            "run", str(manifest), "--scheduler", cluster.scheduler_address, env=env_of(seaweed)
+        )
         assert done.returncode == 0, done.stderr
         assert cluster.scheduler_address in done.stderr  # the executor.dask event names it
         assert len(client.scheduler_info()["workers"]) == 2  # still there
-    assert_bucket_is_the_cohort(store_of(seaweed, "scheduler"), tmp_path / "s3cli.state",
-                                expected)  # fmt: skip
+    assert_bucket_is_the_cohort(store_of(seaweed, "scheduler"), tmp_path / "s3cli.state", expected)
 
 
 def test_sigint_under_dask_stops_with_130_then_resumes(archive, expected, tmp_path) -> None:
     proxy = FaultProxy(archive.url)
     proxy.delay = 0.5
     try:
-        manifest = write_local_manifest(tmp_path, proxy.url, workers=2,
-                                        extra="  executor: dask\n")  # fmt: skip
+        manifest = write_local_manifest(tmp_path, proxy.url, workers=2, extra="  executor: dask\n")
         process = subprocess.Popen(
             [sys.executable, "-m", "trolley_etl", "run", str(manifest), "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert process.stderr is not None
         for line in process.stderr:
             if '"executor.dask"' in line:
@@ -285,10 +326,10 @@ def test_sigint_under_dask_stops_with_130_then_resumes(archive, expected, tmp_pa
 
 @pytest.mark.parametrize(("point", "hit"), [("after-rename", 2), ("before-item-done", 2)])
 def test_driver_sigkilled_with_a_local_root_then_rerun(archive, expected, tmp_path, point, hit):
-    manifest = write_local_manifest(tmp_path, archive.url, workers=2,
-                                    extra="  executor: dask\n")  # fmt: skip
-    killed = trolley("run", str(manifest),
-                     env={**os.environ, "TROLLEY_ETL_CRASH_AT": f"{point}:{hit}"})  # fmt: skip
+    manifest = write_local_manifest(tmp_path, archive.url, workers=2, extra="  executor: dask\n")
+    killed = trolley(
+        "run", str(manifest), env={**os.environ, "TROLLEY_ETL_CRASH_AT": f"{point}:{hit}"}
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     time.sleep(1)  # its worker processes notice and exit
     rerun = trolley("run", str(manifest), env=dict(os.environ))

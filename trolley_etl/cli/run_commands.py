@@ -105,12 +105,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help=f"outside run.window (or when it closes), exit "
         f"{exit_codes.BACKEND_UNAVAILABLE} instead of waiting",
     )
-    run.add_argument("--executor", choices=("threads", "dask"),
-                     help="where units run (overrides run.executor)")  # fmt: skip
     run.add_argument(
-        "--scheduler", metavar="tcp://HOST:PORT",
+        "--executor", choices=("threads", "dask"), help="where units run (overrides run.executor)"
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
         help="Dask scheduler (overrides run.scheduler; implies --executor dask)",
-    )  # fmt: skip
+    )
     run.set_defaults(handler=run_run)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 Unit = TypeVar("Unit")
 
@@ -42,35 +42,44 @@ def execute(
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    running: dict[Future[object], Unit] = {}
-
-    def collect() -> None:
-        finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-        for future in finished:
-            unit = running.pop(future)
-            error = future.exception()
-            if on_done is not None:
-                on_done(unit, error)
-            elif error is not None:
-                raise error
-
-    def drain() -> None:
-        while running:
-            collect()
-
+    running: _Running[Unit] = _Running(on_done)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
         try:
             for unit in units:
                 if before_each is not None:
-                    before_each(drain)
-                running[pool.submit(work, unit)] = unit
-                while len(running) >= 2 * workers:
-                    collect()
-            drain()
+                    before_each(running.drain)
+                running.futures[pool.submit(work, unit)] = unit
+                while len(running.futures) >= 2 * workers:
+                    running.collect()
+            running.drain()
         except KeyboardInterrupt:
             if stop is not None:
                 stop.set()
             if on_interrupt is not None:
-                on_interrupt(len(running))
-            wait(running)
+                on_interrupt(len(running.futures))
+            wait(running.futures)
             raise
+
+
+class _Running(Generic[Unit]):
+    """The units submitted and not collected yet, and what to do as each one ends."""
+
+    def __init__(self, on_done: Callable[[Unit, BaseException | None], None] | None) -> None:
+        self.futures: dict[Future[object], Unit] = {}
+        self.on_done = on_done
+
+    def collect(self) -> None:
+        """Wait (briefly, so an interrupt is noticed) for units to end and report them."""
+        finished, _ = wait(self.futures, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+        for future in finished:
+            unit = self.futures.pop(future)
+            error = future.exception()
+            if self.on_done is not None:
+                self.on_done(unit, error)
+            elif error is not None:
+                raise error
+
+    def drain(self) -> None:
+        """Let every running unit finish."""
+        while self.futures:
+            self.collect()

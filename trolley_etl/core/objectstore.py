@@ -55,8 +55,13 @@ CHECKSUM_ATTEMPTS = 3
 MAX_LIST_PAGES = 1_000_000
 CHUNK = 1 << 20
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
-_CHECKSUM_CODES = {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch",
-                   "XAmzContentSHA256Mismatch", "InvalidChecksum"}  # fmt: skip
+_CHECKSUM_CODES = {
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentChecksumMismatch",
+    "XAmzContentSHA256Mismatch",
+    "InvalidChecksum",
+}
 
 
 def is_object_url(root: str | os.PathLike[str]) -> bool:
@@ -141,11 +146,12 @@ class ObjectStore:
             "s3",
             endpoint_url=settings.endpoint_url if settings else None,
             # the manifest's, else the provider chain's (AWS_REGION, config), else S3's default
-            region_name=(settings.region if settings else None) or session.region_name
+            region_name=(settings.region if settings else None)
+            or session.region_name
             or "us-east-1",
             config=config,
             **kwargs,
-        )  # fmt: skip
+        )
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -166,8 +172,13 @@ class ObjectStore:
 
     def check(self) -> None:
         """The bucket exists and these credentials may list it (before any archive contact)."""
-        self._call("list_objects_v2", self.prefix, Bucket=self.bucket, MaxKeys=1,
-                   Prefix=f"{self.prefix}/" if self.prefix else "")  # fmt: skip
+        self._call(
+            "list_objects_v2",
+            self.prefix,
+            Bucket=self.bucket,
+            MaxKeys=1,
+            Prefix=f"{self.prefix}/" if self.prefix else "",
+        )
 
     def put_file(self, path: Path, relative: str, sha256: str, size: int) -> bool:
         """Send a complete local file to its key; True if sent, False if already there.
@@ -183,10 +194,15 @@ class ObjectStore:
                 else:
                     with path.open("rb") as body:
                         self._call(
-                            "put_object", key, Bucket=self.bucket, Key=key, Body=body,
-                            ContentLength=size, ChecksumSHA256=self._checksum(sha256),
+                            "put_object",
+                            key,
+                            Bucket=self.bucket,
+                            Key=key,
+                            Body=body,
+                            ContentLength=size,
+                            ChecksumSHA256=self._checksum(sha256),
                             IfNoneMatch="*",
-                        )  # fmt: skip
+                        )
                 return True
             except ChecksumRejectedError:
                 if attempt == CHECKSUM_ATTEMPTS:
@@ -211,8 +227,9 @@ class ObjectStore:
         """Parts with their own SHA-256, completed only if nothing is at the key yet."""
         if self.head(key) is not None:
             raise _PreconditionFailed()
-        upload = self._call("create_multipart_upload", key, Bucket=self.bucket, Key=key,
-                            ChecksumAlgorithm="SHA256")  # fmt: skip
+        upload = self._call(
+            "create_multipart_upload", key, Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256"
+        )
         upload_id = upload["UploadId"]
         parts = []
         try:
@@ -221,15 +238,32 @@ class ObjectStore:
                 while chunk := handle.read(PART_BYTES):
                     digest = hashlib.sha256(chunk).hexdigest()
                     answer = self._call(
-                        "upload_part", key, Bucket=self.bucket, Key=key, UploadId=upload_id,
-                        PartNumber=number, Body=chunk, ChecksumSHA256=self._checksum(digest),
-                    )  # fmt: skip
-                    parts.append({"ETag": answer["ETag"], "PartNumber": number,
-                                  "ChecksumSHA256": b64_sha256(digest)})  # fmt: skip
+                        "upload_part",
+                        key,
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                        ChecksumSHA256=self._checksum(digest),
+                    )
+                    parts.append(
+                        {
+                            "ETag": answer["ETag"],
+                            "PartNumber": number,
+                            "ChecksumSHA256": b64_sha256(digest),
+                        }
+                    )
                     number += 1
-            self._call("complete_multipart_upload", key, Bucket=self.bucket, Key=key,
-                       UploadId=upload_id, MultipartUpload={"Parts": parts},
-                       IfNoneMatch="*")  # fmt: skip
+            self._call(
+                "complete_multipart_upload",
+                key,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
         except BaseException:
             # the bucket's lifecycle rule cleans what this could not
             with contextlib.suppress(Exception):
@@ -280,8 +314,9 @@ class ObjectStore:
         """(relative path, size) of every object under the prefix, paged."""
         paginator = self.client.get_paginator("list_objects_v2")
         prefix = f"{self.prefix}/" if self.prefix else ""
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix,
-                                   PaginationConfig={"MaxItems": None})  # fmt: skip
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"MaxItems": None}
+        )
         try:
             for count, page in enumerate(pages):
                 if count >= MAX_LIST_PAGES:
@@ -299,8 +334,14 @@ class ObjectStore:
     def put_bytes(self, relative: str, data: bytes) -> None:
         """Small files of our own (the BagIt manifest): replaced, not conditional."""
         key = self.key(relative)
-        self._call("put_object", key, Bucket=self.bucket, Key=key, Body=data,
-                   ChecksumSHA256=b64_sha256(hashlib.sha256(data).hexdigest()))  # fmt: skip
+        self._call(
+            "put_object",
+            key,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ChecksumSHA256=b64_sha256(hashlib.sha256(data).hexdigest()),
+        )
 
     def _call(self, operation: str, key: str, **kwargs: Any) -> Any:
         try:
@@ -330,8 +371,7 @@ def _translate(error: BaseException, where: str) -> BaseException:
     if isinstance(error, NoCredentialsError):
         return AuthenticationError(f"no S3 credentials for {where}", url=where)
     if isinstance(error, EndpointConnectionError):
-        return ConnectionFailedError(f"cannot reach the S3 service for {where}: {error}",
-                                     url=where)  # fmt: skip
+        return ConnectionFailedError(f"cannot reach the S3 service for {where}: {error}", url=where)
     if not isinstance(error, ClientError):
         return ConnectionFailedError(f"S3 {where}: {error}", url=where)
     code = str(error.response.get("Error", {}).get("Code", ""))
@@ -386,8 +426,9 @@ def object_storage(manifest: Manifest, state_root: Path) -> ObjectStorageDir:
     """The storage of a manifest whose root is object storage (the checkpoint in `state_root`)."""
     assert manifest.object_root is not None
     store = ObjectStore(manifest.object_root, manifest.storage.s3)
-    return ObjectStorageDir(store, state_root, manifest.storage.layout,
-                            file_format=manifest.source.file_format)  # fmt: skip
+    return ObjectStorageDir(
+        store, state_root, manifest.storage.layout, file_format=manifest.source.file_format
+    )
 
 
 def object_store_of(manifest: Manifest) -> ObjectStore | None:

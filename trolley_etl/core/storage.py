@@ -45,10 +45,16 @@ if TYPE_CHECKING:
 #: Header attributes every stored file is described by (paths, checkpoint, audit report).
 HEADER_KEYWORDS = frozenset(
     {
-        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
-        "PatientID", "AccessionNumber", "StudyDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "Modality",
+        "PatientID",
+        "AccessionNumber",
+        "StudyDate",
     }
-)  # fmt: skip
+)
 #: How many first bytes of each object are kept in memory to read its header from.
 HEADER_PREFIX_BYTES = 64 * 1024
 

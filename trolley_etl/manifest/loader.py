@@ -141,8 +141,13 @@ def _missing_environment(manifest: Manifest, document: YamlDocument, file: str):
         if variable and variable not in os.environ:
             where: Path_ = ("storage", "s3", field_name)
             position = document.position(where)
-            yield ManifestIssue(file, position.line, position.column, field_path(where),
-                                f"environment variable {variable} is not set")  # fmt: skip
+            yield ManifestIssue(
+                file,
+                position.line,
+                position.column,
+                field_path(where),
+                f"environment variable {variable} is not set",
+            )
     for role in ("search", "download"):
         backend = getattr(manifest.source, role)
         if not isinstance(backend, HttpBackend):

@@ -330,8 +330,9 @@ def recover_unsynced(root: Path, checkpoint: Checkpoint, logger: Any = None) -> 
     checkpoint.settle_unsynced(lost, "file lost before it was synced (crash or power cut)")
     count = sum(len(uids) for uids in lost.values())
     if logger is not None:
-        logger.info("storage.unsynced_checked", files=len(records), lost=count,
-                    items_reopened=len(lost))  # fmt: skip
+        logger.info(
+            "storage.unsynced_checked", files=len(records), lost=count, items_reopened=len(lost)
+        )
     return count
 
 

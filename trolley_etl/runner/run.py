@@ -131,8 +131,14 @@ def root_lock(root: Path) -> Iterator[None]:
 
 
 class Runner:
-    def __init__(self, manifest: Manifest, manifest_path: Path, log: RunLog,
-                 options: RunOptions, backends: BackendFactory | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_path: Path,
+        log: RunLog,
+        options: RunOptions,
+        backends: BackendFactory | None = None,
+    ) -> None:
         self.backends: BackendFactory = backends or self._build_backends
         self.manifest = manifest
         self.manifest_path = manifest_path
@@ -145,8 +151,9 @@ class Runner:
         self.run_id = options.run_id or new_run_id()
         self.log = log
         self.stop = threading.Event()
-        self.storage = StorageDir(self.root, manifest.storage.layout,
-                                  file_format=manifest.source.file_format)  # fmt: skip
+        self.storage = StorageDir(
+            self.root, manifest.storage.layout, file_format=manifest.source.file_format
+        )
         if manifest.object_root is not None and options.root is None:  # issue 19: s3://
             self.storage = object_storage(manifest, self.root)
         self.source = describe_source(manifest.source.effective_download)
@@ -157,10 +164,15 @@ class Runner:
         self.scheduler = options.scheduler or manifest.run.scheduler
         self.executor = options.executor or ("dask" if options.scheduler else manifest.run.executor)
         self._dask: Any = None  # the DaskExecutor while units run on a cluster
-        self.gate = window.gate_for(manifest.run.window, ignore=options.ignore_window,
-                                    log=log.logger, state_dir=state_dir(self.root),
-                                    run_id=self.run_id, stop=self.stop,
-                                    no_wait=options.no_wait)  # fmt: skip
+        self.gate = window.gate_for(
+            manifest.run.window,
+            ignore=options.ignore_window,
+            log=log.logger,
+            state_dir=state_dir(self.root),
+            run_id=self.run_id,
+            stop=self.stop,
+            no_wait=options.no_wait,
+        )
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -195,8 +207,9 @@ class Runner:
         with self.step("search", query_sets=len(self.manifest.queries)) as outcome:
 
             def on_query(query_set: str, query: Any, count: int) -> None:
-                self.log.logger.info("search.query", query_set=query_set,
-                                     filters=dict(query.filters), studies=count)  # fmt: skip
+                self.log.logger.info(
+                    "search.query", query_set=query_set, filters=dict(query.filters), studies=count
+                )
 
             searched = resolve.search_cohort(trolley, self.manifest, on_query)
             crash_point("after-search")
@@ -208,18 +221,27 @@ class Runner:
         for name, account in cohort.items():
             for miss in account.unmatched:
                 log = self.log.logger.info if account.allow_unmatched else self.log.logger.error
-                log("cohort.unmatched", query_set=name, row=miss.row, value=miss.value,
-                    allowed=account.allow_unmatched)  # fmt: skip
+                log(
+                    "cohort.unmatched",
+                    query_set=name,
+                    row=miss.row,
+                    value=miss.value,
+                    allowed=account.allow_unmatched,
+                )
             if account.empty_queries:
-                self.log.logger.warning("cohort.empty_query", query_set=name,
-                                        queries=account.empty_queries)  # fmt: skip
+                self.log.logger.warning(
+                    "cohort.empty_query", query_set=name, queries=account.empty_queries
+                )
 
     def plan(self, trolley: Trolley, searched: Searched) -> Planned:
         """Step 2: `select` applied, the retrieval units and what each holds."""
         with self.step("expand", studies=len(searched.found)) as outcome:
             planned = resolve.plan_units(trolley, self.manifest, searched, self.workers)
-            outcome.update(studies=len(planned.kept), items=len(planned.references),
-                           dropped=len(searched.found) - len(planned.kept))  # fmt: skip
+            outcome.update(
+                studies=len(planned.kept),
+                items=len(planned.references),
+                dropped=len(searched.found) - len(planned.kept),
+            )
         for name, account in searched.cohort.items():
             for drop in account.dropped_by_select:
                 self.log.logger.info("select.dropped", query_set=name, **drop.to_json())
@@ -262,9 +284,14 @@ class Runner:
                 checkpoint.close()
 
     def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
-        self.deid = prepare_deid(self.manifest.deid, base_dir=self.manifest.base_dir,
-                                 root=self.root, checkpoint=checkpoint, run_id=self.run_id,
-                                 logger=self.log.logger)  # fmt: skip
+        self.deid = prepare_deid(
+            self.manifest.deid,
+            base_dir=self.manifest.base_dir,
+            root=self.root,
+            checkpoint=checkpoint,
+            run_id=self.run_id,
+            logger=self.log.logger,
+        )
         wanted = resolve.resolution_hash(self.manifest)
         recorded = checkpoint.get_meta("resolution_hash")
         lock = None if self.options.refresh else self._read_lock(wanted)
@@ -280,13 +307,22 @@ class Runner:
         self._check_layout(checkpoint)
         self._remove_stale_temp_files()
         provenance = report.run_provenance(
-            self.manifest, self.manifest_path, self.root, purpose=self.options.purpose,
-            lock_path=self.lock_path if lock is not None else None, lock_sha256=lock_sha,
-        )  # fmt: skip
+            self.manifest,
+            self.manifest_path,
+            self.root,
+            purpose=self.options.purpose,
+            lock_path=self.lock_path if lock is not None else None,
+            lock_sha256=lock_sha,
+        )
         checkpoint.start_run(self.run_id, manifest_file_hash(self.manifest_path), provenance)
-        self.log.logger.info("run.start", root=str(self.root), workers=self.workers,
-                             source=self.source, version=__version__,
-                             lock=str(self.lock_path) if lock is not None else None)  # fmt: skip
+        self.log.logger.info(
+            "run.start",
+            root=str(self.root),
+            workers=self.workers,
+            source=self.source,
+            version=__version__,
+            lock=str(self.lock_path) if lock is not None else None,
+        )
         try:
             trolley = self._trolley(checkpoint)
         except BaseException:
@@ -303,9 +339,11 @@ class Runner:
                 searched = self.search(trolley)
                 planned = self.plan(trolley, searched)
                 saved = checkpoint.save_resolution(
-                    wanted, [resolve.study_row(f) for f in planned.kept], planned.references,
+                    wanted,
+                    [resolve.study_row(f) for f in planned.kept],
+                    planned.references,
                     planned.expectations,
-                )  # fmt: skip
+                )
                 checkpoint.set_meta("cohort", cohort_json(searched.cohort))
                 crash_point("after-resolution")
                 self.log.logger.info("checkpoint.resolved", items=saved)
@@ -386,18 +424,21 @@ class Runner:
             )
         return lock
 
-    def _resolve_from_lock(self, trolley: Trolley, checkpoint: Checkpoint,
-                           lock: lockfile.Lock, wanted: str) -> None:  # fmt: skip
+    def _resolve_from_lock(
+        self, trolley: Trolley, checkpoint: Checkpoint, lock: lockfile.Lock, wanted: str
+    ) -> None:
         """Pull exactly what the lock lists; search only to report how the archive drifted."""
         clear = getattr(trolley.searcher, "clear", None)
         if callable(clear):
             clear()  # compare with the archive as it is now, not with cached answers
-        with self.step("search", query_sets=len(self.manifest.queries),
-                       lock=str(self.lock_path)) as outcome:  # fmt: skip
+        with self.step(
+            "search", query_sets=len(self.manifest.queries), lock=str(self.lock_path)
+        ) as outcome:
 
             def on_query(query_set: str, query: Any, count: int) -> None:
-                self.log.logger.info("search.query", query_set=query_set,
-                                     filters=dict(query.filters), studies=count)  # fmt: skip
+                self.log.logger.info(
+                    "search.query", query_set=query_set, filters=dict(query.filters), studies=count
+                )
 
             searched = resolve.search_cohort(trolley, self.manifest, on_query)
             found = searched.found
@@ -426,8 +467,9 @@ class Runner:
         crash_point("after-resolution")
         self.log.logger.info("checkpoint.resolved", items=saved, from_lock=str(self.lock_path))
 
-    def _locked_expectations(self, trolley: Trolley, lock: lockfile.Lock,
-                             searched: dict[str, Found]) -> dict[Any, Any]:  # fmt: skip
+    def _locked_expectations(
+        self, trolley: Trolley, lock: lockfile.Lock, searched: dict[str, Found]
+    ) -> dict[Any, Any]:
         """What each locked unit holds: as the lock recorded it, else as the archive says."""
         strict = self.manifest.run.completeness == "strict"
         expectations = lock.expectations()
@@ -444,17 +486,21 @@ class Runner:
         if not (self.options.refresh and self.lock_path.exists()):
             return ""
         fresh = lockfile.Lock.from_resolution(
-            self.manifest.name, resolve.resolution_hash(self.manifest),
-            [(f.query_set, f.study.uid) for f in planned.kept], planned.references,
+            self.manifest.name,
+            resolve.resolution_hash(self.manifest),
+            [(f.query_set, f.study.uid) for f in planned.kept],
+            planned.references,
             planned.expectations,
-        )  # fmt: skip
+        )
         fresh.resolved_dates = resolved_ranges(self.manifest)  # what `{last: 7d}` meant today
         changed = lockfile.write_lock(self.lock_path, fresh)
         sha = lockfile.lock_hash(self.lock_path)
-        self.log.logger.info("lock.written" if changed else "lock.unchanged",
-                             lock=str(self.lock_path), sha256=sha)  # fmt: skip
-        checkpoint.add_run_provenance(self.run_id, lock_path=str(self.lock_path.absolute()),
-                                      lock_sha256=sha)  # fmt: skip
+        self.log.logger.info(
+            "lock.written" if changed else "lock.unchanged", lock=str(self.lock_path), sha256=sha
+        )
+        checkpoint.add_run_provenance(
+            self.run_id, lock_path=str(self.lock_path.absolute()), lock_sha256=sha
+        )
         return sha
 
     def _remove_stale_temp_files(self) -> None:
@@ -479,8 +525,9 @@ class Runner:
                 lines=self.options.progress_lines and not self.options.quiet,
             )
             self.log.show_status_in(progress)  # retries and waits: the display's status line
-            committer = Committer(self.storage, checkpoint, progress, source=self.source,
-                                  run_id=self.run_id)  # fmt: skip
+            committer = Committer(
+                self.storage, checkpoint, progress, source=self.source, run_id=self.run_id
+            )
 
             def finished(item: Item, error: BaseException | None) -> None:
                 if error is not None:  # _fetch_item records failures; this is a bug
@@ -500,11 +547,15 @@ class Runner:
                     cluster.callback(self._close_dask)
                 try:
                     execute(
-                        todo, lambda item: self._fetch_item(trolley, checkpoint, item, committer),
-                        workers=self.workers, on_done=finished, stop=self.stop,
-                        on_interrupt=interrupted, name="item",
+                        todo,
+                        lambda item: self._fetch_item(trolley, checkpoint, item, committer),
+                        workers=self.workers,
+                        on_done=finished,
+                        stop=self.stop,
+                        on_interrupt=interrupted,
+                        name="item",
                         before_each=self.gate.hold if self.gate is not None else None,
-                    )  # fmt: skip
+                    )
                 except KeyboardInterrupt:
                     progress.close()
                     self.log.show_status_in(None)
@@ -515,82 +566,131 @@ class Runner:
             self.log.show_status_in(None)
             outcome.update(instances=progress.instances, bytes=progress.bytes)
 
-    def _fetch_item(self, trolley: Trolley, checkpoint: Checkpoint, item: Item,
-                    committer: Committer) -> None:  # fmt: skip
-        ref = item.reference
-        uids = {"study_uid": ref.study_uid, **_deeper_uids(ref)}
+    def _fetch_item(
+        self, trolley: Trolley, checkpoint: Checkpoint, item: Item, committer: Committer
+    ) -> None:
+        """Fetch one unit with its retries; it ends done, incomplete or failed (or stopped)."""
+        uids = {"study_uid": item.reference.study_uid, **_deeper_uids(item.reference)}
         item = self._with_expectation(trolley, checkpoint, item)
         for attempt in range(1, self.attempts_per_run + 1):
             if self.stop.is_set():
                 return
-            started = time.monotonic()
             sink = _CheckpointSink(self, committer, item.item_id)
             try:
-                # the unit as planned: batches (RAD-69) from their stored instance lists; each
-                # object is checked against the unit it was fetched for (issue 13)
-                if self._dask is not None:  # issue 19: fetched on a worker, recorded here
-                    count = self._fetch_on_cluster(checkpoint, item, sink)
-                else:
-                    count = sum(
-                        trolley.downloader.fetch(
-                            unit,
-                            CheckedSink(
-                                sink, unit, max_object_bytes=self.max_object_bytes, root=self.root
-                            ),
-                        )
-                        for unit in _units(trolley, item)
-                    )
-                if count == 0 and item.expected.count != 0:
-                    raise TrolleyError(f"the archive sent no instances for {ref}")
-                sink.wait()  # every file of the item is recorded before it is marked done
-                stored, extra = self._check_complete(checkpoint, item)
-                crash_point("before-item-done")
-                checkpoint.mark_done(item.item_id, stored, extra)
-                self.log.logger.info("item.done", **uids, instances=count, bytes=sink.bytes,
-                                     attempt=attempt, expected_instances=item.expected.count,
-                                     stored_instances=stored,
-                                     duration_s=round(time.monotonic() - started, 3))  # fmt: skip
+                self._attempt(trolley, checkpoint, item, sink, attempt, uids)
                 return
             except _Stopped:
                 sink.wait_quietly()
                 return
             except IncompleteUnitError as short:
-                retry = attempt < self.attempts_per_run
-                missing = short.missing
-                if not missing and not retry:  # only a count was known: ask which ones
-                    missing = self._name_missing(trolley, checkpoint, item)
-                self.log.logger.warning(
-                    "item.retry" if retry else "item.incomplete", **uids, attempt=attempt,
-                    expected_instances=short.expected, stored_instances=short.stored,
-                    missing_instances=short.expected - short.stored,
-                    missing_uids=missing[:50],
-                )  # fmt: skip
-                if not retry:
-                    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-                    checkpoint.mark_incomplete(
-                        item.item_id, short.stored, missing,
-                        f"incomplete: expected {short.expected} instances, stored "
-                        f"{short.stored}" + (f"; missing {shown}" if missing else ""),
-                    )  # fmt: skip
-                    return
-                if self.stop.wait(backoff_delay(attempt)):
+                if self._after_shortfall(trolley, checkpoint, item, short, attempt, uids):
                     return
             except Exception as error:
                 sink.wait_quietly()
-                full = disk_full_error(error, self.root)  # issue 13: a full disk stops the run
-                if full is not None:
-                    self.stop.set()
-                    raise full from None
-                retry = is_retryable(error) and attempt < self.attempts_per_run
-                self.log.logger.warning(
-                    "item.retry" if retry else "item.failed", **uids, attempt=attempt,
-                    error_type=type(error).__name__, error=str(error),
-                )  # fmt: skip
-                if not retry:
-                    checkpoint.mark_failed(item.item_id, f"{type(error).__name__}: {error}")
+                if self._after_error(checkpoint, item, error, attempt, uids):
                     return
-                if self.stop.wait(backoff_delay(attempt, error)):
-                    return
+
+    def _attempt(
+        self,
+        trolley: Trolley,
+        checkpoint: Checkpoint,
+        item: Item,
+        sink: _CheckpointSink,
+        attempt: int,
+        uids: dict[str, str],
+    ) -> None:
+        """One try: fetch the unit as planned, wait for its files, check it is complete."""
+        started = time.monotonic()
+        # the unit as planned: batches (RAD-69) from their stored instance lists; each
+        # object is checked against the unit it was fetched for (issue 13)
+        if self._dask is not None:  # issue 19: fetched on a worker, recorded here
+            count = self._fetch_on_cluster(checkpoint, item, sink)
+        else:
+            count = sum(
+                trolley.downloader.fetch(
+                    unit,
+                    CheckedSink(sink, unit, max_object_bytes=self.max_object_bytes, root=self.root),
+                )
+                for unit in _units(trolley, item)
+            )
+        if count == 0 and item.expected.count != 0:
+            raise TrolleyError(f"the archive sent no instances for {item.reference}")
+        sink.wait()  # every file of the item is recorded before it is marked done
+        stored, extra = self._check_complete(checkpoint, item)
+        crash_point("before-item-done")
+        checkpoint.mark_done(item.item_id, stored, extra)
+        self.log.logger.info(
+            "item.done",
+            **uids,
+            instances=count,
+            bytes=sink.bytes,
+            attempt=attempt,
+            expected_instances=item.expected.count,
+            stored_instances=stored,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+
+    def _after_shortfall(
+        self,
+        trolley: Trolley,
+        checkpoint: Checkpoint,
+        item: Item,
+        short: IncompleteUnitError,
+        attempt: int,
+        uids: dict[str, str],
+    ) -> bool:
+        """Log a shortfall; after the last try mark the unit incomplete. True: stop trying."""
+        retry = attempt < self.attempts_per_run
+        missing = short.missing
+        if not missing and not retry:  # only a count was known: ask which ones
+            missing = self._name_missing(trolley, checkpoint, item)
+        self.log.logger.warning(
+            "item.retry" if retry else "item.incomplete",
+            **uids,
+            attempt=attempt,
+            expected_instances=short.expected,
+            stored_instances=short.stored,
+            missing_instances=short.expected - short.stored,
+            missing_uids=missing[:50],
+        )
+        if not retry:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            checkpoint.mark_incomplete(
+                item.item_id,
+                short.stored,
+                missing,
+                f"incomplete: expected {short.expected} instances, stored "
+                f"{short.stored}" + (f"; missing {shown}" if missing else ""),
+            )
+            return True
+        return self.stop.wait(backoff_delay(attempt))
+
+    def _after_error(
+        self,
+        checkpoint: Checkpoint,
+        item: Item,
+        error: Exception,
+        attempt: int,
+        uids: dict[str, str],
+    ) -> bool:
+        """Log a failed try; a permanent error or the last try fails the unit, a full disk
+        stops the run (issue 13). True: stop trying."""
+        full = disk_full_error(error, self.root)
+        if full is not None:
+            self.stop.set()
+            raise full from None
+        retry = is_retryable(error) and attempt < self.attempts_per_run
+        self.log.logger.warning(
+            "item.retry" if retry else "item.failed",
+            **uids,
+            attempt=attempt,
+            error_type=type(error).__name__,
+            error=str(error),
+        )
+        if not retry:
+            checkpoint.mark_failed(item.item_id, f"{type(error).__name__}: {error}")
+            return True
+        return self.stop.wait(backoff_delay(attempt, error))
 
     def _fetch_on_cluster(self, checkpoint: Checkpoint, item: Item, sink: _CheckpointSink) -> int:
         """Run the unit as a Dask task; record the files it put in place (issue 19).
@@ -602,18 +702,22 @@ class Runner:
 
         download = self.manifest.source.effective_download
         spec = UnitSpec(
-            manifest=self.manifest, item=item, root=str(self.root),
-            file_mode=self.storage.file_mode, max_object_bytes=self.max_object_bytes,
+            manifest=self.manifest,
+            item=item,
+            root=str(self.root),
+            file_mode=self.storage.file_mode,
+            max_object_bytes=self.max_object_bytes,
             lease_name=f"trolley-etl:{self.source}",
             max_leases=getattr(download, "max_connections", None) or DEFAULT_MAX_CONNECTIONS,
-        )  # fmt: skip
+        )
         result = self._dask.run_unit(spec, self.stop)
         if result is None:
             raise _Stopped()
         crash_point("after-rename")  # the unit's objects in place, not yet recorded
         if result.stored:  # in place even when the unit failed later: known, not fetched again
-            checkpoint.record_files_of_items([(item.item_id, result.stored)], self.source,
-                                             self.run_id)  # fmt: skip
+            checkpoint.record_files_of_items(
+                [(item.item_id, result.stored)], self.source, self.run_id
+            )
             sink.files.bytes += result.bytes
             for stored in result.stored:
                 sink.committer.progress.instance_stored(stored.size)
@@ -632,11 +736,13 @@ class Runner:
         if item.expected.count is not None or self.manifest.run.completeness != "strict":
             return item
         try:
-            found = resolve.expectation_of(trolley, Study(item.reference.study_uid),
-                                           item.reference, strict=True)  # fmt: skip
+            found = resolve.expectation_of(
+                trolley, Study(item.reference.study_uid), item.reference, strict=True
+            )
         except Exception as error:  # the fetch itself will meet the same archive
-            self.log.logger.warning("item.expectation_unknown", study_uid=item.reference.study_uid,
-                                    error=str(error))  # fmt: skip
+            self.log.logger.warning(
+                "item.expectation_unknown", study_uid=item.reference.study_uid, error=str(error)
+            )
             return item
         checkpoint.set_expectation(item.item_id, found)
         return dataclasses.replace(item, expected=found)
@@ -672,10 +778,13 @@ class Runner:
         if extra:
             ref = item.reference
             self.log.logger.warning(
-                "archive.drift", study_uid=ref.study_uid, **_deeper_uids(ref),
-                expected_instances=expected.count, stored_instances=len(stored),
+                "archive.drift",
+                study_uid=ref.study_uid,
+                **_deeper_uids(ref),
+                expected_instances=expected.count,
+                stored_instances=len(stored),
                 extra_instances=extra,
-            )  # fmt: skip
+            )
         return len(stored), extra
 
     def _name_missing(self, trolley: Trolley, checkpoint: Checkpoint, item: Item) -> list[str]:
@@ -711,10 +820,15 @@ class Runner:
                 if size != record.size:
                     problems += 1
                     reason = "missing" if size < 0 else f"size {size} != recorded {record.size}"
-                    self.log.logger.error("verify.bad_file", path=record.path, reason=reason,
-                                          sop_instance_uid=record.sop_instance_uid)  # fmt: skip
-                    checkpoint.reopen_item(record.item_id, [record.sop_instance_uid],
-                                           f"file {reason}: {record.path}")  # fmt: skip
+                    self.log.logger.error(
+                        "verify.bad_file",
+                        path=record.path,
+                        reason=reason,
+                        sop_instance_uid=record.sop_instance_uid,
+                    )
+                    checkpoint.reopen_item(
+                        record.item_id, [record.sop_instance_uid], f"file {reason}: {record.path}"
+                    )
             outcome.update(files=checked, problems=problems)
         return problems
 
@@ -722,16 +836,24 @@ class Runner:
         status = state.value
         counts = checkpoint.counts()
         failed = [
-            {"study_uid": i.reference.study_uid, **_deeper_uids(i.reference),
-             "attempts": i.attempts, "error": i.last_error}
+            {
+                "study_uid": i.reference.study_uid,
+                **_deeper_uids(i.reference),
+                "attempts": i.attempts,
+                "error": i.last_error,
+            }
             for i in checkpoint.items([FAILED])
-        ]  # fmt: skip
+        ]
         incomplete = [
-            {"study_uid": i.reference.study_uid, **_deeper_uids(i.reference),
-             "expected_instances": i.expected.count, "stored_instances": i.stored_instances,
-             "missing_uids": list(i.missing_uids)}
+            {
+                "study_uid": i.reference.study_uid,
+                **_deeper_uids(i.reference),
+                "expected_instances": i.expected.count,
+                "stored_instances": i.stored_instances,
+                "missing_uids": list(i.missing_uids),
+            }
             for i in checkpoint.items([INCOMPLETE])
-        ]  # fmt: skip
+        ]
         unmatched = refused_unmatched(checkpoint, allowed_unmatched(self.manifest.queries))
         self.log.bind(step="report")
         checkpoint.finish_run(self.run_id, status, counts)
@@ -741,19 +863,31 @@ class Runner:
         listed = (  # issue 19: objects are found in a listing, not with a stat
             self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
         )
-        audit = report.build_report(checkpoint, self.manifest, self.manifest_path, self.root,
-                                     sizes=listed)  # fmt: skip
-        audit.update(run_id=self.run_id, status=status, counts=counts, failed=failed,
-                     incomplete=incomplete, unmatched=unmatched)  # fmt: skip
+        audit = report.build_report(
+            checkpoint, self.manifest, self.manifest_path, self.root, sizes=listed
+        )
+        audit.update(
+            run_id=self.run_id,
+            status=status,
+            counts=counts,
+            failed=failed,
+            incomplete=incomplete,
+            unmatched=unmatched,
+        )
         small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
-        report_path = report.save_report(self.root, report.report_json(small),
-                                         f"{self.run_id}.json")  # fmt: skip
+        report_path = report.save_report(
+            self.root, report.report_json(small), f"{self.run_id}.json"
+        )
         bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
         if isinstance(self.storage, ObjectStorageDir):  # issue 19: the checksums beside the data
             copy_tag_files(self.root, self.storage.store, report.ROOT_TAG_FILES)
-        self.log.logger.info("report.written", report=str(report_path),
-                             bag_manifest=str(self.root / report.BAG_MANIFEST), bagit=bag,
-                             **audit["summary"]["by_status"])  # fmt: skip
+        self.log.logger.info(
+            "report.written",
+            report=str(report_path),
+            bag_manifest=str(self.root / report.BAG_MANIFEST),
+            bagit=bag,
+            **audit["summary"]["by_status"],
+        )
         self.log.logger.info("run.end", status=status, **counts, report=str(report_path))
         return RunResult(self.run_id, status, counts, failed, report_path, incomplete, unmatched)
 

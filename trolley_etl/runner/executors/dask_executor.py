@@ -143,8 +143,9 @@ def _worker_storage(spec: UnitSpec, scratch: Path) -> StorageDir:
 
         storage: StorageDir = object_storage(manifest, scratch)  # temp files on the worker
     else:
-        storage = StorageDir(spec.root, manifest.storage.layout,
-                             file_format=manifest.source.file_format)  # fmt: skip
+        storage = StorageDir(
+            spec.root, manifest.storage.layout, file_format=manifest.source.file_format
+        )
     storage.file_mode = spec.file_mode
     return storage
 
@@ -167,8 +168,7 @@ def _tools(spec: UnitSpec) -> tuple[Any, StorageDir]:
             atexit.register(shutil.rmtree, scratch, True)
             storage = _worker_storage(spec, scratch)
             searcher, downloader = build_backends(spec.manifest, threading.Event())
-            trolley = Trolley(searcher=searcher, downloader=downloader, storage=storage,
-                              workers=1)  # fmt: skip
+            trolley = Trolley(searcher=searcher, downloader=downloader, storage=storage, workers=1)
             _TOOLS[key] = (trolley, storage)
         return _TOOLS[key]
 
@@ -184,18 +184,27 @@ def fetch_unit(spec: UnitSpec) -> UnitResult:
         sink = _InstallingSink(storage)
         with _lease(spec):
             result.count = sum(
-                trolley.downloader.fetch(unit, CheckedSink(
-                    sink, unit, max_object_bytes=spec.max_object_bytes, root=Path(spec.root),
-                ))
+                trolley.downloader.fetch(
+                    unit,
+                    CheckedSink(
+                        sink,
+                        unit,
+                        max_object_bytes=spec.max_object_bytes,
+                        root=Path(spec.root),
+                    ),
+                )
                 for unit in _units(trolley, spec.item)
-            )  # fmt: skip
+            )
         result.stored, result.bytes = sink.stored, sink.bytes
     except Exception as error:  # sent back as plain values: any exception pickles that way
         result.error = (
-            type(error).__module__, type(error).__qualname__, str(error),
-            getattr(error, "status", None), getattr(error, "url", None),
+            type(error).__module__,
+            type(error).__qualname__,
+            str(error),
+            getattr(error, "status", None),
+            getattr(error, "url", None),
             getattr(error, "retry_after", None),
-        )  # fmt: skip
+        )
         result.stored, result.bytes = (sink.stored, sink.bytes) if "sink" in locals() else ([], 0)
     return result
 
@@ -243,9 +252,13 @@ class DaskExecutor:
                 self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
             else:
                 self.cluster = distributed.LocalCluster(
-                    n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
-                    dashboard_address=None, silence_logs=40,
-                )  # fmt: skip
+                    n_workers=workers,
+                    processes=True,
+                    threads_per_worker=1,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                    silence_logs=40,
+                )
                 self.client = distributed.Client(self.cluster, timeout=CONNECT_TIMEOUT)
         except Exception as error:  # refused, timed out, no ports: one line, exit 3
             if self.cluster is not None:
@@ -256,8 +269,11 @@ class DaskExecutor:
                 f"cannot reach the Dask scheduler ({where}): {type(error).__name__}: {error}"
             ) from None
         if log is not None:
-            log.info("executor.dask", scheduler=self.client.scheduler.address,
-                     workers=len(self.client.scheduler_info().get("workers", {})))  # fmt: skip
+            log.info(
+                "executor.dask",
+                scheduler=self.client.scheduler.address,
+                workers=len(self.client.scheduler_info().get("workers", {})),
+            )
 
     def run_unit(self, spec: UnitSpec, stop: threading.Event) -> UnitResult | None:
         """The unit's result, or None when the run stopped first (the task is cancelled)."""
