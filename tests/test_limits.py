@@ -111,7 +111,9 @@ def test_dicom_associations_keep_to_the_caps(
     assert tcp.max_open(grace=0.1) <= 2
     # pynetdicom's time from the reserved start to the TCP connect varies (its first
     # association is slowest); unlimited, six workers would open six within ~0.1 s
-    assert_rate(tcp.opened, 5, tolerance=0.15)
+    # accept times seen by the proxy jitter with the load of the machine; without the cap
+    # six associations start within a few hundredths of a second
+    assert_rate(tcp.opened, 5, tolerance=0.3)
 
 
 def test_byte_rate_slows_the_download(orthanc: OrthancServer, tmp_path: Path) -> None:
