@@ -550,27 +550,27 @@ def fill_checkpoint(root: Path, items: int) -> None:
         refs = [InstanceReference(study, series, test_uid("status", n)) for n in range(items)]
         checkpoint.save_resolution("bench", [StudyRow(study, "cohort")], refs)
         checkpoint.start_run("bench-fill", "bench")
-        # One transaction for the whole fill: this is set-up, not what is measured.
-        checkpoint._db.execute("BEGIN")
-        for item in checkpoint.items():
-            ref = item.reference
-            uid = getattr(ref, "instance_uid", "")
+        items = checkpoint.items()
+        batches = []
+        for item in items:
+            uid = getattr(item.reference, "instance_uid", "")
             path = Path(study, series, f"{uid}.dcm")
-            checkpoint.record_file(
-                item.item_id,
-                StoredInstance(
-                    path=root / path,
-                    relative_path=path,
-                    study_uid=study,
-                    series_uid=series,
-                    sop_instance_uid=uid,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    transfer_syntax="1.2.840.10008.1.2.1",
-                    size=525_000,
-                    sha256="0" * 64,
-                ),
-                "bench",
+            stored = StoredInstance(
+                path=root / path,
+                relative_path=path,
+                study_uid=study,
+                series_uid=series,
+                sop_instance_uid=uid,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax="1.2.840.10008.1.2.1",
+                size=525_000,
+                sha256="0" * 64,
             )
+            batches.append((item.item_id, [stored]))
+        # one transaction each for the whole fill: this is set-up, not what is measured
+        checkpoint.record_files_of_items(batches, "bench")
+        checkpoint._db.execute("BEGIN")
+        for item in items:
             checkpoint.mark_done(item.item_id)
         checkpoint._db.execute("COMMIT")
         checkpoint.finish_run("bench-fill", "complete", checkpoint.counts())
