@@ -17,14 +17,12 @@ import pytest
 from trolley_etl._harness.dicomgen import COHORT_ACCESSIONS, standard_cohort
 from trolley_etl._harness.seaweedfs import SeaweedS3
 from trolley_etl.core.objectstore import ChecksumRejectedError, ObjectStore
-from trolley_etl.manifest import load_manifest
 from trolley_etl.manifest.models import S3Settings
 from trolley_etl.runner.checkpoint import ItemState, RunState, open_checkpoint
-from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.report import ROOT_TAG_FILES
-from trolley_etl.runner.run import Runner, RunOptions, RunResult
 from trolley_etl.runner.verify import CHANGED, UNEXPECTED, prepare_repair, verify_root
 from trolley_etl.testing import FakeArchive
+from trolley_etl.testing import run_manifest as run
 
 pytestmark = pytest.mark.archive  # a real server on loopback
 
@@ -71,22 +69,6 @@ run:
   retries: 1
 {run}""")
     return path
-
-
-def run(manifest: Path, archive: FakeArchive, **options: object) -> RunResult:
-    loaded = load_manifest(manifest)
-    log = RunLog(log_file=None, stderr_format="json", quiet=True)
-    runner = Runner(
-        loaded,
-        manifest,
-        log,
-        RunOptions(progress=False, quiet=True, **options),
-        backends=archive.backends,
-    )  # type: ignore[arg-type]
-    try:
-        return runner.run()
-    finally:
-        log.close()
 
 
 def store_of(seaweed: SeaweedS3, prefix: str) -> ObjectStore:

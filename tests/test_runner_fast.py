@@ -17,6 +17,7 @@ from trolley_etl.runner.checkpoint import ItemState, RunState, open_checkpoint
 from trolley_etl.runner.logs import RunLog
 from trolley_etl.runner.run import Runner, RunOptions, RunResult
 from trolley_etl.testing import FakeArchive
+from trolley_etl.testing import run_manifest as run
 
 ACCESSIONS = ("ACC1001", "ACC1003")
 
@@ -47,22 +48,6 @@ run:
   retries: 1
 {run}""")
     return path
-
-
-def run(manifest: Path, archive: FakeArchive, **options: object) -> RunResult:
-    loaded = load_manifest(manifest)
-    log = RunLog(log_file=None, stderr_format="json", quiet=True)
-    runner = Runner(
-        loaded,
-        manifest,
-        log,
-        RunOptions(progress=False, quiet=True, **options),
-        backends=archive.backends,
-    )  # type: ignore[arg-type]
-    try:
-        return runner.run()
-    finally:
-        log.close()
 
 
 def items(manifest: Path):

@@ -9,6 +9,7 @@ from pydicom Datasets (or Part 10 bytes), and hand its :class:`FakeSearcher` and
 
     archive = FakeArchive([make_dataset(PatientID="P1", AccessionNumber="A1")])
     trolley = Trolley(archive.downloader(), archive.searcher())
+    result = run_manifest("pull.yaml", archive)   # a whole run, as `trolley-etl run`
 
 The archive answers searches the way a real one does (rows carrying
 NumberOfStudyRelatedInstances and NumberOfSeriesRelatedInstances unless told not to) and can
@@ -27,6 +28,7 @@ from trolley_etl.testing.fakes import (
     SeriesBatch,
     make_dataset,
 )
+from trolley_etl.testing.runs import run_manifest
 
 __all__ = [
     "HEADER_KEYWORDS",
@@ -35,4 +37,5 @@ __all__ = [
     "FakeSearcher",
     "SeriesBatch",
     "make_dataset",
+    "run_manifest",
 ]
