@@ -310,12 +310,19 @@ class OrthancServer:
     def upload(self, data: bytes | Path) -> str:
         """Store one DICOM Part 10 file (``POST /instances``); return the Orthanc ID."""
         payload = Path(data).read_bytes() if isinstance(data, (str, os.PathLike)) else data
-        resp = self.request(
-            "POST",
-            "/instances",
-            data=payload,
-            headers={"Content-Type": "application/dicom"},
-        )
+        for attempt in range(3):  # storing twice is harmless ("AlreadyStored")
+            try:
+                resp = self.request(
+                    "POST",
+                    "/instances",
+                    data=payload,
+                    headers={"Content-Type": "application/dicom"},
+                )
+                break
+            except requests.ConnectionError:
+                # a kept-alive connection the server closed as it was reused: a new one
+                if attempt == 2:
+                    raise
         resp.raise_for_status()
         body = resp.json()
         if body.get("Status") not in ("Success", "AlreadyStored"):
