@@ -421,6 +421,8 @@ class Bench:
                 "runs": len(m.samples),
                 "samples_wall_s": [round(s["wall_s"], 3) for s in m.samples],
             }
+            if all("cpu_s" in s for s in m.samples):  # user + system CPU of the process
+                row["cpu_s"] = round(m.median("cpu_s"), 3)
             if m.group not in NO_THROUGHPUT:
                 row["instances_per_s"] = round(self.cohort.count / wall, 1)
                 row["mb_per_s"] = round(self.cohort_bytes / 1e6 / wall, 1)
@@ -480,18 +482,21 @@ def all_targets(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def rows_table(rows: list[dict[str, Any]]) -> list[str]:
-    """A group's rows as a Markdown table."""
+    """A group's rows as a Markdown table; client CPU is the measured process's user + system
+    time (the archive's is not in it), so CPU near wall x cores means CPU-bound."""
     lines = [
-        "| configuration | durable | instances/s | MB/s | peak RSS (MiB) | wall s (median) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| configuration | durable | instances/s | MB/s | peak RSS (MiB) | wall s (median) "
+        "| client CPU s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ips = f"{r['instances_per_s']:.0f}" if "instances_per_s" in r else "-"
         mbs = f"{r['mb_per_s']:.0f}" if "mb_per_s" in r else "-"
+        cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else "-"
         durable = {True: "yes", False: "no"}.get(r.get("durable"), "-")
         lines.append(
             f"| {r['name']} | {durable} | {ips} | {mbs} | {r['peak_rss_mib']:.0f} "
-            f"| {r['wall_s']:.2f} |"
+            f"| {r['wall_s']:.2f} | {cpu} |"
         )
     return lines
 

@@ -1,10 +1,12 @@
 """Throughput, memory and resume cost of trolley-etl, side by side with the wire and peer tools.
 
-``make bench`` runs this: it starts a private Orthanc on loopback, seeds a synthetic cohort
-(reused from an earlier run when it is the same cohort), then measures every configuration
-on the same data in the same run, each in its own process (see ``workloads.py``), and prints
-a table plus ratios. Absolute figures depend on the machine; only ratios from one run are
-meant to be compared. Results go to ``bench/results/`` as JSON.
+``make bench`` runs this: for each group of rows (``--only`` picks some: ``main``, the 1 GB
+rows here; ``small``, ``fixed`` and ``mid`` in ``small_runs.py``) it starts a private Orthanc
+on loopback, seeds the group's synthetic cohort (reused from an earlier run when it is the same
+cohort), then measures every configuration on the same data, each in its own process (see
+``workloads.py``), and prints tables plus ratios and every target. Absolute figures depend on
+the machine; only ratios from one run are meant to be compared. Results go to
+``bench/results/`` as JSON (ignored by git).
 """
 
 from __future__ import annotations

@@ -153,6 +153,14 @@ class FixedCost(Bench):
         by_name = {measure.name: measure.samples for measure in self.measures}
         self.figures = fixed_cost_figures({role: by_name[name] for role, name in roles.items()})
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows without throughput: one instance says nothing about instances/s."""
+        rows = super().rows()
+        for row in rows:
+            row.pop("instances_per_s", None)
+            row.pop("mb_per_s", None)
+        return rows
+
     def ratios(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         return {}
 

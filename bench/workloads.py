@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import resource
 import sys
 import threading
 import time
@@ -262,7 +263,13 @@ def main() -> None:
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
     started = time.perf_counter()
     figures = WORKLOADS[kind](spec)
-    figures.update(work_s=time.perf_counter() - started, peak_rss_kb=peak_rss_kb(), pid=os.getpid())
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    figures.update(
+        work_s=time.perf_counter() - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_kb=peak_rss_kb(),
+        pid=os.getpid(),
+    )
     sys.stdout.flush()
     print(json.dumps(figures))
 
