@@ -319,7 +319,8 @@ class Bench:
             self.measure_all(self.server)
         finally:
             self.server.stop()
-            shutil.rmtree(self.work / "out", ignore_errors=True)
+            if not self.args.keep_output:
+                shutil.rmtree(self.work / "out", ignore_errors=True)
         return self.section()
 
     def measure_all(self, server: OrthancServer) -> None:

@@ -326,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="trolley-etl-bench-"))  # manifests and workload logs
     sections = {key: GROUPS[key](args, work).run() for key in args.only}  # kept if one fails
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep_output:
+        print(f"\noutputs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     results = collect_results(sections)
     text = table(results)
     print("\n" + text)
