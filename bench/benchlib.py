@@ -326,10 +326,14 @@ class Bench:
     def measure_all(self, server: OrthancServer) -> None:
         raise NotImplementedError
 
-    def write_manifest(self, server: OrthancServer, download: str, **kwargs: Any) -> Path:
-        """The cohort's manifest for ``download``, in this group's work folder."""
-        path = self.work / f"{download}.yaml"
-        path.write_text(manifest_text(self.cohort, server, download, **kwargs))
+    def write_manifest(
+        self, server: OrthancServer, download: str, study_uids: list[str] | None = None
+    ) -> Path:
+        """The cohort's manifest for ``download`` (or only ``study_uids``), in this group's
+        work folder."""
+        name = download if study_uids is None else f"{download}-{len(study_uids)}-studies"
+        path = self.work / f"{name}.yaml"
+        path.write_text(manifest_text(self.cohort, server, download, study_uids or ()))
         return path
 
     def wire_job(self, name: str, group: str, **options: Any) -> Job:
@@ -366,6 +370,22 @@ class Bench:
             "out": str(self.out(kind)),
         }
         return (Measure(name, "peer"), peers, kind, spec)
+
+    def measure_rerun(self, name: str, manifest: Path) -> Measure:
+        """A rerun of ``manifest`` once it is finished: one full run, then ``--runs`` reruns
+        (fresh processes) of the same command into the same root."""
+        root = self.out(f"resume-{manifest.stem}")
+        shutil.rmtree(root, ignore_errors=True)
+        run = ["run", str(manifest), "--root", str(root), *QUIET]
+        run_workload(sys.executable, "trolley-cli", {"argv": run}, self.log)  # the full run
+        rerun = Measure(name, "resume")
+        for _ in range(self.args.runs):
+            figures = run_workload(sys.executable, "trolley-cli", {"argv": run}, self.log)
+            rerun.samples.append(figures)
+        print(f"  {name}: {rerun.median('wall_s'):.2f} s (median)", flush=True)
+        self.measures.append(rerun)
+        shutil.rmtree(root, ignore_errors=True)
+        return rerun
 
     def sample(self, job: Job, attempt: int, runs: int) -> None:
         """One run of one configuration, in a fresh output folder removed right after (unless

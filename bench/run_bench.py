@@ -30,7 +30,6 @@ from benchlib import (
     DICOMTROLLEY_ROW,
     DURABLE_LIMIT,
     MAIN_ROW,
-    QUIET,
     RESULTS_DIR,
     WIRE_LIMIT,
     Bench,
@@ -136,15 +135,7 @@ class MainBench(Bench):
     def _measure_resume(self, manifest: Path) -> None:
         """Rerun of a finished manifest, and ``status`` on a 100,000-item checkpoint."""
         me = sys.executable
-        root = self.out("resume")
-        shutil.rmtree(root, ignore_errors=True)
-        run = ["run", str(manifest), "--root", str(root), *QUIET]
-        run_workload(me, "trolley-cli", {"argv": run}, self.log)  # the first, full run
-        rerun = Measure("trolley-etl rerun of the finished manifest", "resume")
-        for _ in range(self.args.runs):
-            rerun.samples.append(run_workload(me, "trolley-cli", {"argv": run}, self.log))
-        self.measures.append(rerun)
-        shutil.rmtree(root, ignore_errors=True)
+        rerun = self.measure_rerun("trolley-etl rerun of the finished manifest", manifest)
 
         big = self.out("status-100k")
         fill_checkpoint(big, STATUS_ITEMS)

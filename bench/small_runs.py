@@ -97,13 +97,22 @@ class SmallObjects(Bench):
                 self.run_job(MAIN_ROW, manifest, 4),
             ]
         )
+        # Issue 17: a rerun of a finished 10,000-instance manifest (half the studies) < 1 s.
+        half = self.cohort.study_uids[: self.cohort.studies // 2]
+        count = len(half) * self.cohort.series * self.cohort.instances
+        self.measure_rerun(rerun_row(count), self.write_manifest(server, "wado-rs", half))
 
     def targets(self, rows: list[dict[str, Any]], ratios: dict[str, float]) -> dict[str, Any]:
         return small_targets(rows)
 
 
+def rerun_row(instances: int) -> str:
+    """The rerun row's name, e.g. "trolley-etl rerun of a finished 10,000-instance manifest"."""
+    return f"trolley-etl rerun of a finished {instances:,}-instance manifest"
+
+
 def small_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """4 workers >= 0.5 x the durable limit, and >= 1.8 x 1 worker."""
+    """4 workers >= 0.5 x the durable limit, >= 1.8 x 1 worker; the rerun < 1 s."""
     found: dict[str, Any] = {}
     durable = _speedup(rows, MAIN_ROW, DURABLE_LIMIT)
     if durable is not None:
@@ -111,6 +120,10 @@ def small_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     scaling = _speedup(rows, MAIN_ROW, ONE_WORKER_ROW)
     if scaling is not None:
         found[SMALL_SCALING_TARGET] = target(scaling, scaling >= 1.8)
+    for row in rows:
+        if row["group"] == "resume":  # "rerun of a finished 10,000-instance manifest < 1 s"
+            name = row["name"].removeprefix("trolley-etl ") + " < 1 s"
+            found[name] = target(row["wall_s"], row["wall_s"] < 1)
     return found
 
 

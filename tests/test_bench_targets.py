@@ -63,6 +63,16 @@ def test_small_objects_targets_compare_4_workers_with_the_durable_limit_and_1_wo
     assert small.small_targets(rows[:2]) == {}  # not measured: no verdict, not a failure
 
 
+def test_the_rerun_of_a_finished_10000_instance_manifest_takes_under_a_second(
+    small: ModuleType,
+) -> None:
+    name = small.rerun_row(10_000)
+    assert name == "trolley-etl rerun of a finished 10,000-instance manifest"
+    verdict = "rerun of a finished 10,000-instance manifest < 1 s"
+    assert small.small_targets([row(name, 0.99, "resume")]) == {verdict: [0.99, True]}
+    assert small.small_targets([row(name, 1.0, "resume")]) == {verdict: [1.0, False]}
+
+
 def test_the_fixed_cost_is_the_run_minus_the_wire_and_its_parts_are_shown(
     small: ModuleType,
 ) -> None:
