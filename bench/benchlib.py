@@ -349,6 +349,19 @@ class Bench:
         }
         return (Measure(name, group), sys.executable, "wire", spec)
 
+    def disk_job(self, name: str, **options: Any) -> Job:
+        """The cohort's number of files, of its mean size, written from memory with 4 threads
+        into folders of a series each (the ``disk`` workload: no network, no parsing)."""
+        spec = {
+            "files": self.cohort.count,
+            "size": self.cohort_bytes // self.cohort.count,
+            "per_folder": self.cohort.instances,
+            "workers": 4,
+            **options,
+            "out": str(self.out(slug(name))),
+        }
+        return (Measure(name, "reference"), sys.executable, "disk", spec)
+
     def run_job(self, name: str, manifest: Path, workers: int | None) -> Job:
         """``trolley-etl run`` of ``manifest`` into a fresh root, as a user runs it."""
         out = self.out(f"{manifest.stem}-{workers or 'manifest'}")

@@ -79,18 +79,8 @@ class MainBench(Bench):
         # The durable limit (issue 17): the bytes received and written, then one sync.
         self.repeat_together([self.wire_job(DURABLE_LIMIT, "reference", sync_at_end=True)])
         # Also a profile aid: what making each file durable costs on this disk, no network.
-        self.repeat(
-            Measure("disk: the same files written and fsynced one by one (4 threads)", "reference"),
-            me,
-            "disk",
-            {
-                "files": self.cohort.count,
-                "size": self.cohort_bytes // self.cohort.count,
-                "per_folder": self.cohort.instances,
-                "workers": 4,
-                "out": str(self.out("disk")),
-            },
-        )
+        disk = "disk: the same files written and fsynced one by one (4 threads)"
+        self.repeat_together([self.disk_job(disk)])
 
         downloads = ["wado-rs", "wado-uri"] + (["c-get"] if runner_supports_cget() else [])
         manifests = {download: self.write_manifest(server, download) for download in downloads}

@@ -72,21 +72,9 @@ class SmallObjects(Bench):
 
     def measure_all(self, server: OrthancServer) -> None:
         manifest = self.write_manifest(server, "wado-rs")
-        disk: Job = (
-            Measure(
-                "disk: the same files written and renamed, one sync at the end (4 threads)",
-                "reference",
-            ),
-            sys.executable,
-            "disk",
-            {
-                "files": self.cohort.count,
-                "size": self.cohort_bytes // self.cohort.count,
-                "per_folder": self.cohort.instances,
-                "workers": 4,
-                "sync_at_end": True,
-                "out": str(self.out("disk")),
-            },
+        disk = self.disk_job(
+            "disk: the same files written and renamed, one sync at the end (4 threads)",
+            sync_at_end=True,
         )
         self.repeat_together(
             [
