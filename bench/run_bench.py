@@ -1,10 +1,12 @@
 """Throughput, memory and resume cost of trolley-etl, side by side with the wire and peer tools.
 
-``make bench`` runs this: it starts a private Orthanc on loopback, seeds a synthetic cohort
-(reused from an earlier run when it is the same cohort), then measures every configuration
-on the same data in the same run, each in its own process (see ``workloads.py``), and prints
-a table plus ratios. Absolute figures depend on the machine; only ratios from one run are
-meant to be compared. Results go to ``bench/results/`` as JSON.
+``make bench`` runs this: for each group of rows (``--only`` picks some: ``main``, the 1 GB
+rows here; ``small``, ``fixed`` and ``mid`` in ``small_runs.py``) it starts a private Orthanc
+on loopback, seeds the group's synthetic cohort (reused from an earlier run when it is the same
+cohort), then measures every configuration on the same data, each in its own process (see
+``workloads.py``), and prints tables plus ratios and every target. Absolute figures depend on
+the machine; only ratios from one run are meant to be compared. Results go to
+``bench/results/`` as JSON (ignored by git).
 """
 
 from __future__ import annotations
@@ -15,190 +17,37 @@ import json
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import (
+    BENCH_DIR,
+    DICOMTROLLEY_ROW,
+    DURABLE_LIMIT,
+    MAIN_ROW,
+    RESULTS_DIR,
+    WIRE_LIMIT,
+    Bench,
+    Measure,
+    all_targets,
+    ratios_table,
+    rows_table,
+    run_workload,
+    targets_table,
+)
+from small_runs import FixedCost, MidCohort, SmallObjects
+
 from trolley_etl import __version__
-from trolley_etl._harness.dicomgen import make_instance, test_uid
+from trolley_etl._harness.dicomgen import test_uid
 from trolley_etl._harness.orthanc import OrthancServer
 
-BENCH_DIR = Path(__file__).resolve().parent
-WORKLOADS = BENCH_DIR / "workloads.py"
-RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_PEERS_PYTHON = BENCH_DIR / ".peers-venv" / "bin" / "python"
 STATUS_ITEMS = 100_000
-#: The row every durable configuration is measured against (issue 17).
-DURABLE_LIMIT = "durable limit: wire + write, one sync at the end (4 threads)"
-MAIN_ROW = "trolley-etl WADO-RS, 4 worker(s)"
-
-
-# --- the cohort -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cohort:
-    """``studies`` x ``series`` x ``instances`` single-frame ``rows`` x ``columns`` 16-bit CT."""
-
-    studies: int = 20
-    series: int = 4
-    instances: int = 25
-    rows: int = 512
-    columns: int = 512
-
-    @property
-    def key(self) -> str:
-        return f"{self.studies}x{self.series}x{self.instances}-{self.rows}x{self.columns}"
-
-    @property
-    def count(self) -> int:
-        return self.studies * self.series * self.instances
-
-    def study_uid(self, study: int) -> str:
-        return test_uid("bench-study", self.key, study)
-
-    @property
-    def study_uids(self) -> list[str]:
-        return [self.study_uid(s) for s in range(self.studies)]
-
-    def study_files(self, study: int) -> Iterator[bytes]:
-        """The Part 10 bytes of one study, generated deterministically."""
-        study_uid = self.study_uid(study)
-        for series in range(self.series):
-            series_uid = test_uid("bench-series", study_uid, series)
-            for number in range(1, self.instances + 1):
-                yield make_instance(
-                    patient_id=f"BENCH{study:04d}",
-                    patient_name=f"Bench^{study:04d}",
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    sop_uid=test_uid("bench-sop", series_uid, number),
-                    modality="CT",
-                    study_date="20240301",
-                    accession_number=f"BENCH{study:04d}",
-                    series_number=series + 1,
-                    instance_number=number,
-                    rows=self.rows,
-                    columns=self.columns,
-                ).data
-
-
-def scaled_cohort(scale: float) -> Cohort:
-    """The default cohort with ``scale`` applied to the instances per series (study count stays,
-    so every concurrency level still has studies to spread)."""
-    return Cohort(instances=max(1, round(Cohort.instances * scale)))
-
-
-def seeded_archive(cohort: Cohort, workdir: Path, fresh: bool) -> tuple[OrthancServer, int]:
-    """Start Orthanc on ``workdir``; seed the cohort unless that folder already holds it.
-
-    Returns the server and the total size in bytes of the cohort's files.
-    """
-    marker = workdir / "seeded.json"
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    server = OrthancServer(workdir).start()
-    if marker.exists():
-        seeded = json.loads(marker.read_text())
-        stats = server.statistics()
-        if seeded.get("key") == cohort.key and stats.get("CountInstances") == cohort.count:
-            print(f"archive: reusing the seeded cohort {cohort.key} in {workdir}", flush=True)
-            return server, int(seeded["bytes"])
-    started = time.monotonic()
-    total = 0
-    for study in range(cohort.studies):
-        files = list(cohort.study_files(study))
-        total += sum(len(f) for f in files)
-        server.upload_many(files, workers=4)
-        print(f"\rarchive: seeded {study + 1}/{cohort.studies} studies", end="", flush=True)
-    print(f" ({total / 1e6:.0f} MB in {time.monotonic() - started:.0f} s)", flush=True)
-    marker.write_text(json.dumps({"key": cohort.key, "bytes": total}))
-    return server, total
-
-
-# --- running one measurement ------------------------------------------------------------------
-
-
-@dataclass
-class Measure:
-    """One configuration: its samples and what it is."""
-
-    name: str
-    group: str  # "wire", "trolley-etl", "peer", "resume"
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    note: str = ""
-
-    def median(self, key: str) -> float:
-        return float(statistics.median(s[key] for s in self.samples))
-
-
-def run_workload(python: Path | str, kind: str, spec: dict[str, Any], log: Path) -> dict[str, Any]:
-    """Run one workload in a fresh process; wall time is the whole process, as a user waits."""
-    started = time.perf_counter()
-    with log.open("ab") as stderr:
-        done = subprocess.run(
-            [str(python), str(WORKLOADS), kind, json.dumps(spec)],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            check=False,
-        )
-    wall = time.perf_counter() - started
-    output = done.stdout.decode(errors="replace").strip().splitlines()
-    if done.returncode != 0 or not output:
-        raise RuntimeError(f"{kind} failed (exit {done.returncode}); see {log}")
-    figures = dict(json.loads(output[-1]))
-    figures["wall_s"] = wall
-    return figures
-
-
-def tree_size(root: Path) -> tuple[int, int]:
-    """(files, bytes) in the study folders under ``root``: not trolley-etl's own ``.trolley``
-    folder, nor files at the top (run reports and the like)."""
-    files = size = 0
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".trolley"]
-        if Path(folder) == root and dirs:
-            continue
-        for name in names:
-            files += 1
-            size += os.stat(os.path.join(folder, name)).st_size
-    return files, size
-
-
-def manifest_text(cohort: Cohort, server: OrthancServer, download: str) -> str:
-    """A manifest pulling the cohort by Study UID with the given download backend."""
-    uids = "\n".join(f"      - {uid}" for uid in cohort.study_uids)
-    if download == "c-get":
-        dimse = f'host: 127.0.0.1, port: {server.dicom_port}, called_aet: "{server.aet}"'
-        source = f"""\
-  search: {{backend: dicom-qr, {dimse}}}
-  download: {{backend: c-get, {dimse}}}"""
-    else:
-        url = server.wado_uri_url if download == "wado-uri" else server.dicomweb_url
-        source = f"""\
-  search: {{backend: qido-rs, url: "{server.dicomweb_url}"}}
-  download: {{backend: {download}, url: "{url}"}}"""
-    return f"""\
-version: 1
-name: bench-{download}
-source:
-{source}
-queries:
-  - name: cohort
-    study_uids:
-{uids}
-storage:
-  root: ./data
-run:
-  workers: 4
-  retries: 0
-"""
 
 
 def runner_supports_cget() -> bool:
@@ -208,183 +57,42 @@ def runner_supports_cget() -> bool:
     return hasattr(models, "CGetDownload") and hasattr(models, "DicomQrSearch")
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, cohort: Cohort) -> None:
-        self.args = args
-        self.cohort = cohort
-        self.work = Path(tempfile.mkdtemp(prefix="trolley-etl-bench-"))
-        self.log = self.work / "workloads.log"
-        self.measures: list[Measure] = []
-        self.server: OrthancServer | None = None
-        self.cohort_bytes = 0
+class MainBench(Bench):
+    """The 1 GB rows: wire, durable and disk references, trolley-etl with WADO-RS at 1, 2 and
+    4 workers, WADO-URI and C-GET, the peer tools, a rerun and ``status`` on 100,000 items."""
 
-    def out(self, name: str) -> Path:
-        return self.work / "out" / name
+    key = "main"
+    title = "1 GB cohort"
 
-    def repeat(
-        self, measure: Measure, python: Path | str, kind: str, spec: dict[str, Any]
-    ) -> Measure:
-        """Measure ``runs`` times, each in a fresh output folder removed right after."""
-        out = Path(spec["out"])
-        for attempt in range(self.args.runs):
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            figures = run_workload(python, kind, spec, self.log)
-            figures["files"], figures["bytes"] = tree_size(out)
-            if measure.group not in ("wire", "reference") and figures["files"] != self.cohort.count:
-                raise RuntimeError(
-                    f"{measure.name}: wrote {figures['files']} files, not {self.cohort.count}"
-                )
-            measure.samples.append(figures)
-            print(
-                f"  {measure.name} run {attempt + 1}: {figures['wall_s']:.2f} s, "
-                f"{figures['peak_rss_kb'] / 1024:.0f} MiB",
-                flush=True,
-            )
-            if not (self.args.keep_output and attempt == self.args.runs - 1):
-                shutil.rmtree(out, ignore_errors=True)
-        self.measures.append(measure)
-        return measure
+    def archive_dir(self) -> Path:
+        return Path(self.args.archive_dir) if self.args.archive_dir else super().archive_dir()
 
-    def run(self) -> dict[str, Any]:
-        archive_dir = Path(
-            self.args.archive_dir
-            or Path(tempfile.gettempdir()) / f"trolley-etl-bench-archive-{self.cohort.key}"
-        )
-        self.server, self.cohort_bytes = seeded_archive(self.cohort, archive_dir, self.args.fresh)
-        try:
-            self._measure_all()
-        finally:
-            self.server.stop()
-            shutil.rmtree(self.work / "out", ignore_errors=True)
-        return self.results()
+    def targets(self, rows: list[dict[str, Any]], ratios: dict[str, float]) -> dict[str, Any]:
+        return targets(rows, ratios)
 
-    def _measure_all(self) -> None:
-        server = self.server
-        assert server is not None
-        uids = self.cohort.study_uids
+    def measure_all(self, server: OrthancServer) -> None:
         me = sys.executable
-        print(f"measuring, {self.args.runs} runs each; workload logs in {self.log}", flush=True)
-
-        self.repeat(
-            Measure("wire limit (streaming GET, 4 threads)", "wire"),
-            me,
-            "wire",
-            {
-                "dicomweb": server.dicomweb_url,
-                "study_uids": uids,
-                "workers": 4,
-                "out": str(self.out("wire")),
-            },
-        )
+        self.repeat_together([self.wire_job(WIRE_LIMIT, "wire")])
         # Not a target, a profile aid: what making the bytes durable costs on this disk.
-        self.repeat(
-            Measure("wire + fsync of each body (4 threads)", "reference"),
-            me,
-            "wire",
-            {
-                "dicomweb": server.dicomweb_url,
-                "study_uids": uids,
-                "workers": 4,
-                "fsync": True,
-                "out": str(self.out("wire-fsync")),
-            },
-        )
-
+        fsync = self.wire_job("wire + fsync of each body (4 threads)", "reference", fsync=True)
+        self.repeat_together([fsync])
         # The durable limit (issue 17): the bytes received and written, then one sync.
-        self.repeat(
-            Measure(DURABLE_LIMIT, "reference"),
-            me,
-            "wire",
-            {
-                "dicomweb": server.dicomweb_url,
-                "study_uids": uids,
-                "workers": 4,
-                "sync_at_end": True,
-                "out": str(self.out("wire-sync")),
-            },
-        )
+        self.repeat_together([self.wire_job(DURABLE_LIMIT, "reference", sync_at_end=True)])
         # Also a profile aid: what making each file durable costs on this disk, no network.
-        self.repeat(
-            Measure("disk: the same files written and fsynced one by one (4 threads)", "reference"),
-            me,
-            "disk",
-            {
-                "files": self.cohort.count,
-                "size": self.cohort_bytes // self.cohort.count,
-                "per_folder": self.cohort.instances,
-                "workers": 4,
-                "out": str(self.out("disk")),
-            },
-        )
+        disk = "disk: the same files written and fsynced one by one (4 threads)"
+        self.repeat_together([self.disk_job(disk)])
 
-        manifests = {}
-        downloads = (
-            ("wado-rs", "wado-uri", "c-get") if runner_supports_cget() else ("wado-rs", "wado-uri")
-        )
-        for download in downloads:
-            folder = self.work / download
-            folder.mkdir(exist_ok=True)
-            manifests[download] = folder / "bench.yaml"
-            manifests[download].write_text(manifest_text(self.cohort, server, download))
-        quiet = ["--quiet", "--log-format", "json"]
+        downloads = ["wado-rs", "wado-uri"] + (["c-get"] if runner_supports_cget() else [])
+        manifests = {download: self.write_manifest(server, download) for download in downloads}
+
         for workers in (1, 2, 4):
-            out = self.out(f"wado-rs-{workers}")
-            self.repeat(
-                Measure(f"trolley-etl WADO-RS, {workers} worker(s)", "trolley-etl"),
-                me,
-                "trolley-cli",
-                {
-                    "argv": [
-                        "run",
-                        str(manifests["wado-rs"]),
-                        "--root",
-                        str(out),
-                        "--workers",
-                        str(workers),
-                        *quiet,
-                    ],
-                    "out": str(out),
-                },
-            )
-        out = self.out("wado-uri")
-        self.repeat(
-            Measure("trolley-etl WADO-URI, 4 workers", "trolley-etl"),
-            me,
-            "trolley-cli",
-            {
-                "argv": [
-                    "run",
-                    str(manifests["wado-uri"]),
-                    "--root",
-                    str(out),
-                    "--workers",
-                    "4",
-                    *quiet,
-                ],
-                "out": str(out),
-            },
-        )
-
+            name = f"trolley-etl WADO-RS, {workers} worker(s)"
+            self.repeat_together([self.run_job(name, manifests["wado-rs"], workers)])
+        name = "trolley-etl WADO-URI, 4 workers"
+        self.repeat_together([self.run_job(name, manifests["wado-uri"], 4)])
         if "c-get" in manifests:
-            out = self.out("c-get")
-            self.repeat(
-                Measure("trolley-etl C-GET, 4 workers", "trolley-etl"),
-                me,
-                "trolley-cli",
-                {
-                    "argv": [
-                        "run",
-                        str(manifests["c-get"]),
-                        "--root",
-                        str(out),
-                        "--workers",
-                        "4",
-                        *quiet,
-                    ],
-                    "out": str(out),
-                },
-            )
+            name = "trolley-etl C-GET, 4 workers"
+            self.repeat_together([self.run_job(name, manifests["c-get"], 4)])
         else:  # a version whose runner cannot drive C-GET yet: the same Trolley, by API
             self.repeat(
                 Measure(
@@ -398,47 +106,26 @@ class Bench:
                     "host": "127.0.0.1",
                     "port": server.dicom_port,
                     "aet": server.aet,
-                    "study_uids": uids,
+                    "study_uids": self.cohort.study_uids,
                     "workers": 4,
                     "out": str(self.out("c-get")),
                 },
             )
 
-        peers = Path(self.args.peers_python)
-        if peers.exists():
-            for kind, label in (
-                ("dicomtrolley", "dicomtrolley (QIDO-RS + WADO-RS Trolley)"),
-                ("dicomweb-client", "dicomweb-client (retrieve_study)"),
-            ):
-                self.repeat(
-                    Measure(f"{label}, 4 threads", "peer"),
-                    peers,
-                    kind,
-                    {
-                        "dicomweb": server.dicomweb_url,
-                        "study_uids": uids,
-                        "workers": 4,
-                        "out": str(self.out(kind)),
-                    },
-                )
-        else:
-            print(f"peer tools skipped: no {peers} (make bench creates it)", flush=True)
+        for kind, label in (
+            ("dicomtrolley", DICOMTROLLEY_ROW),
+            ("dicomweb-client", "dicomweb-client (retrieve_study), 4 threads"),
+        ):
+            peer = self.peer_job(label, kind)
+            if peer:
+                self.repeat_together([peer])
 
         self._measure_resume(manifests["wado-rs"])
 
     def _measure_resume(self, manifest: Path) -> None:
         """Rerun of a finished manifest, and ``status`` on a 100,000-item checkpoint."""
         me = sys.executable
-        root = self.out("resume")
-        shutil.rmtree(root, ignore_errors=True)
-        quiet = ["--quiet", "--log-format", "json"]
-        run = ["run", str(manifest), "--root", str(root), *quiet]
-        run_workload(me, "trolley-cli", {"argv": run}, self.log)  # the first, full run
-        rerun = Measure("trolley-etl rerun of the finished manifest", "resume")
-        for _ in range(self.args.runs):
-            rerun.samples.append(run_workload(me, "trolley-cli", {"argv": run}, self.log))
-        self.measures.append(rerun)
-        shutil.rmtree(root, ignore_errors=True)
+        self.measure_rerun("trolley-etl rerun of the finished manifest", manifest)
 
         big = self.out("status-100k")
         fill_checkpoint(big, STATUS_ITEMS)
@@ -448,65 +135,7 @@ class Bench:
             status.samples.append(run_workload(me, "trolley-cli", {"argv": argv}, self.log))
         self.measures.append(status)
         shutil.rmtree(big, ignore_errors=True)
-        for measure in (rerun, status):
-            print(f"  {measure.name}: {measure.median('wall_s'):.2f} s", flush=True)
-
-    # --- results ------------------------------------------------------------------------------
-
-    def results(self) -> dict[str, Any]:
-        rows = []
-        for m in self.measures:
-            wall = m.median("wall_s")
-            row: dict[str, Any] = {
-                "name": m.name,
-                "group": m.group,
-                "wall_s": round(wall, 3),
-                "peak_rss_mib": round(max(s["peak_rss_kb"] for s in m.samples) / 1024, 1),
-                "runs": len(m.samples),
-                "samples_wall_s": [round(s["wall_s"], 3) for s in m.samples],
-            }
-            if m.group != "resume":
-                row["instances_per_s"] = round(self.cohort.count / wall, 1)
-                row["mb_per_s"] = round(self.cohort_bytes / 1e6 / wall, 1)
-            row["durable"] = is_durable(m)
-            if m.note:
-                row["note"] = m.note
-            rows.append(row)
-        by_name = {r["name"]: r for r in rows}
-        wire = next(r for r in rows if r["group"] == "wire")
-        main = by_name.get("trolley-etl WADO-RS, 4 worker(s)")
-        ratios = {}
-        if main:
-            ratios["trolley-etl WADO-RS 4 workers / wire limit"] = round(
-                wire["wall_s"] / main["wall_s"], 3
-            )
-            for r in rows:
-                if r["group"] in ("peer", "trolley-etl", "reference") and r is not main:
-                    ratios[f"trolley-etl WADO-RS 4 workers / {r['name']}"] = round(
-                        r["wall_s"] / main["wall_s"], 3
-                    )
-        return {
-            "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "trolley_etl_version": __version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "cohort": {
-                "shape": self.cohort.key,
-                "instances": self.cohort.count,
-                "bytes": self.cohort_bytes,
-            },
-            "rows": rows,
-            "ratios": ratios,
-            "targets": targets(rows, ratios),
-        }
-
-
-def is_durable(measure: Measure) -> bool:
-    """Whether the row's files are on stable storage when it ends: the wire limit and the
-    peer tools never sync; trolley-etl and the sync/fsync reference rows do."""
-    return measure.group in ("trolley-etl", "resume") or (
-        measure.group == "reference" and ("sync" in measure.name or "fsync" in measure.name)
-    )
+        print(f"  {status.name}: {status.median('wall_s'):.2f} s (median)", flush=True)
 
 
 def targets(rows: list[dict[str, Any]], ratios: dict[str, float]) -> dict[str, Any]:
@@ -524,10 +153,6 @@ def targets(rows: list[dict[str, Any]], ratios: dict[str, float]) -> dict[str, A
         if main and row["name"].startswith(("trolley-etl WADO-URI", "trolley-etl C-GET")):
             speed = round(main["wall_s"] / row["wall_s"], 3)
             found[f"{row['name']} >= 0.5 x WADO-RS"] = [speed, speed >= 0.5]
-    trolley_rss = max(
-        (r["peak_rss_mib"] for r in rows if r["group"] in ("trolley-etl", "resume")), default=0
-    )
-    found["peak RSS < 200 MB"] = [trolley_rss, trolley_rss * 1.048576 < 200]
     rerun = by_name.get("trolley-etl rerun of the finished manifest")
     if rerun:
         found["rerun < 1 s"] = [rerun["wall_s"], rerun["wall_s"] < 1]
@@ -578,30 +203,58 @@ def fill_checkpoint(root: Path, items: int) -> None:
         checkpoint.close()
 
 
-# --- output -----------------------------------------------------------------------------------
+# --- the whole run ----------------------------------------------------------------------------
+
+#: Every group ``make bench`` measures, in order; ``--only`` picks some by these names.
+GROUPS: dict[str, type[Bench]] = {
+    group.key: group for group in (MainBench, SmallObjects, FixedCost, MidCohort)
+}
+
+
+def collect_results(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The results file: the 1 GB group's rows at the top (as before there were groups), every
+    other group under ``groups``, and every group's targets together in ``targets``."""
+    found: dict[str, Any] = {
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "trolley_etl_version": __version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+    main = sections.get(MainBench.key)
+    if main:
+        found.update(cohort=main["cohort"], rows=main["rows"], ratios=main["ratios"])
+    found["groups"] = {key: section for key, section in sections.items() if key != MainBench.key}
+    found["targets"] = all_targets(sections)
+    return found
 
 
 def table(results: dict[str, Any]) -> str:
-    """The results as a Markdown table, then the ratios and targets."""
-    lines = [
-        "| configuration | durable | instances/s | MB/s | peak RSS (MiB) | wall s (median) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results["rows"]:
-        ips = f"{r['instances_per_s']:.0f}" if "instances_per_s" in r else "-"
-        mbs = f"{r['mb_per_s']:.0f}" if "mb_per_s" in r else "-"
-        durable = "yes" if r.get("durable") else "no"
-        lines.append(
-            f"| {r['name']} | {durable} | {ips} | {mbs} | {r['peak_rss_mib']:.0f} "
-            f"| {r['wall_s']:.2f} |"
+    """The results as Markdown tables: each group's rows and ratios, then every target."""
+    lines: list[str] = []
+    if "rows" in results:
+        lines += rows_table(results["rows"]) + ratios_table(results["ratios"]) + [""]
+    for section in results["groups"].values():
+        cohort = section["cohort"]
+        lines += [
+            f"{section['title']} (cohort {cohort['shape']}: {cohort['instances']} instances, "
+            f"{cohort['bytes'] / 1e6:.0f} MB)",
+            "",
+        ]
+        lines += rows_table(section["rows"]) + ratios_table(section["ratios"])
+        figures = section.get("figures", {})
+        lines += ["", *(f"- {key}: {value}" for key, value in figures.items()), ""]
+    return "\n".join(lines + targets_table(results["targets"]))
+
+
+def groups_argument(text: str) -> list[str]:
+    """``--only small,fixed``: known group names, comma-separated, none twice."""
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in GROUPS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise argparse.ArgumentTypeError(
+            f"expected group names from {', '.join(GROUPS)}, comma-separated, each once"
         )
-    lines += ["", "| ratio (throughput) | value |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in results["ratios"].items()]
-    lines += ["", "| target | measured | met |", "| --- | ---: | --- |"]
-    lines += [
-        f"| {k} | {v[0]} | {'yes' if v[1] else 'no'} |" for k, v in results["targets"].items()
-    ]
-    return "\n".join(lines)
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,9 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="cohort size factor (1.0: 20 studies x 4 series x 25 instances "
-        "of 512x512x16 bit, about 1 GB; 0.1: about 100 MB)",
+        "of 512x512x16 bit, about 1 GB; 0.1: about 100 MB); the small-object and 40 MB "
+        "cohorts scale alike",
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs per configuration (median)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs per configuration (median; the fixed-cost rows take at least 5)",
+    )
+    parser.add_argument(
+        "--only",
+        type=groups_argument,
+        default=list(GROUPS),
+        metavar="GROUP,...",
+        help=f"measure only these groups, in this order (default: all of {','.join(GROUPS)})",
+    )
     parser.add_argument(
         "--peers-python",
         default=str(DEFAULT_PEERS_PYTHON),
@@ -621,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--archive-dir",
-        help="Orthanc data folder (default: a temp folder "
-        "named after the cohort, reused between runs)",
+        help="Orthanc data folder of the 1 GB cohort (default, and for the other groups: "
+        "a temp folder named after the cohort, reused between runs)",
     )
     parser.add_argument("--fresh", action="store_true", help="seed the archive again")
     parser.add_argument(
@@ -638,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    cohort = scaled_cohort(args.scale)
-    print(f"cohort {cohort.key}: {cohort.count} instances", flush=True)
-    bench = Bench(args, cohort)
-    try:
-        results = bench.run()
-    finally:
-        shutil.rmtree(bench.work / "out", ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix="trolley-etl-bench-"))  # manifests and workload logs
+    sections = {key: GROUPS[key](args, work).run() for key in args.only}  # kept if one fails
+    if args.keep_output:
+        print(f"\noutputs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    results = collect_results(sections)
     text = table(results)
     print("\n" + text)
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -23,7 +23,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_bench import RESULTS_DIR, manifest_text, scaled_cohort, seeded_archive
+from benchlib import (
+    RESULTS_DIR,
+    default_archive_dir,
+    manifest_text,
+    scaled_cohort,
+    seeded_archive,
+)
 
 from trolley_etl._harness.seaweedfs import SeaweedS3
 
@@ -78,7 +84,7 @@ def measure(manifest: Path, s3: SeaweedS3, log: Path) -> float:
 def run_scale(scale: float, runs: int, archive_dir: Path | None) -> dict[str, Any]:
     cohort = scaled_cohort(scale)
     work = Path(tempfile.mkdtemp(prefix="trolley-scale-bench-"))
-    archive_dir = archive_dir or Path(tempfile.gettempdir()) / f"trolley-bench-{cohort.key}"
+    archive_dir = archive_dir or default_archive_dir(cohort)  # the one run_bench.py seeded
     server, total = seeded_archive(cohort, archive_dir, fresh=False)
     rows: list[dict[str, Any]] = []
     try:
