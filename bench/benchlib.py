@@ -292,6 +292,7 @@ class Bench:
         self.cohort = self.make_cohort(args.scale)
         self.work = work / self.key
         self.work.mkdir(parents=True, exist_ok=True)
+        self.spent = work / "spent"  # outputs already measured, removed at the very end
         self.log = work / "workloads.log"
         self.measures: list[Measure] = []
         self.server: OrthancServer | None = None
@@ -320,8 +321,25 @@ class Bench:
         finally:
             self.server.stop()
             if not self.args.keep_output:
-                shutil.rmtree(self.work / "out", ignore_errors=True)
+                self.set_aside(self.work / "out")
         return self.section()
+
+    def set_aside(self, out: Path) -> None:
+        """Move a measured output out of the way, to be removed when the whole bench ends.
+
+        Deleting thousands of files just before the next run is measured made that run's file
+        creations several times slower on ext4 without a journal (it skips the inodes freed in
+        the last minutes when it allocates new ones): each repeat paid for the deletion of the
+        one before, and every row that creates a file per instance paid more than the rows
+        that write one body per study. Where the disk is short of room, it is deleted now.
+        """
+        if not out.exists():
+            return
+        if shutil.disk_usage(out).free < 2 * self.cohort_bytes + (4 << 30):
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        self.spent.mkdir(parents=True, exist_ok=True)
+        out.rename(self.spent / f"{self.key}-{len(list(self.spent.iterdir()))}")
 
     def measure_all(self, server: OrthancServer) -> None:
         raise NotImplementedError
@@ -388,7 +406,7 @@ class Bench:
         """A rerun of ``manifest`` once it is finished: one full run, then ``--runs`` reruns
         (fresh processes) of the same command into the same root."""
         root = self.out(f"resume-{manifest.stem}")
-        shutil.rmtree(root, ignore_errors=True)
+        self.set_aside(root)
         run = ["run", str(manifest), "--root", str(root), *QUIET]
         run_workload(sys.executable, "trolley-cli", {"argv": run}, self.log)  # the full run
         rerun = Measure(name, "resume")
@@ -397,7 +415,7 @@ class Bench:
             rerun.samples.append(figures)
         print(f"  {name}: {rerun.median('wall_s'):.2f} s (median)", flush=True)
         self.measures.append(rerun)
-        shutil.rmtree(root, ignore_errors=True)
+        self.set_aside(root)
         return rerun
 
     def sample(self, job: Job, attempt: int, runs: int) -> None:
@@ -407,7 +425,7 @@ class Bench:
         measure, python, kind, spec = job
         out = Path(spec["out"]) if "out" in spec else None
         if out:
-            shutil.rmtree(out, ignore_errors=True)
+            self.set_aside(out)
             out.mkdir(parents=True)
         figures = run_workload(python, kind, spec, self.log)
         if out:
@@ -423,7 +441,7 @@ class Bench:
             flush=True,
         )
         if out and not (self.args.keep_output and attempt == runs - 1):
-            shutil.rmtree(out, ignore_errors=True)
+            self.set_aside(out)
 
     def repeat_together(self, jobs: list[Job], runs: int | None = None) -> None:
         """Measure several configurations in turns (A B C, A B C, ...), so that a machine that
