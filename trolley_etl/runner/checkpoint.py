@@ -2,7 +2,8 @@
 
 It lives in `storage.root/.trolley/checkpoint.sqlite`. SQLite in WAL mode with
 `synchronous=FULL` makes each commit durable, so after a crash the checkpoint says exactly
-what was recorded (except the records of files not yet synced, see `_unsynced_commit`). Files are recorded only after they were renamed into place; an item is
+what was recorded (a power cut may take back the latest records of files not yet synced, see
+`_unsynced_commit`). Files are recorded only after they were renamed into place; an item is
 marked done only after all its files are recorded. A crash between rename and record leaves a
 file the checkpoint does not know: the rerun fetches the item again and the rename replaces
 the file with identical bytes, so nothing is lost or duplicated. Files recorded by a run are
