@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trolley_etl.core.constants import UID_KEYWORDS
 from trolley_etl.core.errors import (
     DiskFullError,
     InvalidUidError,
@@ -47,7 +48,6 @@ PREFIX_BYTES = 1 << 20
 FIRST_LOOK_BYTES = 64 << 10
 #: Default largest object accepted (DICOM lengths are 32-bit; bigger is not a real object).
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30
-_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def expected_uids(reference: Reference) -> dict[str, str]:
@@ -111,8 +111,13 @@ class CheckedWriter:
         self._inner = inner
         self._size = 0
         self._prefix = bytearray()
-        self._keep = FIRST_LOOK_BYTES  # bytes of the prefix wanted before the next look
         self._found: dict[str, object] | None = None  # the UIDs, once read from the prefix
+        # a writer that reads the header itself (a StagedFile) is asked for the UIDs, so
+        # that each header is read once; otherwise they are looked for once 64 KiB arrived
+        self._inner_uids: Callable[[], dict[str, object] | None] | None = getattr(
+            inner, "header_uids", None
+        )
+        self._keep = 0 if self._inner_uids is not None else FIRST_LOOK_BYTES
         # the inner writer's own hash when it has one (issue 17: a second hash of every
         # byte cost more CPU than parsing and writing them)
         self._digest: Callable[[], bytes] = getattr(inner, "content_digest", lambda: b"")
@@ -145,12 +150,19 @@ class CheckedWriter:
         else:
             self._found, self._prefix = found, bytearray()
 
+    def _uids(self) -> dict[str, str]:
+        if self._found is None and self._inner_uids is not None:
+            self._found = self._inner_uids()
+            if self._found is None:  # not a header storing reads: look at its first bytes
+                prefix = getattr(self._inner, "header_prefix", bytes)()
+                return read_uids(prefix, complete=self._size <= len(prefix))
+        if self._found is not None:
+            return _checked_uids(self._found)
+        return read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
+
     def commit(self) -> None:
         try:
-            if self._found is not None:
-                uids = _checked_uids(self._found)
-            else:
-                uids = read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
+            uids = self._uids()
             digest = self._digest() if self._hash is None else self._hash.digest()
             self._sink._admit(uids, digest)
         except BaseException:
@@ -185,16 +197,16 @@ def _scan_uids(prefix: bytes, *, complete: bool = False) -> dict[str, object] | 
 
     if looks_like_json(prefix):
         return None
-    facts = scan_header(prefix, _UID_KEYWORDS, complete=complete)
+    facts = scan_header(prefix, UID_KEYWORDS, complete=complete)
     if facts is None:
         return None
-    values = {k: facts.get(k) for k in _UID_KEYWORDS}
+    values: dict[str, object] = {k: facts.get(k) for k in UID_KEYWORDS}
     return None if any(v is None for v in values.values()) else values
 
 
 def _checked_uids(values: dict[str, object]) -> dict[str, str]:
     try:
-        return {k: single_uid(values.get(k), k) for k in _UID_KEYWORDS}
+        return {k: single_uid(values.get(k), k) for k in UID_KEYWORDS}
     except InvalidUidError as exc:
         raise UnexpectedInstanceError(f"received object: {exc}; nothing of it was stored") from None
 
@@ -237,11 +249,11 @@ def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:
 
     try:
         dataset = pydicom.dcmread(
-            io.BytesIO(prefix), stop_before_pixels=True, specific_tags=list(_UID_KEYWORDS)
+            io.BytesIO(prefix), stop_before_pixels=True, specific_tags=list(UID_KEYWORDS)
         )
     except Exception:  # truncated prefix, not DICOM at all: the check below names it
         return {}
-    return {k: dataset.get(k) for k in _UID_KEYWORDS}
+    return {k: dataset.get(k) for k in UID_KEYWORDS}
 
 
 def disk_full_error(error: BaseException, root: Path | None) -> DiskFullError | None:

@@ -27,7 +27,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from trolley_etl.core.constants import JSON_LAYOUT, STATE_DIR
+from trolley_etl.core.constants import JSON_LAYOUT, STATE_DIR, UID_KEYWORDS
 from trolley_etl.core.errors import StorageError
 from trolley_etl.core.header_scan import HeaderFacts, facts_from_dataset, scan_header
 from trolley_etl.core.json_header import json_header_facts, looks_like_json
@@ -169,23 +169,40 @@ class StorageDir:
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
         return True
 
-    def describe(
-        self, staged: Path, size: int, sha256: str, header_prefix: bytes | None = None
-    ) -> StoredInstance:
-        """What a complete temp file is and where it belongs; StorageError if not Part 10.
+    def header_facts(
+        self, staged: Path, size: int, header_prefix: bytes | None = None
+    ) -> HeaderFacts:
+        """The header values storing needs (`header_keywords`) of a complete temp file;
+        StorageError if it is not the kind of object this storage keeps.
 
         `header_prefix` is the file's first bytes, if the caller kept them (saves reading the
-        header back from disk). Nothing on disk changes.
+        header back from disk).
         """
         if self.file_format == "json":
-            header = json_header_facts(staged, self.header_keywords, header_prefix, size)
-        elif looks_like_json(header_prefix):
+            return json_header_facts(staged, self.header_keywords, header_prefix, size)
+        if looks_like_json(header_prefix):
             raise StorageError(
                 "received DICOM JSON where Part 10 was expected (a metadata-only download "
                 "with format json needs storage made with file_format='json')"
             )
-        else:
-            header = read_header_facts(staged, self.header_keywords, header_prefix, size)
+        return read_header_facts(staged, self.header_keywords, header_prefix, size)
+
+    def describe(
+        self,
+        staged: Path,
+        size: int,
+        sha256: str,
+        header_prefix: bytes | None = None,
+        *,
+        header: HeaderFacts | None = None,
+    ) -> StoredInstance:
+        """What a complete temp file is and where it belongs; StorageError if not Part 10.
+
+        `header` is what `header_facts` gave for it, if the caller asked already; else it is
+        read here (from `header_prefix` where it can). Nothing on disk changes.
+        """
+        if header is None:
+            header = self.header_facts(staged, size, header_prefix)
         target = self.path_for(header)
         return StoredInstance(
             path=target,
@@ -245,6 +262,7 @@ def _new_temp_prefix() -> None:
 
 os.register_at_fork(after_in_child=_new_temp_prefix)  # a forked worker has its own id
 
+
 def _create_temp(folder: Path) -> tuple[int, Path]:
     """A new owner-only temp file, created exclusively (no umask can widen 0600).
 
@@ -274,6 +292,7 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self._size = 0
         self._prefix = bytearray()  # the first bytes, to read the header from
+        self._header: HeaderFacts | None = None  # read once, for the arrival check and here
         self.result: StoredInstance | None = None
 
     def write(self, chunk: bytes) -> None:
@@ -286,6 +305,23 @@ class StagedFile:
     def content_digest(self) -> bytes:
         """The SHA-256 of the bytes written so far (`arrival.CheckedWriter` reuses it)."""
         return self._hash.digest()
+
+    def header_uids(self) -> dict[str, object] | None:
+        """The complete object's three UIDs as storing reads its header, which `finish` then
+        reuses (`arrival.CheckedWriter` asks, so each header is read once); None when it is
+        not an object this storage can read."""
+        try:
+            if self._header is None:
+                self._header = self._storage.header_facts(
+                    self.path, self._size, bytes(self._prefix)
+                )
+        except StorageError:
+            return None
+        return {keyword: self._header.get(keyword) for keyword in UID_KEYWORDS}
+
+    def header_prefix(self) -> bytes:
+        """The object's first bytes (up to HEADER_PREFIX_BYTES)."""
+        return bytes(self._prefix)
 
     def finish(self, *, sync: bool = True) -> StoredInstance:
         """Close the complete file and say what it is and where it belongs.
@@ -301,7 +337,11 @@ class StagedFile:
                 start_writeback(self._fd)
             self._close()
             return self._storage.describe(
-                self.path, self._size, self._hash.hexdigest(), bytes(self._prefix)
+                self.path,
+                self._size,
+                self._hash.hexdigest(),
+                bytes(self._prefix),
+                header=self._header,
             )
         except BaseException:
             self.abort()
