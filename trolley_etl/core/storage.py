@@ -139,11 +139,16 @@ class StorageDir:
 
     def path_for(self, dataset: HeaderValues) -> Path:
         """Absolute path for a dataset, proven to stay under the root."""
+        return self._place(dataset)[1]
+
+    def _place(self, dataset: HeaderValues) -> tuple[Path, Path]:
+        """(path relative to the root, absolute path) for a dataset, proven to stay under
+        the root: relative, and no component `..` (the layout's sanitised components never
+        are; this holds even if that changed)."""
         relative = self.layout.render(dataset)
-        target = self.root / relative
-        if os.path.commonpath([self.root, target]) != str(self.root):
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise StorageError(f"refusing to write outside {self.root}: {relative}")
-        return target
+        return relative, self.root / relative
 
     def _make_parent(self, target: Path) -> bool:
         """Create the folders of `target` one by one, refusing symlinks planted in the tree;
@@ -203,10 +208,10 @@ class StorageDir:
         """
         if header is None:
             header = self.header_facts(staged, size, header_prefix)
-        target = self.path_for(header)
+        relative, target = self._place(header)
         return StoredInstance(
             path=target,
-            relative_path=target.relative_to(self.root),
+            relative_path=relative,
             study_uid=header.text("StudyInstanceUID"),
             series_uid=header.text("SeriesInstanceUID"),
             sop_instance_uid=header.text("SOPInstanceUID"),
