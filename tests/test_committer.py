@@ -264,3 +264,26 @@ def test_a_failed_sync_fails_the_close_and_leaves_the_files_unsynced(setup, monk
     with pytest.raises(OSError, match="Input/output"):
         committer.close()
     assert len(checkpoint.unsynced_files()) == 2  # the next run re-hashes them
+
+
+def test_files_handed_over_together_are_recorded_in_few_transactions(setup, monkeypatch) -> None:
+    storage, checkpoint, progress = setup
+    transactions: list[int] = []
+    record = checkpoint.record_files_of_items
+
+    def counted(batches, *args, **kwargs):
+        transactions.append(sum(len(stored) for _, stored in batches))
+        return record(batches, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "record_files_of_items", counted)
+    monkeypatch.setattr(committer_module, "LINGER_SECONDS", 5.0)  # far longer than the test
+    files = ItemFiles(1)
+    with Committer(storage, checkpoint, progress, source="t", run_id="r") as committer:
+        for n in range(50):
+            _hand_over(storage, committer, files, _instance(n))
+        waiter = threading.Thread(target=committer.wait_for, args=(files,), daemon=True)
+        waiter.start()
+        waiter.join(timeout=4.0)  # the waiting item cuts the linger short
+        assert not waiter.is_alive(), "an item waiting for its files waited for the linger"
+    assert sum(transactions) == 50
+    assert len(transactions) <= 3  # one per file before

@@ -181,3 +181,13 @@ def test_private_tags_and_transfer_syntax_are_kept(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
     assert any(elem.tag.is_private for elem in ds)
+
+
+@pytest.mark.parametrize("escape", ["../outside.dcm", "a/../../outside.dcm", "/etc/outside.dcm"])
+def test_a_path_that_would_leave_the_root_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, escape: str
+) -> None:
+    storage = StorageDir(tmp_path / "out")
+    monkeypatch.setattr(storage.layout, "render", lambda _dataset: Path(escape))
+    with pytest.raises(StorageError, match="refusing to write outside"):
+        storage.path_for({})

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trolley_etl.core.constants import UID_KEYWORDS
 from trolley_etl.core.errors import (
     DiskFullError,
     InvalidUidError,
@@ -41,9 +42,12 @@ if TYPE_CHECKING:
 #: Bytes of each object kept to read its UIDs from (headers are rarely longer than 64 KiB;
 #: the rest is room for large private elements before group 0020).
 PREFIX_BYTES = 1 << 20
+#: The UIDs are first looked for once this many bytes arrived; only when they are not all
+#: there is more kept (up to PREFIX_BYTES): copying each object's first megabyte cost as
+#: much CPU as hashing it.
+FIRST_LOOK_BYTES = 64 << 10
 #: Default largest object accepted (DICOM lengths are 32-bit; bigger is not a real object).
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30
-_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def expected_uids(reference: Reference) -> dict[str, str]:
@@ -107,6 +111,13 @@ class CheckedWriter:
         self._inner = inner
         self._size = 0
         self._prefix = bytearray()
+        self._found: dict[str, object] | None = None  # the UIDs, once read from the prefix
+        # a writer that reads the header itself (a StagedFile) is asked for the UIDs, so
+        # that each header is read once; otherwise they are looked for once 64 KiB arrived
+        self._inner_uids: Callable[[], dict[str, object] | None] | None = getattr(
+            inner, "header_uids", None
+        )
+        self._keep = 0 if self._inner_uids is not None else FIRST_LOOK_BYTES
         # the inner writer's own hash when it has one (issue 17: a second hash of every
         # byte cost more CPU than parsing and writing them)
         self._digest: Callable[[], bytes] = getattr(inner, "content_digest", lambda: b"")
@@ -119,8 +130,10 @@ class CheckedWriter:
                 f"an object for {self._sink.reference} is larger than the limit of "
                 f"{self._sink.max_object_bytes} bytes (run.limits.max_object_mb)"
             )
-        if len(self._prefix) < PREFIX_BYTES:
-            self._prefix += chunk[: PREFIX_BYTES - len(self._prefix)]
+        if self._found is None and len(self._prefix) < self._keep:
+            self._prefix += chunk[: self._keep - len(self._prefix)]
+            if len(self._prefix) >= self._keep:
+                self._look()
         if self._hash is not None:
             self._hash.update(chunk)
         try:
@@ -128,9 +141,28 @@ class CheckedWriter:
         except OSError as exc:
             raise disk_full_error(exc, self._sink.root) or exc from None
 
+    def _look(self) -> None:
+        """Read the UIDs from the bytes kept so far and stop keeping bytes; if they are not
+        all there yet, keep up to PREFIX_BYTES (the last look is then at commit)."""
+        found = _scan_uids(bytes(self._prefix))
+        if found is None:
+            self._keep = PREFIX_BYTES
+        else:
+            self._found, self._prefix = found, bytearray()
+
+    def _uids(self) -> dict[str, str]:
+        if self._found is None and self._inner_uids is not None:
+            self._found = self._inner_uids()
+            if self._found is None:  # not a header storing reads: look at its first bytes
+                prefix = getattr(self._inner, "header_prefix", bytes)()
+                return read_uids(prefix, complete=self._size <= len(prefix))
+        if self._found is not None:
+            return _checked_uids(self._found)
+        return read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
+
     def commit(self) -> None:
         try:
-            uids = read_uids(bytes(self._prefix), complete=self._size <= len(self._prefix))
+            uids = self._uids()
             digest = self._digest() if self._hash is None else self._hash.digest()
             self._sink._admit(uids, digest)
         except BaseException:
@@ -147,18 +179,34 @@ class CheckedWriter:
 
 def read_uids(prefix: bytes, *, complete: bool) -> dict[str, str]:
     """The three UIDs from an object's first bytes; UnexpectedInstanceError if unreadable."""
-    from trolley_etl.core.header_scan import scan_header
     from trolley_etl.core.json_header import looks_like_json
 
     if looks_like_json(prefix):  # DICOM JSON of a metadata-only pull
         values = _uids_from_json(prefix, complete=complete)
     else:
-        facts = scan_header(prefix, _UID_KEYWORDS, complete=complete)
-        values = {} if facts is None else {k: facts.get(k) for k in _UID_KEYWORDS}
-        if facts is None or any(v is None for v in values.values()):
-            values = _uids_with_pydicom(prefix)
+        found = _scan_uids(prefix, complete=complete)
+        values = _uids_with_pydicom(prefix) if found is None else found
+    return _checked_uids(values)
+
+
+def _scan_uids(prefix: bytes, *, complete: bool = False) -> dict[str, object] | None:
+    """The three UIDs' values as the fast header reader finds them in a Part 10 prefix;
+    None unless all three are there (DICOM JSON, truncated, or unusual: look again)."""
+    from trolley_etl.core.header_scan import scan_header
+    from trolley_etl.core.json_header import looks_like_json
+
+    if looks_like_json(prefix):
+        return None
+    facts = scan_header(prefix, UID_KEYWORDS, complete=complete)
+    if facts is None:
+        return None
+    values: dict[str, object] = {k: facts.get(k) for k in UID_KEYWORDS}
+    return None if any(v is None for v in values.values()) else values
+
+
+def _checked_uids(values: dict[str, object]) -> dict[str, str]:
     try:
-        return {k: single_uid(values.get(k), k) for k in _UID_KEYWORDS}
+        return {k: single_uid(values.get(k), k) for k in UID_KEYWORDS}
     except InvalidUidError as exc:
         raise UnexpectedInstanceError(f"received object: {exc}; nothing of it was stored") from None
 
@@ -201,11 +249,11 @@ def _uids_with_pydicom(prefix: bytes) -> dict[str, object]:
 
     try:
         dataset = pydicom.dcmread(
-            io.BytesIO(prefix), stop_before_pixels=True, specific_tags=list(_UID_KEYWORDS)
+            io.BytesIO(prefix), stop_before_pixels=True, specific_tags=list(UID_KEYWORDS)
         )
     except Exception:  # truncated prefix, not DICOM at all: the check below names it
         return {}
-    return {k: dataset.get(k) for k in _UID_KEYWORDS}
+    return {k: dataset.get(k) for k in UID_KEYWORDS}
 
 
 def disk_full_error(error: BaseException, root: Path | None) -> DiskFullError | None:

@@ -12,3 +12,5 @@ JSON_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.json"
 STATE_DIR = ".trolley"
 #: The checkpoint's file name in the state folder.
 CHECKPOINT_NAME = "checkpoint.sqlite"
+#: The UIDs every stored object is checked and filed by.
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")

@@ -25,6 +25,10 @@ MISSING_VALUE = "unknown"
 MAX_COMPONENT_LENGTH = 100
 
 _UNSAFE = re.compile(r"[^\w.\-^+=@,()]", re.UNICODE)
+#: A value that every rule below would leave as it is (ASCII from the safe set, no leading
+#: or trailing dot): UIDs, dates, most codes. Checked first, since every stored file's path
+#: is made of such values and the rules cost a Python step per character.
+_ALREADY_SAFE = re.compile(r"[\w\-^+=@,()](?:[\w.\-^+=@,()]*[\w\-^+=@,()])?", re.ASCII)
 
 
 def sanitise_component(value: str, max_length: int = MAX_COMPONENT_LENGTH) -> str:
@@ -34,6 +38,8 @@ def sanitise_component(value: str, max_length: int = MAX_COMPONENT_LENGTH) -> st
     a leading dot becomes `_` (so neither `..` nor hidden files); over-long values are cut and
     suffixed with a short hash so that two long values stay distinct.
     """
+    if len(value) <= max_length and _ALREADY_SAFE.fullmatch(value):
+        return value
     text = unicodedata.normalize("NFC", value).strip()
     text = "".join("_" if unicodedata.category(ch).startswith("C") else ch for ch in text)
     text = _UNSAFE.sub("_", text)

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import itertools
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from trolley_etl.core.constants import JSON_LAYOUT, STATE_DIR
+from trolley_etl.core.constants import JSON_LAYOUT, STATE_DIR, UID_KEYWORDS
 from trolley_etl.core.errors import StorageError
 from trolley_etl.core.header_scan import HeaderFacts, facts_from_dataset, scan_header
 from trolley_etl.core.json_header import json_header_facts, looks_like_json
@@ -138,14 +139,20 @@ class StorageDir:
 
     def path_for(self, dataset: HeaderValues) -> Path:
         """Absolute path for a dataset, proven to stay under the root."""
-        relative = self.layout.render(dataset)
-        target = self.root / relative
-        if os.path.commonpath([self.root, target]) != str(self.root):
-            raise StorageError(f"refusing to write outside {self.root}: {relative}")
-        return target
+        return self._place(dataset)[1]
 
-    def _make_parent(self, target: Path) -> None:
-        """Create the folders of `target` one by one, refusing symlinks planted in the tree.
+    def _place(self, dataset: HeaderValues) -> tuple[Path, Path]:
+        """(path relative to the root, absolute path) for a dataset, proven to stay under
+        the root: relative, and no component `..` (the layout's sanitised components never
+        are; this holds even if that changed)."""
+        relative = self.layout.render(dataset)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise StorageError(f"refusing to write outside {self.root}: {relative}")
+        return relative, self.root / relative
+
+    def _make_parent(self, target: Path) -> bool:
+        """Create the folders of `target` one by one, refusing symlinks planted in the tree;
+        return whether something other than a symlink is at `target` already.
 
         Folders already created and checked by this process are not checked again: a study's
         hundreds of instances share one folder.
@@ -159,30 +166,52 @@ class StorageDir:
                     raise StorageError(f"refusing to follow a symlink inside the output: {current}")
                 self._mkdir(current)
             self._ready_folders.add(target.parent)
-        if target.is_symlink():
+        try:
+            mode = os.lstat(target).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
             raise StorageError(f"refusing to replace a symlink inside the output: {target}")
+        return True
 
-    def describe(
-        self, staged: Path, size: int, sha256: str, header_prefix: bytes | None = None
-    ) -> StoredInstance:
-        """What a complete temp file is and where it belongs; StorageError if not Part 10.
+    def header_facts(
+        self, staged: Path, size: int, header_prefix: bytes | None = None
+    ) -> HeaderFacts:
+        """The header values storing needs (`header_keywords`) of a complete temp file;
+        StorageError if it is not the kind of object this storage keeps.
 
         `header_prefix` is the file's first bytes, if the caller kept them (saves reading the
-        header back from disk). Nothing on disk changes.
+        header back from disk).
         """
         if self.file_format == "json":
-            header = json_header_facts(staged, self.header_keywords, header_prefix, size)
-        elif looks_like_json(header_prefix):
+            return json_header_facts(staged, self.header_keywords, header_prefix, size)
+        if looks_like_json(header_prefix):
             raise StorageError(
                 "received DICOM JSON where Part 10 was expected (a metadata-only download "
                 "with format json needs storage made with file_format='json')"
             )
-        else:
-            header = read_header_facts(staged, self.header_keywords, header_prefix, size)
-        target = self.path_for(header)
+        return read_header_facts(staged, self.header_keywords, header_prefix, size)
+
+    def describe(
+        self,
+        staged: Path,
+        size: int,
+        sha256: str,
+        header_prefix: bytes | None = None,
+        *,
+        header: HeaderFacts | None = None,
+    ) -> StoredInstance:
+        """What a complete temp file is and where it belongs; StorageError if not Part 10.
+
+        `header` is what `header_facts` gave for it, if the caller asked already; else it is
+        read here (from `header_prefix` where it can). Nothing on disk changes.
+        """
+        if header is None:
+            header = self.header_facts(staged, size, header_prefix)
+        relative, target = self._place(header)
         return StoredInstance(
             path=target,
-            relative_path=target.relative_to(self.root),
+            relative_path=relative,
             study_uid=header.text("StudyInstanceUID"),
             series_uid=header.text("SeriesInstanceUID"),
             sop_instance_uid=header.text("SOPInstanceUID"),
@@ -205,8 +234,7 @@ class StorageDir:
         durable) to the caller, who can then do it once for many files (group commit).
         """
         target = stored.path
-        self._make_parent(target)
-        if target.exists():
+        if self._make_parent(target):
             existing: HeaderFacts | Dataset | None
             if self.file_format == "json":
                 try:
@@ -229,6 +257,15 @@ class StorageDir:
 
 #: Temp names unique within this process; the process id makes them unique on the machine.
 _temp_numbers = itertools.count()
+_temp_prefix = f"incoming-{os.getpid()}"
+
+
+def _new_temp_prefix() -> None:
+    global _temp_prefix
+    _temp_prefix = f"incoming-{os.getpid()}"
+
+
+os.register_at_fork(after_in_child=_new_temp_prefix)  # a forked worker has its own id
 
 
 def _create_temp(folder: Path) -> tuple[int, Path]:
@@ -237,7 +274,7 @@ def _create_temp(folder: Path) -> tuple[int, Path]:
     A counter instead of `mkstemp`'s random names and retries: one system call per file.
     """
     while True:
-        path = folder / f"incoming-{os.getpid()}-{next(_temp_numbers)}.part"
+        path = folder / f"{_temp_prefix}-{next(_temp_numbers)}.part"
         try:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
         except FileExistsError:  # left by an earlier process with the same id: next number
@@ -245,21 +282,26 @@ def _create_temp(folder: Path) -> tuple[int, Path]:
 
 
 class StagedFile:
-    """A temp file being filled with one object's bytes, hashed as they arrive."""
+    """A temp file being filled with one object's bytes, hashed as they arrive.
+
+    Written through its file descriptor, unbuffered: the chunks are large already, and a
+    Python file object would cost three more system calls per file to open it.
+    """
 
     def __init__(self, storage: StorageDir) -> None:
         self._storage = storage
-        fd, self.path = _create_temp(storage.tmp_dir)
+        self._fd, self.path = _create_temp(storage.tmp_dir)
+        self._closed = False
         if storage.file_mode is not None:
-            os.fchmod(fd, storage.file_mode)
-        self._file = os.fdopen(fd, "wb")
+            os.fchmod(self._fd, storage.file_mode)
         self._hash = hashlib.sha256()
         self._size = 0
         self._prefix = bytearray()  # the first bytes, to read the header from
+        self._header: HeaderFacts | None = None  # read once, for the arrival check and here
         self.result: StoredInstance | None = None
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        _write_all(self._fd, chunk)
         self._hash.update(chunk)
         self._size += len(chunk)
         if len(self._prefix) < HEADER_PREFIX_BYTES:
@@ -269,6 +311,23 @@ class StagedFile:
         """The SHA-256 of the bytes written so far (`arrival.CheckedWriter` reuses it)."""
         return self._hash.digest()
 
+    def header_uids(self) -> dict[str, object] | None:
+        """The complete object's three UIDs as storing reads its header, which `finish` then
+        reuses (`arrival.CheckedWriter` asks, so each header is read once); None when it is
+        not an object this storage can read."""
+        try:
+            if self._header is None:
+                self._header = self._storage.header_facts(
+                    self.path, self._size, bytes(self._prefix)
+                )
+        except StorageError:
+            return None
+        return {keyword: self._header.get(keyword) for keyword in UID_KEYWORDS}
+
+    def header_prefix(self) -> bytes:
+        """The object's first bytes (up to HEADER_PREFIX_BYTES)."""
+        return bytes(self._prefix)
+
     def finish(self, *, sync: bool = True) -> StoredInstance:
         """Close the complete file and say what it is and where it belongs.
 
@@ -277,14 +336,17 @@ class StagedFile:
         error the temp file is removed.
         """
         try:
-            self._file.flush()
             if sync:
-                os.fsync(self._file.fileno())
+                os.fsync(self._fd)
             else:
-                start_writeback(self._file.fileno())
-            self._file.close()
+                start_writeback(self._fd)
+            self._close()
             return self._storage.describe(
-                self.path, self._size, self._hash.hexdigest(), bytes(self._prefix)
+                self.path,
+                self._size,
+                self._hash.hexdigest(),
+                bytes(self._prefix),
+                header=self._header,
             )
         except BaseException:
             self.abort()
@@ -311,9 +373,23 @@ class StagedFile:
         self.result = stored
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._close()
         self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd` (a write to a regular file is whole unless something failed,
+    but a short write must never go unnoticed)."""
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def read_header(path: Path, keywords: list[str] | None = None) -> Dataset:

@@ -934,6 +934,12 @@ class _CheckpointWriter:
     def content_digest(self) -> bytes:
         return self._staged.content_digest()
 
+    def header_uids(self) -> dict[str, object] | None:
+        return self._staged.header_uids()
+
+    def header_prefix(self) -> bytes:
+        return self._staged.header_prefix()
+
     def commit(self) -> None:
         stored = self._staged.finish(sync=False)  # synced by the committer, with its batch
         path, deid = self._staged.path, self._sink.runner.deid
@@ -966,11 +972,11 @@ class _CheckpointSink:
 
     def wait(self) -> None:
         """Until every file received so far is recorded; raises if one could not be."""
-        self.files.wait()
+        self.committer.wait_for(self.files)
 
     def wait_quietly(self) -> None:
         """After a failure: let the files already received be recorded; if that fails too,
         they are merely unknown to the checkpoint, which is safe (the item is fetched
         again)."""
         with contextlib.suppress(Exception):
-            self.files.wait()
+            self.committer.wait_for(self.files)
