@@ -427,6 +427,7 @@ class Bench:
         if out:
             self.set_aside(out)
             out.mkdir(parents=True)
+        os.sync()  # nothing left dirty by an earlier run for this one's sync to write
         figures = run_workload(python, kind, spec, self.log)
         if out:
             figures["files"], figures["bytes"] = tree_size(out)
