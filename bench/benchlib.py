@@ -339,7 +339,10 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)
             return
         self.spent.mkdir(parents=True, exist_ok=True)
-        out.rename(self.spent / f"{self.key}-{len(list(self.spent.iterdir()))}")
+        spent = self.spent / f"{self.key}-{len(list(self.spent.iterdir()))}"
+        out.rename(spent)
+        os.sync()
+        _drop_cached(spent)  # nor does the memory its pages took fill up run after run
 
     def measure_all(self, server: OrthancServer) -> None:
         raise NotImplementedError
@@ -566,3 +569,19 @@ def targets_table(found: dict[str, Any]) -> list[str]:
     return ["| target | measured | met |", "| --- | ---: | --- |"] + [
         f"| {k} | {v[0]} | {'yes' if v[1] else 'no'} |" for k, v in found.items()
     ]
+
+
+def _drop_cached(folder: Path) -> None:
+    """Ask the kernel to forget the (synced, so clean) cached pages of every file under
+    ``folder``: outputs kept until the end must not fill the memory that later runs write
+    through."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
