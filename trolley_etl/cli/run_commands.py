@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -320,6 +321,8 @@ def _closing_summary(
                 log_path,
             )
         )
+    if not os.environ.get("GITHUB_STEP_SUMMARY"):
+        return  # no CI job page to append to: the report just written is not read back
     report = load_report(result.report_path)
     if report is not None:
         append_job_summary(report)
