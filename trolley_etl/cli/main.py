@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command line; `argv` None (the console script, `python -m trolley_etl`) means this
     process is the command, which also tunes the collector for it (see `cli.startup`)."""
-    process = argv is None
-    collecting = startup.pause() if process else None
+    collecting = startup.pause() if argv is None else None
     failures.quiet_libraries()
     umask = private_umask()  # what this process creates is owner-only (issue 13)
     try:
@@ -51,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return failures.BROKEN_PIPE
     finally:
         os.umask(umask)  # for callers of main() in the same process
-        if process:
-            startup.exiting()
+        if collecting is not None:
+            startup.exiting(resume=collecting)
 
 
 def _main(argv: list[str] | None, collecting: bool | None = None) -> int:

@@ -39,10 +39,13 @@ def loaded(modules: Iterable[str], *, resume: bool) -> None:
             gc.enable()
 
 
-def exiting() -> None:
+def exiting(*, resume: bool) -> None:
     """The command is done: spare the interpreter's shutdown a walk over every object.
 
     Files, the checkpoint and the logs were closed (and synced) by the command itself;
-    nothing here is needed for what is on disk.
+    nothing here is needed for what is on disk. The collector runs again afterwards (when
+    it was running before `pause`), also after a command that ended before it started.
     """
     gc.freeze()
+    if resume:
+        gc.enable()
