@@ -532,6 +532,12 @@ class Checkpoint:
             ).fetchall()
         return items, files
 
+    def file_checksums(self) -> list[tuple[str, str, int]]:
+        """(path, SHA-256, size) of every stored file: what the BagIt manifest lists, without
+        building a record per file."""
+        with self._lock:
+            return self._db.execute("SELECT path, sha256, size FROM files").fetchall()
+
     def stored_totals(self) -> dict[str, int]:
         """Studies, series, instances and bytes recorded as stored, counted by SQLite."""
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import os
 import secrets
 import threading
 import time
@@ -820,11 +821,15 @@ class Runner:
             listed = (  # issue 19: one listing of the bucket instead of a stat per file
                 self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
             )
+            root = str(self.root)  # a stat per file of a finished rerun: no Path objects
             for record in checkpoint.files():
-                path = self.root / record.path
                 checked += 1
                 try:
-                    size = path.stat().st_size if listed is None else listed.get(record.path, -1)
+                    size = (
+                        os.stat(os.path.join(root, record.path)).st_size
+                        if listed is None
+                        else listed.get(record.path, -1)
+                    )
                 except FileNotFoundError:
                     size = -1
                 if size != record.size:
@@ -888,7 +893,7 @@ class Runner:
         report_path = report.save_report(
             self.root, report.report_json(small), f"{self.run_id}.json"
         )
-        bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
+        bag = report.write_bag_manifests(self.root, checkpoint.file_checksums(), self.manifest.name)
         if isinstance(self.storage, ObjectStorageDir):  # issue 19: the checksums beside the data
             copy_tag_files(self.root, self.storage.store, report.ROOT_TAG_FILES)
         self.log.logger.info(
