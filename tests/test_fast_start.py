@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -66,9 +67,12 @@ NOT_FOR_A_PLAIN_RUN = (
 )
 
 
-def command_line(*argv: str, watch: tuple[str, ...]) -> tuple[int, dict[str, Any], str]:
+def command_line(
+    *argv: str, watch: tuple[str, ...], env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], str]:
     """`trolley-etl ARGV` as its own process (main() reading sys.argv, like the console
-    script); its exit code, what it left loaded of `watch` and the collector's state."""
+    script); its exit code, what it left loaded of `watch`, the collector's state and the
+    BLAS threads it asked for."""
     probe = (
         "import gc, json, sys\n"
         "from trolley_etl.cli import main\n"
@@ -76,11 +80,17 @@ def command_line(*argv: str, watch: tuple[str, ...]) -> tuple[int, dict[str, Any
         f"loaded = sorted(m for m in {watch!r} if m in sys.modules)\n"
         "state = {'loaded': loaded, 'collecting': gc.isenabled()}\n"
         "state['frozen'] = gc.get_freeze_count()\n"
+        "state['blas'] = __import__('os').environ.get('OPENBLAS_NUM_THREADS')\n"
         "print('PROBE ' + json.dumps(state))\n"
         "raise SystemExit(code)\n"
     )
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     done = subprocess.run(
-        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", probe, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment, **(env or {})},
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, done.stderr
@@ -93,6 +103,9 @@ def test_help_loads_no_manifest_models_checkpoint_runner_or_pydicom() -> None:
     assert code == 0
     assert state["loaded"] == []
     assert state["collecting"]  # the collector is back on after a command that did nothing
+    assert state["blas"] == "1"  # asked for before anything could load numpy
+    _, state, _ = command_line("--help", watch=(), env={"OPENBLAS_NUM_THREADS": "2"})
+    assert state["blas"] == "2"  # the user's setting stands
 
 
 @pytest.mark.subprocess
@@ -157,10 +170,13 @@ def test_the_command_loads_its_modules_paused_then_runs_collecting(
 
     monkeypatch.setattr(manifest_commands, "run_validate", validate)
     monkeypatch.setattr(sys, "argv", ["trolley-etl", "validate", str(tmp_path / "m.yaml")])
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "")  # restored afterwards, even if unset now
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
     assert main() == 0  # no arguments: this process is the command
     assert seen == {"collecting": True, "frozen": seen["frozen"], "loaded": True}
     assert seen["frozen"] > 0  # everything loaded before the command ran
     assert gc.isenabled()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
 
 
 def test_main_with_arguments_leaves_the_callers_collector_alone(
