@@ -333,3 +333,19 @@ def test_a_plain_manifest_into_a_deidentified_root_is_still_refused(tmp_path: Pa
         checkpoint.close()
     with pytest.raises(DeidSettingsError, match="holds a de-identified export"):
         run_manifest(manifest, archive)
+
+
+def test_one_lstat_tells_a_stored_file_from_a_link_a_folder_and_nothing(tmp_path: Path) -> None:
+    from trolley_etl.core.files import recorded_size_problem
+
+    stored = tmp_path / "a.dcm"
+    stored.write_bytes(b"abc")
+    (tmp_path / "link.dcm").symlink_to(stored)
+    (tmp_path / "folder.dcm").mkdir()
+    assert recorded_size_problem(stored, 3) is None
+    assert recorded_size_problem(str(stored), 3) is None
+    assert recorded_size_problem(stored, 4) == "changed"
+    assert recorded_size_problem(tmp_path / "link.dcm", 3) == "missing"  # never followed
+    assert recorded_size_problem(tmp_path / "folder.dcm", 3) == "missing"
+    assert recorded_size_problem(tmp_path / "gone.dcm", 3) == "missing"
+    assert recorded_size_problem(stored / "below-a-file.dcm", 3) == "missing"
