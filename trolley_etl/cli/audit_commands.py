@@ -24,13 +24,12 @@ from trolley_etl.cli.run_commands import (
     manifest_with_checkpoint,
 )
 from trolley_etl.core.errors import LockFileError, ManifestError, TrolleyError
-from trolley_etl.manifest import Manifest, load_manifest
-from trolley_etl.runner.checkpoint import open_checkpoint
 
-# The runner, the report and verify are imported by the commands that use them, so that
-# building the parser (and `trolley-etl status`) does not load pydicom and the backends.
+# The manifest models, the checkpoint, the runner, the report and verify are imported by the
+# commands that use them, so that building the parser loads none of them.
 if TYPE_CHECKING:
     from trolley_etl.core.objectstore import ObjectStore
+    from trolley_etl.manifest import Manifest
     from trolley_etl.runner.run import RunOptions
     from trolley_etl.runner.verify import VerifyResult
 
@@ -41,13 +40,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     )
     _common(lock)
     lock.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
-    lock.set_defaults(handler=run_lock)
+    lock.set_defaults(handler=run_lock, preload=("trolley_etl.runner.run",))
 
     rep = subparsers.add_parser("report", help="the audit report of what was pulled")
     _common(rep)
     rep.add_argument("--format", choices=("json", "csv", "html", "md"), default="json")
     rep.add_argument("--output", "-o", type=Path, help="write it to this file, not stdout")
-    rep.set_defaults(handler=run_report)
+    rep.set_defaults(handler=run_report, preload=("trolley_etl.runner.report",))
 
     verify = subparsers.add_parser(
         "verify", help="re-read every stored file and compare it with its recorded checksum"
@@ -58,7 +57,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     verify.add_argument(
         "--repair", action="store_true", help="download missing and changed files again"
     )
-    verify.set_defaults(handler=run_verify)
+    verify.set_defaults(handler=run_verify, preload=("trolley_etl.runner.verify",))
+
+
+def _load_manifest(path: Path) -> Manifest:
+    from trolley_etl.manifest import load_manifest
+
+    return load_manifest(path)
 
 
 # --- lock ----------------------------------------------------------------------------------
@@ -71,7 +76,7 @@ def run_lock(args: argparse.Namespace) -> int:
     from trolley_etl.runner.run import Runner, root_lock
 
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = _load_manifest(args.manifest)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return exit_codes.USAGE
@@ -132,6 +137,8 @@ def run_report(args: argparse.Namespace) -> int:
     except TrolleyError as exc:
         print(f"trolley-etl: {exc}", file=sys.stderr)
         return _backend_exit(exc)
+    from trolley_etl.runner.checkpoint import open_checkpoint
+
     checkpoint = open_checkpoint(root, read_only=True)  # works on a read-only root (issue 13)
     try:
         audit = report.build_report(checkpoint, manifest, args.manifest, root, sizes=sizes)
@@ -204,6 +211,7 @@ def _verify_once(
     root: Path, workers: int, *, repair: bool, objects: ObjectStore | None = None
 ) -> tuple[VerifyResult, set[int]]:
     """Verify (and prepare a repair) under the root lock, so no run writes meanwhile."""
+    from trolley_etl.runner.checkpoint import open_checkpoint
     from trolley_etl.runner.readonly import reader_lock
     from trolley_etl.runner.run import root_lock
     from trolley_etl.runner.verify import prepare_repair, verify_root
@@ -236,6 +244,8 @@ def _repair_run(args: argparse.Namespace, manifest: Manifest, root: Path) -> int
 
 def _replaced_content(root: Path, before: VerifyResult) -> list[str]:
     """Repaired files whose bytes differ from the first download: the archive changed."""
+    from trolley_etl.runner.checkpoint import open_checkpoint
+
     checkpoint = open_checkpoint(root)
     try:
         now = {r.sop_instance_uid: r.sha256 for r in checkpoint.files()}

@@ -13,7 +13,6 @@ from typing import cast
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.core.errors import ManifestError
-from trolley_etl.manifest import load_manifest
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -21,11 +20,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "doctor", help="check each backend of a manifest: network, TLS, AE titles, credentials"
     )
     doctor.add_argument("manifest", type=Path, metavar="MANIFEST")
-    doctor.set_defaults(handler=run_doctor)
+    doctor.set_defaults(handler=run_doctor, preload=("trolley_etl.runner.doctor",))
 
 
 def run_doctor(args: argparse.Namespace) -> int:
     from trolley_etl.core.errors import TrolleyError
+    from trolley_etl.manifest import load_manifest
     from trolley_etl.runner.backends import build_backends
     from trolley_etl.runner.doctor import Doctor, exit_status
 

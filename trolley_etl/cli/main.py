@@ -16,6 +16,7 @@ from trolley_etl.cli import (
     manifest_commands,
     metadata_commands,
     run_commands,
+    startup,
 )
 from trolley_etl.core.errors import TrolleyError
 from trolley_etl.core.privacy import private_umask
@@ -37,18 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; `argv` None (the console script, `python -m trolley_etl`) means this
+    process is the command, which also tunes the collector for it (see `cli.startup`)."""
+    collecting = startup.pause() if argv is None else None
     failures.quiet_libraries()
     umask = private_umask()  # what this process creates is owner-only (issue 13)
     try:
-        return _main(argv)
+        return _main(argv, collecting)
     except BrokenPipeError:  # the reader of stdout went away (`verify | head`)
         failures.silence_stdout()
         return failures.BROKEN_PIPE
     finally:
         os.umask(umask)  # for callers of main() in the same process
+        if collecting is not None:
+            startup.exiting(resume=collecting)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, collecting: bool | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -57,6 +63,8 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return exit_codes.USAGE
+    if collecting is not None:  # the modules this command uses, loaded before it starts
+        startup.loaded(getattr(args, "preload", ()), resume=collecting)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

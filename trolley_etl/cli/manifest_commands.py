@@ -8,9 +8,6 @@ from pathlib import Path
 
 from trolley_etl.cli import exit_codes
 from trolley_etl.core.errors import ManifestError
-from trolley_etl.manifest import load_manifest
-from trolley_etl.manifest.loader import manifest_warnings
-from trolley_etl.manifest.schema import manifest_json_schema_text
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,7 +20,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         action="store_true",
         help="do not require the environment variables the manifest names (e.g. in CI)",
     )
-    validate.set_defaults(handler=run_validate)
+    validate.set_defaults(handler=run_validate, preload=("trolley_etl.manifest",))
 
     schema = subparsers.add_parser("schema", help="print the manifest JSON Schema")
     schema.add_argument("--output", "-o", type=Path, help="write it to this file instead")
@@ -31,6 +28,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from trolley_etl.manifest import load_manifest
+    from trolley_etl.manifest.loader import manifest_warnings
+
     status = exit_codes.OK
     for path in args.manifests:
         try:
@@ -47,6 +47,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_schema(args: argparse.Namespace) -> int:
+    from trolley_etl.manifest.schema import manifest_json_schema_text
+
     text = manifest_json_schema_text()
     if args.output:
         args.output.write_text(text, encoding="utf-8")

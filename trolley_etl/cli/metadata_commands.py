@@ -10,7 +10,6 @@ from pathlib import Path
 from trolley_etl.cli import exit_codes
 from trolley_etl.cli.run_commands import _common, manifest_with_checkpoint
 from trolley_etl.core.errors import MetadataError, TrolleyError
-from trolley_etl.runner.checkpoint import open_checkpoint
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,11 +21,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     meta.add_argument("--fields", help="comma-separated DICOM keywords (default: per level)")
     meta.add_argument("--format", choices=("csv", "parquet"), default="csv")
     meta.add_argument("--output", "-o", type=Path, help="write it to this file, not stdout")
-    meta.set_defaults(handler=run_metadata)
+    meta.set_defaults(handler=run_metadata, preload=("trolley_etl.reports.metadata",))
 
 
 def run_metadata(args: argparse.Namespace) -> int:
     from trolley_etl.reports import metadata
+    from trolley_etl.runner.checkpoint import open_checkpoint
 
     loaded = manifest_with_checkpoint(args)
     if isinstance(loaded, int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from trolley_etl.cli import exit_codes
-from trolley_etl.core.constants import CHECKPOINT_NAME
+from trolley_etl.core.constants import CHECKPOINT_NAME, STATE_DIR
 from trolley_etl.core.errors import (
     AuthenticationError,
     ConnectionFailedError,
@@ -25,20 +26,23 @@ from trolley_etl.core.errors import (
     OutsideWindowError,
     TrolleyError,
 )
-from trolley_etl.manifest import Manifest, load_manifest
-from trolley_etl.runner.checkpoint import (
-    FAILED,
-    INCOMPLETE,
-    TODO_STATES,
-    open_checkpoint,
-    state_dir,
-)
-from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
-from trolley_etl.runner.window import waiting_state
 
+# Building the parser (`--help`, a usage error) loads none of the manifest models, the
+# checkpoint or the runner: each command imports what it uses.
 if TYPE_CHECKING:
+    from trolley_etl.manifest import Manifest
     from trolley_etl.runner.logs import RunLog
     from trolley_etl.runner.run import Runner, RunOptions, RunResult
+
+#: What `run` and `plan` use, loaded before they start (see `cli.startup`).
+RUN_MODULES = (
+    "trolley_etl.manifest",
+    "trolley_etl.runner.run",
+    "trolley_etl.reports.render",
+    "trolley_etl.reports.summary",
+)
+#: What `status` uses.
+STATUS_MODULES = ("trolley_etl.manifest", "trolley_etl.reports.status")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +81,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="table (or text) for people, json or csv for scripts",
     )
     plan.add_argument("--workers", type=int, help="parallel searches (default: run.workers)")
-    plan.set_defaults(handler=run_plan)
+    plan.set_defaults(handler=run_plan, preload=RUN_MODULES)
 
     run = subparsers.add_parser("run", help="execute the manifest; resumes from its checkpoint")
     _common(run)
@@ -113,16 +117,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         metavar="tcp://HOST:PORT",
         help="Dask scheduler (overrides run.scheduler; implies --executor dask)",
     )
-    run.set_defaults(handler=run_run)
+    run.set_defaults(handler=run_run, preload=RUN_MODULES)
 
     status = subparsers.add_parser("status", help="what the checkpoint says; no archive contact")
     _common(status)
     status.add_argument("--format", choices=("text", "json"), default="text")
-    status.set_defaults(handler=run_status)
+    status.set_defaults(handler=run_status, preload=STATUS_MODULES)
 
 
 def _load(args: argparse.Namespace) -> Manifest:
+    from trolley_etl.manifest import load_manifest
+
     return load_manifest(args.manifest)
+
+
+def state_dir(root: Path) -> Path:
+    """The folder under a storage root that trolley-etl owns (`runner.checkpoint.state_dir`)."""
+    return root / STATE_DIR
 
 
 def _root(args: argparse.Namespace, manifest: Manifest) -> Path:
@@ -198,6 +209,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 def _print_plan(runner: Runner, style: str) -> None:
     from trolley_etl.reports.plan import average_instance_size, plan_row, render_plan
+    from trolley_etl.runner.checkpoint import open_checkpoint
 
     counts = None  # an earlier pull into the root tells the average size of an instance
     if (state_dir(runner.root) / CHECKPOINT_NAME).exists():
@@ -309,6 +321,8 @@ def _closing_summary(
                 log_path,
             )
         )
+    if not os.environ.get("GITHUB_STEP_SUMMARY"):
+        return  # no CI job page to append to: the report just written is not read back
     report = load_report(result.report_path)
     if report is not None:
         append_job_summary(report)
@@ -322,6 +336,8 @@ def manifest_with_checkpoint(
     Returns the exit code instead (after saying why) when the manifest is invalid or nothing
     has run yet.
     """
+    from trolley_etl.manifest import load_manifest
+
     try:
         manifest = load_manifest(args.manifest, check_env=check_env)
     except ManifestError as exc:
@@ -341,6 +357,9 @@ def run_status(args: argparse.Namespace) -> int:
         return loaded
     manifest, root = loaded
     from trolley_etl.reports.status import build_status, render_status
+    from trolley_etl.runner.checkpoint import FAILED, INCOMPLETE, TODO_STATES, open_checkpoint
+    from trolley_etl.runner.cohort import allowed_unmatched, cohort_report, refused_unmatched
+    from trolley_etl.runner.window import waiting_state
 
     # read-only where the root is (issue 13); where writable, runs whose process died are
     # marked aborted on the way

@@ -7,7 +7,10 @@ or a folder where a file was recorded counts as missing (never followed).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -31,12 +34,21 @@ def file_sha256(path: Path) -> str:
     return hash_file(path)[1]
 
 
-def recorded_size_problem(path: Path, size: int) -> Literal["missing", "changed"] | None:
-    """None when a regular file of the recorded `size` is at `path` (content not read)."""
+#: What makes a path "not there" rather than unreadable (the errors pathlib's `is_file` hides).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF})
+
+
+def recorded_size_problem(path: Path | str, size: int) -> Literal["missing", "changed"] | None:
+    """None when a regular file of the recorded `size` is at `path` (content not read).
+
+    One `lstat`, not following a link: a finished rerun asks this of every stored file.
+    """
     try:
-        if path.is_symlink() or not path.is_file():
+        found = os.lstat(path)
+    except OSError as error:
+        if error.errno in _ABSENT:
             return "missing"
-        actual = path.stat().st_size
-    except FileNotFoundError:
+        raise
+    if not stat.S_ISREG(found.st_mode):  # a symbolic link, a folder, a device
         return "missing"
-    return "changed" if actual != size else None
+    return "changed" if found.st_size != size else None

@@ -35,17 +35,11 @@ def _duration(seconds: float) -> str:
 
 def stored_totals(root: Path) -> dict[str, int]:
     """Studies, series, instances and bytes the checkpoint records as stored."""
-    checkpoint = open_checkpoint(root)
+    checkpoint = open_checkpoint(root, read_only=True)
     try:
-        studies, series, files, size = set(), set(), 0, 0
-        for record in checkpoint.files():
-            studies.add(record["study_uid"])
-            series.add(record["series_uid"])
-            files += 1
-            size += record["size"]
+        return checkpoint.stored_totals()
     finally:
         checkpoint.close()
-    return {"studies": len(studies), "series": len(series), "instances": files, "bytes": size}
 
 
 def run_summary(

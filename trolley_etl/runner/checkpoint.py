@@ -21,7 +21,8 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -85,6 +86,12 @@ ADDED_COLUMNS = {
         "new_path": "TEXT",  # where a layout change moves the file (see runner.relayout)
     },
 }
+
+
+#: Stamped into a checkpoint (`PRAGMA user_version`) once it has every table and column
+#: above; it changes whenever they do. A checkpoint carrying it opens without any DDL, and
+#: one that does not is brought up to date in one transaction (one sync, not one per table).
+SCHEMA_VERSION = zlib.crc32(repr((SCHEMA, ADDED_COLUMNS)).encode()) & 0x7FFFFFFF
 
 
 class ItemState(str, Enum):
@@ -235,9 +242,28 @@ class FileRecord:
 
     @classmethod
     def from_row(cls, names: list[str], row: tuple[Any, ...]) -> FileRecord:
-        values = dict(zip(names, row, strict=True))
-        known = {k: v for k, v in values.items() if k in _FILE_FIELDS}
-        return cls(**known, extra={k: v for k, v in values.items() if k not in _FILE_FIELDS})
+        return cls.row_reader(names)(row)
+
+    @classmethod
+    def row_reader(cls, names: list[str]) -> Callable[[tuple[Any, ...]], FileRecord]:
+        """Rows of `SELECT * FROM files` with these column names as records, built from
+        positions worked out once (a dict per row was most of a finished rerun's time)."""
+        column = {name: index for index, name in enumerate(names)}
+        fields = [f.name for f in dataclasses.fields(cls)]
+        picks: list[tuple[int | None, Any]] = [
+            (column.get(f.name), f.default)  # a column an older checkpoint lacks: the default
+            for f in dataclasses.fields(cls)
+            if f.name != "extra"
+        ]
+        extra_at = fields.index("extra")
+        others = [(index, name) for name, index in column.items() if name not in _FILE_FIELDS]
+
+        def read(row: tuple[Any, ...]) -> FileRecord:
+            values: list[Any] = [row[i] if i is not None else default for i, default in picks]
+            values.insert(extra_at, {name: row[index] for index, name in others})
+            return cls(*values)
+
+        return read
 
 
 @dataclass(frozen=True)
@@ -275,10 +301,22 @@ class Checkpoint:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(SCHEMA)
-            self._add_missing_columns()
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._create_schema()
         except sqlite3.DatabaseError as exc:
             raise damaged_checkpoint_error(path, exc) from None
+
+    def _create_schema(self) -> None:
+        """Every table and column, and the stamp saying so, in one transaction."""
+        try:  # the script's BEGIN opens the transaction (executescript only commits before)
+            self._db.executescript("BEGIN IMMEDIATE;\n" + SCHEMA)
+            self._add_missing_columns()
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _add_missing_columns(self) -> None:
         for table, columns in ADDED_COLUMNS.items():
@@ -496,6 +534,21 @@ class Checkpoint:
             ).fetchall()
         return items, files
 
+    def file_checksums(self) -> list[tuple[str, str, int]]:
+        """(path, SHA-256, size) of every stored file: what the BagIt manifest lists, without
+        building a record per file."""
+        with self._lock:
+            return self._db.execute("SELECT path, sha256, size FROM files").fetchall()
+
+    def stored_totals(self) -> dict[str, int]:
+        """Studies, series, instances and bytes recorded as stored, counted by SQLite."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(DISTINCT study_uid), COUNT(DISTINCT series_uid), COUNT(*), "
+                "COALESCE(SUM(size), 0) FROM files"
+            ).fetchone()
+        return dict(zip(("studies", "series", "instances", "bytes"), row, strict=True))
+
     def study_rows(self) -> list[StudyRow]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM studies ORDER BY study_uid").fetchall()
@@ -607,7 +660,8 @@ class Checkpoint:
             )
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
-        return [FileRecord.from_row(names, row) for row in rows]
+        read = FileRecord.row_reader(names)
+        return [read(row) for row in rows]
 
     def has_unsynced(self) -> bool:
         with self._lock:
@@ -691,8 +745,9 @@ class Checkpoint:
             cursor = self._db.execute(query + " ORDER BY path", params)
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
+        read = FileRecord.row_reader(names)
         for row in rows:
-            yield FileRecord.from_row(names, row)
+            yield read(row)
 
     def file_paths(self) -> dict[str, str]:
         """SOPInstanceUID -> recorded path of every stored file."""

@@ -129,12 +129,13 @@ def build_report(
     study_rows = {row.study_uid: row for row in checkpoint.study_rows()}
     query_sets = {uid: row.query_set for uid, row in study_rows.items()}
     rows: list[dict[str, Any]] = []
+    folder = str(root)  # a look at every stored file: plain strings, no Path per file
     for record in checkpoint.files():
         item = item_states.get(record.item_id)
         rows.append(
             {
                 "status": _file_status(
-                    root / record.path,
+                    os.path.join(folder, record.path),
                     record.size,
                     item.state if item else None,
                     None if sizes is None else sizes.get(record.path, -1),
@@ -283,7 +284,9 @@ def _with_unit_counts(summary: dict[str, Any], items: dict[int, Item]) -> dict[s
     return summary
 
 
-def _file_status(path: Path, size: int, item_state: str | None, listed: int | None = None) -> str:
+def _file_status(
+    path: Path | str, size: int, item_state: str | None, listed: int | None = None
+) -> str:
     """`listed` is the size an object-storage listing gave (-1: not listed); local files
     are looked at on disk."""
     if listed is not None:
@@ -374,10 +377,14 @@ def bag_path(path: str) -> str:
     return path.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def write_bag_manifests(root: Path, records: Iterable[FileRecord], name: str) -> bool:
+def write_bag_manifests(
+    root: Path, records: Iterable[FileRecord | tuple[str, str, int]], name: str
+) -> bool:
     """Write `manifest-sha256.txt`; also `bagit.txt` and `bag-info.txt` when every file lies
-    under `data/` (then the root is a valid bag). Returns whether it is a valid bag."""
-    entries = sorted((r.path, r.sha256, r.size) for r in records)
+    under `data/` (then the root is a valid bag). Returns whether it is a valid bag.
+
+    `records` are file records, or (path, SHA-256, size) as `Checkpoint.file_checksums`."""
+    entries = sorted(r if isinstance(r, tuple) else (r.path, r.sha256, r.size) for r in records)
     lines = "".join(f"{sha}  {bag_path(path)}\n" for path, sha, _ in entries)
     write_atomic(root / BAG_MANIFEST, lines)
     is_bag = bool(entries) and all(p.startswith(BAG_PAYLOAD_DIR + "/") for p, _, _ in entries)

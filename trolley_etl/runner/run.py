@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trolley_etl import __version__
 from trolley_etl.backends.limits import DEFAULT_MAX_CONNECTIONS
@@ -41,9 +42,8 @@ from trolley_etl.core.privacy import prepare_root
 from trolley_etl.core.relative_dates import resolved_ranges
 from trolley_etl.core.storage import StagedFile, StorageDir
 from trolley_etl.core.trolley import Trolley
+from trolley_etl.deid.audit import SETTINGS_KEY as DEID_SETTINGS_KEY
 from trolley_etl.deid.audit import quarantined_in
-from trolley_etl.deid.engine import Deidentifier
-from trolley_etl.deid.engine import prepare as prepare_deid
 from trolley_etl.manifest import Manifest
 from trolley_etl.reports.run_report import run_report
 from trolley_etl.runner import lockfile, rejections, relayout, report, resolve, window
@@ -71,6 +71,9 @@ from trolley_etl.runner.rejections import log_rejected
 from trolley_etl.runner.resolve import Found, Planned, Searched
 from trolley_etl.runner.retry import backoff_delay, is_retryable
 from trolley_etl.runner.search_cache import CachingSearcher
+
+if TYPE_CHECKING:  # the de-identification engine is loaded by the runs that use it
+    from trolley_etl.deid.engine import Deidentifier
 
 #: Builds the searcher and downloader of a manifest (tests pass in-memory fakes).
 BackendFactory = Callable[[Manifest], tuple[Searcher | None, Downloader]]
@@ -283,8 +286,13 @@ class Runner:
                     self.deid.close()
                 checkpoint.close()
 
-    def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
-        self.deid = prepare_deid(
+    def _prepare_deid(self, checkpoint: Checkpoint) -> Deidentifier | None:
+        """The run's de-identification; a plain run into a plain root loads none of it."""
+        if self.manifest.deid is None and checkpoint.get_meta(DEID_SETTINGS_KEY) is None:
+            return None
+        from trolley_etl.deid.engine import prepare  # checks a de-identified root too
+
+        return prepare(
             self.manifest.deid,
             base_dir=self.manifest.base_dir,
             root=self.root,
@@ -292,6 +300,9 @@ class Runner:
             run_id=self.run_id,
             logger=self.log.logger,
         )
+
+    def _run_locked(self, checkpoint: Checkpoint) -> RunResult:
+        self.deid = self._prepare_deid(checkpoint)
         wanted = resolve.resolution_hash(self.manifest)
         recorded = checkpoint.get_meta("resolution_hash")
         lock = None if self.options.refresh else self._read_lock(wanted)
@@ -810,11 +821,15 @@ class Runner:
             listed = (  # issue 19: one listing of the bucket instead of a stat per file
                 self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
             )
+            root = str(self.root)  # a stat per file of a finished rerun: no Path objects
             for record in checkpoint.files():
-                path = self.root / record.path
                 checked += 1
                 try:
-                    size = path.stat().st_size if listed is None else listed.get(record.path, -1)
+                    size = (
+                        os.stat(os.path.join(root, record.path)).st_size
+                        if listed is None
+                        else listed.get(record.path, -1)
+                    )
                 except FileNotFoundError:
                     size = -1
                 if size != record.size:
@@ -878,7 +893,7 @@ class Runner:
         report_path = report.save_report(
             self.root, report.report_json(small), f"{self.run_id}.json"
         )
-        bag = report.write_bag_manifests(self.root, checkpoint.files(), self.manifest.name)
+        bag = report.write_bag_manifests(self.root, checkpoint.file_checksums(), self.manifest.name)
         if isinstance(self.storage, ObjectStorageDir):  # issue 19: the checksums beside the data
             copy_tag_files(self.root, self.storage.store, report.ROOT_TAG_FILES)
         self.log.logger.info(
