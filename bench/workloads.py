@@ -158,10 +158,13 @@ def loaded_modules() -> dict[str, Any]:
 
 
 def trolley_cli(spec: dict[str, Any]) -> dict[str, Any]:
-    """``trolley-etl ARGS...`` in this process (so VmHWM is the run's own)."""
+    """``trolley-etl ARGS...`` in this process (so VmHWM is the run's own), called as the
+    console script calls it (no arguments, ``sys.argv``), so the process is tuned as a user's
+    command is (the collector, BLAS threads: see ``trolley_etl.cli.startup``)."""
     from trolley_etl.cli import main
 
-    code = main(list(spec["argv"]))
+    sys.argv = ["trolley-etl", *spec["argv"]]
+    code = main()
     if code != 0:
         raise SystemExit(f"trolley-etl {' '.join(spec['argv'])} exited {code}")
     return {"exit_code": code, **loaded_modules()}
