@@ -286,12 +286,17 @@ class RunRecord:
         return dataclasses.asdict(self)
 
 
+#: File records read at a time when they are listed (`Checkpoint.files`).
+FILE_PAGE = 2000
+
+
 class Checkpoint:
     """One SQLite database per storage root. Safe to use from several threads."""
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._read_only = read_only
         if read_only:  # issue 13: status, report, verify on a read-only root
             self._db = connect_read_only(path)
             return
@@ -736,18 +741,30 @@ class Checkpoint:
             )
 
     def files(self, item_id: int | None = None) -> Iterator[FileRecord]:
+        """Every recorded file (of one item), in path order."""
         query = "SELECT * FROM files"
         params: tuple[int, ...] = ()
         if item_id is not None:
             query += " WHERE item_id = ?"
             params = (item_id,)
-        with self._lock:
-            cursor = self._db.execute(query + " ORDER BY path", params)
-            names = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
-        read = FileRecord.row_reader(names)
-        for row in rows:
-            yield read(row)
+        if self._read_only:  # one connection, shared: read it all at once
+            with self._lock:
+                cursor = self._db.execute(query + " ORDER BY path", params)
+                read = FileRecord.row_reader([d[0] for d in cursor.description])
+                rows = cursor.fetchall()
+            yield from map(read, rows)
+            return
+        # a connection of its own, read page by page: memory does not grow with the root
+        # (the records of every file at once were most of the peak at the end of a run)
+        reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            reader.execute("PRAGMA busy_timeout=10000")
+            cursor = reader.execute(query + " ORDER BY path", params)
+            read = FileRecord.row_reader([d[0] for d in cursor.description])
+            while page := cursor.fetchmany(FILE_PAGE):
+                yield from map(read, page)
+        finally:
+            reader.close()
 
     def file_paths(self) -> dict[str, str]:
         """SOPInstanceUID -> recorded path of every stored file."""
