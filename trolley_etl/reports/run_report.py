@@ -15,15 +15,19 @@ from typing import Any
 MAX_PROBLEM_ROWS = 1000
 
 
-def run_report(audit: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """The per-run report from the full one (`runner.report.build_report` + run fields)."""
-    rows = audit.get("instances", [])
-    changed: dict[str, dict[str, Any]] = {}
-    stored = stored_bytes = 0
-    problems = []
-    for row in rows:
-        if row.get("run_id") == run_id and row.get("sha256"):
-            study = changed.setdefault(
+class RunChanges:
+    """What one run stored (per study) and the rows not stored, one report row at a time."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.studies: dict[str, dict[str, Any]] = {}
+        self.instances = self.bytes = 0
+        self.problems: list[dict[str, Any]] = []
+        self.problem_total = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row.get("run_id") == self.run_id and row.get("sha256"):
+            study = self.studies.setdefault(
                 row["study_uid"],
                 {
                     "accession_number": row.get("accession_number", ""),
@@ -34,14 +38,32 @@ def run_report(audit: dict[str, Any], run_id: str) -> dict[str, Any]:
             )
             study["instances"] += 1
             study["bytes"] += row.get("size", 0)
-            stored += 1
-            stored_bytes += row.get("size", 0)
+            self.instances += 1
+            self.bytes += row.get("size", 0)
         if row.get("status") not in ("stored", "stale"):
-            problems.append(row)
+            self.problem_total += 1
+            if len(self.problems) < MAX_PROBLEM_ROWS:
+                self.problems.append(row)
+
+
+def run_report(
+    audit: dict[str, Any], run_id: str, changes: RunChanges | None = None
+) -> dict[str, Any]:
+    """The per-run report from the full one (`runner.report.build_report` + run fields);
+    `changes` when they were gathered as the report's rows were made (then `instances`
+    need not hold every row)."""
+    if changes is None:
+        changes = RunChanges(run_id)
+        for row in audit.get("instances", []):
+            changes.add(row)
     small = {k: v for k, v in audit.items() if k != "instances"}
     small["runs"] = [r for r in audit.get("runs", []) if r.get("run_id") == run_id]
-    small["changed"] = {"instances": stored, "bytes": stored_bytes, "studies": changed}
-    small["not_stored"] = problems[:MAX_PROBLEM_ROWS]
-    small["not_stored_total"] = len(problems)
+    small["changed"] = {
+        "instances": changes.instances,
+        "bytes": changes.bytes,
+        "studies": changes.studies,
+    }
+    small["not_stored"] = changes.problems
+    small["not_stored_total"] = changes.problem_total
     small["full_report"] = "trolley-etl report MANIFEST (json, csv, html or md)"
     return small

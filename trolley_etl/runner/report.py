@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +119,33 @@ def build_report(
     root: Path,
     *,
     sizes: dict[str, int] | None = None,
+    all_instances: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The whole report as one JSON-ready dict; file status from a stat (verify re-hashes).
 
     `sizes` (path -> size, from a bucket listing) stands for the stat where the files are
-    objects (issue 19).
+    objects (issue 19). With `all_instances` False, `instances` keeps only the rows that are
+    not a file stored as recorded (what a run's own report lists), and `on_row` sees every
+    row as it is made: memory then does not grow with the number of files.
     """
     item_states = {item.item_id: item for item in checkpoint.items()}
     study_rows = {row.study_uid: row for row in checkpoint.study_rows()}
     query_sets = {uid: row.query_set for uid, row in study_rows.items()}
     rows: list[dict[str, Any]] = []
+    summary = Summary()
+
+    def take(row: dict[str, Any]) -> None:
+        summary.add(row)
+        if on_row is not None:
+            on_row(row)
+        if all_instances or row["status"] not in ("stored", "stale"):
+            rows.append(row)
+
     folder = str(root)  # a look at every stored file: plain strings, no Path per file
     for record in checkpoint.files():
         item = item_states.get(record.item_id)
-        rows.append(
+        take(
             {
                 "status": _file_status(
                     os.path.join(folder, record.path),
@@ -163,7 +176,7 @@ def build_report(
         if item.state == INCOMPLETE:  # one row per missing instance where they are named
             ref = item.reference
             for uid in item.missing_uids or ("",):
-                rows.append(
+                take(
                     {
                         **dict.fromkeys(CSV_COLUMNS, ""),
                         "status": INCOMPLETE,
@@ -177,7 +190,7 @@ def build_report(
                 )
         if item.state in (FAILED, PENDING):  # no instances known: one row for the item
             ref = item.reference
-            rows.append(
+            take(
                 {
                     **dict.fromkeys(CSV_COLUMNS, ""),
                     "status": item.state,
@@ -227,7 +240,7 @@ def build_report(
         "root": str(root),
         "deid": deid_report_section(checkpoint.path),
         "runs": runs,
-        "summary": _with_unit_counts(summarise(rows, checkpoint.counts()), item_states),
+        "summary": _with_unit_counts(summary.result(checkpoint.counts()), item_states),
         "cohort": cohort_report(checkpoint, allowed_unmatched(manifest.queries)),
         "units": [_unit_row(item, query_sets) for item in item_states.values()],
         "instances": rows,
@@ -298,21 +311,28 @@ def _file_status(
     return "stale" if item_state == STALE else "stored"
 
 
-def summarise(rows: list[dict[str, Any]], items: dict[str, int]) -> dict[str, Any]:
+def summarise(rows: Iterable[dict[str, Any]], items: dict[str, int]) -> dict[str, Any]:
     """Counts by status, modality and study; instance rows only where files exist."""
-    files = [r for r in rows if r["sha256"]]
-    by_modality: dict[str, dict[str, int]] = {}
-    by_study: dict[str, dict[str, Any]] = {}
-    for row in files:
-        modality = by_modality.setdefault(
-            row["modality"] or "unknown", {"instances": 0, "bytes": 0}
-        )
-        modality["instances"] += 1
-        modality["bytes"] += row["size"]
+    summary = Summary()
     for row in rows:
-        study = by_study.setdefault(
-            row["study_uid"],
-            {
+        summary.add(row)
+    return summary.result(items)
+
+
+class Summary:
+    """`summarise`, one row at a time (the rows of a large root need not be kept)."""
+
+    def __init__(self) -> None:
+        self.instances = self.bytes = 0
+        self.by_status: Counter[str] = Counter()
+        self.by_modality: dict[str, dict[str, int]] = {}
+        self.by_study: dict[str, dict[str, Any]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.by_status[row["status"]] += 1
+        study = self.by_study.get(row["study_uid"])
+        if study is None:
+            study = self.by_study[row["study_uid"]] = {
                 "instances": 0,
                 "bytes": 0,
                 "modalities": set(),
@@ -321,27 +341,36 @@ def summarise(rows: list[dict[str, Any]], items: dict[str, int]) -> dict[str, An
                 "accession_number": "",
                 "study_date": "",
                 "query_set": row["query_set"],
-            },
-        )
+            }
         study["status"][row["status"]] += 1
-        if row["sha256"]:
-            study["instances"] += 1
-            study["bytes"] += row["size"]
-            study["modalities"].add(row["modality"] or "unknown")
-            for key in ("patient_id", "accession_number", "study_date"):
-                study[key] = study[key] or row[key]
-    for study in by_study.values():
-        study["modalities"] = sorted(study["modalities"])
-        study["status"] = dict(sorted(study["status"].items()))
-    return {
-        "instances": len(files),
-        "bytes": sum(r["size"] for r in files),
-        "studies": len(by_study),
-        "by_status": dict(sorted(Counter(r["status"] for r in rows).items())),
-        "by_modality": dict(sorted(by_modality.items())),
-        "by_study": dict(sorted(by_study.items())),
-        "items": items,
-    }
+        if not row["sha256"]:
+            return
+        self.instances += 1
+        self.bytes += row["size"]
+        modality = self.by_modality.setdefault(
+            row["modality"] or "unknown", {"instances": 0, "bytes": 0}
+        )
+        modality["instances"] += 1
+        modality["bytes"] += row["size"]
+        study["instances"] += 1
+        study["bytes"] += row["size"]
+        study["modalities"].add(row["modality"] or "unknown")
+        for key in ("patient_id", "accession_number", "study_date"):
+            study[key] = study[key] or row[key]
+
+    def result(self, items: dict[str, int]) -> dict[str, Any]:
+        for study in self.by_study.values():
+            study["modalities"] = sorted(study["modalities"])
+            study["status"] = dict(sorted(study["status"].items()))
+        return {
+            "instances": self.instances,
+            "bytes": self.bytes,
+            "studies": len(self.by_study),
+            "by_status": dict(sorted(self.by_status.items())),
+            "by_modality": dict(sorted(self.by_modality.items())),
+            "by_study": dict(sorted(self.by_study.items())),
+            "items": items,
+        }
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from trolley_etl.core.trolley import Trolley
 from trolley_etl.deid.audit import SETTINGS_KEY as DEID_SETTINGS_KEY
 from trolley_etl.deid.audit import quarantined_in
 from trolley_etl.manifest import Manifest
-from trolley_etl.reports.run_report import run_report
+from trolley_etl.reports.run_report import RunChanges, run_report
 from trolley_etl.runner import lockfile, rejections, relayout, report, resolve, window
 from trolley_etl.runner.atomic import remove_stale_temp_files
 from trolley_etl.runner.backends import build_backends, describe_source
@@ -878,8 +878,15 @@ class Runner:
         listed = (  # issue 19: objects are found in a listing, not with a stat
             self.storage.stored_sizes() if isinstance(self.storage, ObjectStorageDir) else None
         )
+        changes = RunChanges(self.run_id)  # gathered row by row: no list of every file
         audit = report.build_report(
-            checkpoint, self.manifest, self.manifest_path, self.root, sizes=listed
+            checkpoint,
+            self.manifest,
+            self.manifest_path,
+            self.root,
+            sizes=listed,
+            all_instances=False,
+            on_row=changes.add,
         )
         audit.update(
             run_id=self.run_id,
@@ -889,7 +896,7 @@ class Runner:
             incomplete=incomplete,
             unmatched=unmatched,
         )
-        small = run_report(audit, self.run_id)  # summary and changes; `report` has every file
+        small = run_report(audit, self.run_id, changes)  # `report` lists every file
         report_path = report.save_report(
             self.root, report.report_json(small), f"{self.run_id}.json"
         )
