@@ -1,0 +1,193 @@
+"""Several requests in flight within one unit (issue 17), and never more than the caps.
+
+WADO-URI fetches the instances of a series unit with parallel requests; proxies between
+trolley-etl and a real Orthanc count the connections and time every request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from trolley_etl import Trolley
+from trolley_etl._harness.dicomgen import (
+    COHORT_ACCESSIONS,
+    GeneratedInstance,
+    make_instance,
+    test_uid,
+)
+from trolley_etl._harness.orthanc import OrthancServer
+from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
+from trolley_etl.backends import QidoRS, WadoURI
+from trolley_etl.backends.limits import BackendLimits
+from trolley_etl.cli.main import main
+from trolley_etl.core.errors import DownloadError, ObjectNotFoundError, UnexpectedInstanceError
+from trolley_etl.core.model import InstanceReference, SeriesInstances, SeriesReference
+
+DELAY = 0.3  # seconds the proxy holds every answer: requests in flight overlap visibly
+
+
+def series_instances(cohort: list[GeneratedInstance], accession: str, index: int) -> list[str]:
+    spec = COHORT_ACCESSIONS[accession]
+    return [c.sop_uid for c in cohort if c.series_uid == spec.series_uid(index)]
+
+
+def overlapping(starts: list[float], within: float) -> int:
+    """How many requests started less than `within` seconds after the one before."""
+    times = sorted(starts)
+    return sum(1 for a, b in itertools.pairwise(times) if b - a < within)
+
+
+def test_wado_uri_keeps_several_requests_in_flight_within_one_unit_and_the_cap(
+    orthanc: OrthancServer, cohort: list[GeneratedInstance], tmp_path: Path
+) -> None:
+    """One worker, one series of 4 instances, max_connections 2: two requests at a time."""
+    http = FaultProxy(orthanc.url)
+    http.delay = DELAY
+    tcp = CountingTcpProxy(int(http.url.rsplit(":", 1)[1]))
+    spec = COHORT_ACCESSIONS["ACC1001"]
+    series = SeriesReference(spec.study_uid, spec.series_uid(0))
+    try:
+        downloader = WadoURI(
+            f"http://127.0.0.1:{tcp.port}/wado", limits=BackendLimits(max_connections=2)
+        )
+        trolley = Trolley(searcher=QidoRS(orthanc.dicomweb_url), downloader=downloader, workers=1)
+        (unit,) = trolley.plan([series])
+        stored = trolley.download([series], output_dir=tmp_path)
+    finally:
+        tcp.close()
+        http.close()
+    wanted = series_instances(cohort, "ACC1001", 0)
+    assert len(wanted) == 4
+    assert isinstance(unit, SeriesInstances) and set(unit.instance_uids) == set(wanted)
+    assert {s.sop_instance_uid for s in stored} == set(wanted)
+    assert len(http.started) == 4
+    assert tcp.max_open(grace=0.05) == 2  # both connections used, never a third
+    assert overlapping(http.started, DELAY / 2) >= 2  # two pairs started together
+    by_uid = {c.sop_uid: c.data for c in cohort}
+    for item in stored:  # each object is the one its request named, byte for byte
+        assert item.path.read_bytes() == by_uid[item.sop_instance_uid]
+
+
+def test_wado_uri_unit_goes_on_past_a_missing_instance_and_names_it(
+    orthanc: OrthancServer, cohort: list[GeneratedInstance], tmp_path: Path
+) -> None:
+    spec = COHORT_ACCESSIONS["ACC1001"]
+    wanted = series_instances(cohort, "ACC1001", 0)
+    lost = wanted[1]
+    http = FaultProxy(orthanc.url)
+    http.fail_next(1, 404, prefix=_wado_path(spec.study_uid, spec.series_uid(0), lost))
+    try:
+        unit = SeriesInstances(spec.study_uid, spec.series_uid(0), tuple(wanted))
+        with pytest.raises(DownloadError) as info:
+            Trolley(downloader=WadoURI(http.url + "/wado")).download([unit], output_dir=tmp_path)
+    finally:
+        http.close()
+    ((ref, error),) = info.value.failures
+    assert ref == unit
+    assert isinstance(error, ObjectNotFoundError)
+    assert lost in str(error) and "1 of 4" in str(error)
+    assert {s.sop_instance_uid for s in info.value.stored} == set(wanted) - {lost}
+
+
+def test_wado_uri_plans_one_unit_per_series_and_keeps_a_lone_instance() -> None:
+    downloader = WadoURI("http://127.0.0.1:9/wado")
+    refs = [
+        InstanceReference("1.2", "1.2.3", "1.2.3.1"),
+        InstanceReference("1.2", "1.2.4", "1.2.4.1"),
+        InstanceReference("1.2", "1.2.3", "1.2.3.2"),
+        InstanceReference("1.2", "1.2.3", "1.2.3.1"),
+    ]
+    assert downloader.plan(refs) == [
+        SeriesInstances("1.2", "1.2.3", ("1.2.3.1", "1.2.3.2")),
+        InstanceReference("1.2", "1.2.4", "1.2.4.1"),
+    ]
+
+
+def test_a_rerun_asks_only_for_the_instances_a_series_unit_lacks(
+    orthanc: OrthancServer, cohort: list[GeneratedInstance], tmp_path: Path
+) -> None:
+    """The first run loses one instance (404: the unit fails, exit 1); the rerun requests
+    that one instance only, not the series again."""
+    spec = COHORT_ACCESSIONS["ACC1001"]
+    wanted = series_instances(cohort, "ACC1001", 0)
+    http = FaultProxy(orthanc.url)
+    http.fail_next(1, 404, prefix=_wado_path(spec.study_uid, spec.series_uid(0), wanted[2]))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"""\
+version: 1
+name: rerun
+source:
+  search: {{backend: qido-rs, url: "{orthanc.dicomweb_url}"}}
+  download: {{backend: wado-uri, url: "{http.url}/wado"}}
+queries:
+  - name: one
+    filters: {{AccessionNumber: ACC1001}}
+storage:
+  root: ./data
+run:
+  workers: 2
+  retries: 0
+"""
+    )
+    try:
+        assert main(["run", str(manifest), "-q"]) == 1
+        first = [path for path, _ in http.requests]
+        http.requests.clear()
+        assert main(["run", str(manifest), "-q"]) == 0
+        second = [path for path, _ in http.requests]
+    finally:
+        http.close()
+    total = COHORT_ACCESSIONS["ACC1001"].instance_count
+    assert len(first) == total
+    assert second == [_wado_path(spec.study_uid, spec.series_uid(0), wanted[2])]
+    stored = {p.stem for p in (tmp_path / "data").rglob("*.dcm")}
+    assert stored == {c.sop_uid for c in cohort if c.study_uid == spec.study_uid}
+    assert main(["status", str(manifest), "--format", "json"]) == 0
+
+
+def _wado_path(study: str, series: str, sop: str) -> str:
+    return (
+        f"/wado?requestType=WADO&studyUID={study}&seriesUID={series}&objectUID={sop}"
+        "&contentType=application/dicom"
+    )
+
+
+def test_wado_uri_batch_checks_each_object_against_its_own_instance(
+    httpserver: HTTPServer, tmp_path: Path
+) -> None:
+    """A server answering every request with the same object: within one series unit the
+    other request's answer is refused, never stored under the wrong name."""
+    study, series = test_uid("batch", "study"), test_uid("batch", "series")
+    first, second = (
+        make_instance(
+            patient_id="P1",
+            patient_name="Test^Batch",
+            study_uid=study,
+            series_uid=series,
+            sop_uid=test_uid("batch", n),
+            modality="CT",
+            study_date="20240101",
+            accession_number="ACC1",
+            rows=8,
+            columns=8,
+        )
+        for n in (1, 2)
+    )
+    httpserver.expect_request("/wado").respond_with_data(
+        first.data, content_type="application/dicom"
+    )
+    unit = SeriesInstances(study, series, (first.sop_uid, second.sop_uid))
+    with pytest.raises(DownloadError) as info:
+        Trolley(downloader=WadoURI(httpserver.url_for("/wado"))).download(
+            [unit], output_dir=tmp_path
+        )
+    ((ref, error),) = info.value.failures
+    assert ref == unit
+    assert isinstance(error, UnexpectedInstanceError) and "SOPInstanceUID" in str(error)
+    assert [s.sop_instance_uid for s in info.value.stored] == [first.sop_uid]
+    assert len(httpserver.log) == 2
