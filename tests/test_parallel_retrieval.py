@@ -1,7 +1,9 @@
-"""Several requests in flight within one unit (issue 17), and never more than the caps.
+"""Several requests in flight within one unit, associations kept open (issue 17), and never
+more than the caps.
 
-WADO-URI fetches the instances of a series unit with parallel requests; proxies between
-trolley-etl and a real Orthanc count the connections and time every request.
+WADO-URI fetches the instances of a series unit with parallel requests; C-GET keeps its
+associations open from one retrieval to the next. Proxies between trolley-etl and a real
+Orthanc count the connections and time every request.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from trolley_etl._harness.dicomgen import (
 )
 from trolley_etl._harness.orthanc import OrthancServer
 from trolley_etl._harness.proxy import CountingTcpProxy, FaultProxy
-from trolley_etl.backends import QidoRS, WadoURI
+from trolley_etl.backends import CGet, QidoRS, WadoURI
+from trolley_etl.backends.dimse import AssociationPool, StoreReceiver
 from trolley_etl.backends.limits import BackendLimits
 from trolley_etl.cli.main import main
 from trolley_etl.core.errors import DownloadError, ObjectNotFoundError, UnexpectedInstanceError
-from trolley_etl.core.model import InstanceReference, SeriesInstances, SeriesReference
+from trolley_etl.core.model import (
+    InstanceReference,
+    SeriesInstances,
+    SeriesReference,
+    StudyReference,
+)
 
 DELAY = 0.3  # seconds the proxy holds every answer: requests in flight overlap visibly
 
@@ -191,3 +199,77 @@ def test_wado_uri_batch_checks_each_object_against_its_own_instance(
     assert isinstance(error, UnexpectedInstanceError) and "SOPInstanceUID" in str(error)
     assert [s.sop_instance_uid for s in info.value.stored] == [first.sop_uid]
     assert len(httpserver.log) == 2
+
+
+# --- C-GET: associations kept open between retrievals ------------------------------------------
+
+
+class _Bytes:
+    """A sink keeping what arrives, by SOPInstanceUID order of arrival."""
+
+    def __init__(self) -> None:
+        self.objects: list[bytes] = []
+
+    def open_instance(self) -> _Bytes.Writer:
+        return _Bytes.Writer(self)
+
+    class Writer:
+        def __init__(self, sink: _Bytes) -> None:
+            self.sink, self.parts = sink, bytearray()
+
+        def write(self, chunk: bytes) -> None:
+            self.parts += chunk
+
+        def commit(self) -> None:
+            self.sink.objects.append(bytes(self.parts))
+
+        def abort(self) -> None:
+            self.parts.clear()
+
+
+def test_c_get_reuses_one_association_across_units(
+    orthanc: OrthancServer, cohort: list[GeneratedInstance], tmp_path: Path
+) -> None:
+    """Three studies, one worker: one association opened (not three), every object stored."""
+    tcp = CountingTcpProxy(orthanc.dicom_port)
+    studies = [COHORT_ACCESSIONS[a].study_uid for a in ("ACC1001", "ACC1003", "ACC1005")]
+    try:
+        downloader = CGet("127.0.0.1", tcp.port, orthanc.aet)
+        with Trolley(downloader=downloader, workers=1) as trolley:
+            stored = trolley.download([StudyReference(s) for s in studies], tmp_path)
+        assert downloader.pool.opened == 1
+    finally:
+        tcp.close()
+    assert len(tcp.opened) == 1
+    assert {s.sop_instance_uid for s in stored} == {
+        c.sop_uid for c in cohort if c.study_uid in studies
+    }
+
+
+def test_c_get_never_reuses_an_association_a_retrieval_failed_on(orthanc: OrthancServer) -> None:
+    spec = COHORT_ACCESSIONS["ACC1003"]
+    downloader = CGet("127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    pool = downloader.pool
+    receiver = StoreReceiver(_Bytes())
+    with (
+        pytest.raises(RuntimeError),
+        pool.use(
+            downloader.settings, downloader._make_ae, receiver, ext_neg=list(downloader.roles)
+        ) as first,
+    ):
+        raise RuntimeError("the retrieval failed half-way")
+    assert first.is_aborted and not first.is_established
+    sink = _Bytes()
+    assert downloader.fetch(StudyReference(spec.study_uid), sink) == spec.instance_count
+    assert pool.opened == 2  # a fresh association, not the aborted one
+    downloader.close()
+
+
+def test_c_get_releases_an_association_idle_too_long(orthanc: OrthancServer) -> None:
+    spec = COHORT_ACCESSIONS["ACC1005"]
+    downloader = CGet("127.0.0.1", orthanc.dicom_port, orthanc.aet)
+    downloader.pool = AssociationPool(idle_seconds=0.0)
+    for _ in range(2):
+        assert downloader.fetch(StudyReference(spec.study_uid), _Bytes()) == spec.instance_count
+    assert downloader.pool.opened == 2
+    downloader.close()
