@@ -286,6 +286,7 @@ def open_association(
         tls_args=tls_args,
     )
     if assoc.is_established:
+        _without_message_logging(assoc)
         return assoc
     where = f"{what} {settings.describe()}"
     if assoc.is_rejected:
@@ -312,6 +313,21 @@ def open_association(
         f"within the ACSE timeout of {settings.acse_timeout} s (or aborted it)",
         url=settings.url,
     )
+
+
+#: Events pynetdicom logs by default with handlers of its own, which describe every PDU and
+#: DIMSE message in text (and copy each received dataset to see whether it is empty) at any
+#: log level: a fifth of the CPU of a C-GET (issue 17). Nothing of ours listens to them.
+_LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+
+
+def _without_message_logging(assoc: Association) -> None:
+    """Unbind pynetdicom's per-message logging handlers from one association."""
+    for event in _LOGGING_EVENTS:
+        bound: Any = assoc.get_handlers(event)  # notification events: [(handler, args)]
+        for handler, _args in list(bound):
+            if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                assoc.unbind(event, handler)
 
 
 @contextmanager
@@ -347,9 +363,10 @@ def association(
             assoc.release()
 
 
-#: Seconds an association may wait unused in a pool before it is released instead of reused
-#: (archives close idle associations after a while; Orthanc after 30 s by default).
-POOL_IDLE_SECONDS = 5.0
+#: Seconds an association may wait unused in a pool before it is released: the next unit
+#: takes it within milliseconds, and an idle pynetdicom association is not free (its two
+#: threads poll every millisecond); archives also close idle associations after a while.
+POOL_IDLE_SECONDS = 1.0
 
 
 class _Pooled:
@@ -378,7 +395,7 @@ class AssociationPool:
     slot it keeps while open), and gives it back when the retrieval ended cleanly; on any
     error it is aborted, never reused. The rate cap (`requests_per_second`) counts
     retrievals, the deadline each retrieval; idle associations are released after
-    POOL_IDLE_SECONDS and by `close()`.
+    POOL_IDLE_SECONDS (by a timer) and by `close()`.
     """
 
     def __init__(self, *, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
@@ -471,9 +488,23 @@ class AssociationPool:
             if not self._closed:
                 self._idle.append(pooled)
                 self._changed.notify()
+                reaper = threading.Timer(self.idle_seconds + 0.05, self._reap)
+                reaper.daemon = True
+                reaper.start()
                 return
         _release(assoc)
         self._free_slot(pooled)
+
+    def _reap(self) -> None:
+        """Release the associations idle for `idle_seconds` or longer (the run went on to
+        other work, or ended: nothing should keep them polling)."""
+        now = time.monotonic()
+        with self._changed:
+            old = [p for p in self._idle if now - p.idle_since >= self.idle_seconds]
+            self._idle = [p for p in self._idle if p not in old]
+        for pooled in old:
+            _release(pooled.assoc)
+            self._free_slot(pooled)
 
     def _discard(self, pooled: _Pooled) -> None:
         assoc = pooled.assoc
