@@ -9,6 +9,7 @@ Orthanc count the connections and time every request.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from pathlib import Path
 
@@ -287,3 +288,28 @@ def test_c_get_releases_an_association_idle_too_long(orthanc: OrthancServer) -> 
         downloader.close()
     finally:
         tcp.close()
+
+
+def test_wado_uri_helpers_take_only_slots_no_other_unit_holds() -> None:
+    """A unit whose downloader's slots are all held by other units' workers fetches alone
+    (more threads would only queue for the same connections); with slots free it gets
+    helpers, one per free slot at most."""
+    from trolley_etl.backends.wado_uri import _Batch
+
+    def run(slots: threading.BoundedSemaphore) -> set[int]:
+        threads: set[int] = set()
+
+        def fetch_one(ref: object, sink: object) -> int:
+            threads.add(threading.get_ident())
+            time.sleep(0.05)  # long enough for helpers to start
+            return 1
+
+        refs = [InstanceReference("1.2", "1.2.3", f"1.2.3.{n}") for n in range(6)]
+        assert _Batch(refs, _Bytes(), fetch_one, slots, 3).run() == 6
+        return threads
+
+    busy = threading.BoundedSemaphore(3)
+    busy.acquire(), busy.acquire()  # two other units' workers; this unit's takes the third
+    assert len(run(busy)) == 1
+    assert len(run(threading.BoundedSemaphore(3))) == 3
+    assert len(run(threading.BoundedSemaphore(8))) == 3  # never more than `most` threads

@@ -10,7 +10,7 @@ at a time left the connection idle while each answer was written (issue 17).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import requests
@@ -24,7 +24,6 @@ from trolley_etl.backends.limits import DEFAULT_MAX_CONNECTIONS
 from trolley_etl.backends.multipart import stream_single
 from trolley_etl.core.arrival import CheckedSink
 from trolley_etl.core.backend import Downloader, InstanceSink
-from trolley_etl.core.engine import execute
 from trolley_etl.core.errors import (
     ConfigurationError,
     MissingReferencesError,
@@ -49,9 +48,10 @@ if TYPE_CHECKING:
 class WadoURI(Downloader):
     """Download single instances with `?requestType=WADO&...&contentType=application/dicom`.
 
-    `parallel` is how many requests one unit keeps in flight (default: the backend's
-    `max_connections`, else 4); the connection cap still holds across all units, since
-    every request waits for one of the pool's `max_connections` connections.
+    `parallel` is how many requests the downloader keeps in flight across all units
+    (default: the backend's `max_connections`, else 4): a unit's helper requests use only
+    slots no other unit's worker holds (see `_Batch`), and the connection cap holds
+    anyway, since every request waits for one of the pool's `max_connections` connections.
     """
 
     retrieval_level = QueryLevel.INSTANCE
@@ -70,7 +70,11 @@ class WadoURI(Downloader):
             raise ConfigurationError("parallel must be at least 1")
         self.http = http_settings(url, http).client(session)
         self.transfer_syntax = transfer_syntax
-        self.parallel = parallel
+        limits = self.http.limits
+        cap = limits.max_connections if limits is not None else None
+        self._parallel = parallel or cap or DEFAULT_MAX_CONNECTIONS
+        #: Requests in flight across all units (see `_Batch`): one per connection.
+        self._slots = threading.BoundedSemaphore(self._parallel)
 
     def plan(self, objects: Sequence[Retrievable]) -> list[Reference]:
         """One unit per series: SeriesInstances naming its instances (a lone instance
@@ -104,13 +108,8 @@ class WadoURI(Downloader):
                 QueryLevel.INSTANCE, f"WADO-URI retrieves single instances, not {reference}"
             )
         instances = reference.contained_references(QueryLevel.INSTANCE)
-        return _fetch_all(instances, sink, self._fetch_one, self._parallel(len(instances)))
-
-    def _parallel(self, count: int) -> int:
-        limits = self.http.limits
-        cap = limits.max_connections if limits is not None else None
-        wanted = self.parallel or cap or DEFAULT_MAX_CONNECTIONS
-        return max(1, min(wanted, count))
+        batch = _Batch(instances, sink, self._fetch_one, self._slots, self._parallel)
+        return batch.run()
 
     def _fetch_one(self, reference: Reference, sink: InstanceSink) -> int:
         assert isinstance(reference, InstanceReference)
@@ -132,51 +131,94 @@ class WadoURI(Downloader):
         self.http.close()
 
 
-def _fetch_all(
-    instances: Sequence[Reference],
-    sink: InstanceSink,
-    fetch_one: Callable[[Reference, InstanceSink], int],
-    parallel: int,
-) -> int:
-    """Fetch `instances` with `parallel` requests in flight, each checked against its SOP."""
-    stored = 0
-    not_found: list[InstanceReference] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
+class _Batch:
+    """The instances of one unit, fetched by the worker thread and by helper threads that
+    each hold one of the downloader's request slots while they have work.
 
-    def todo() -> Iterator[Reference]:
-        for ref in instances:
-            if errors:  # stop asking once something other than a 404 went wrong
+    The slots (one per connection) are shared by every unit, and the worker holds one for
+    its whole unit: with all workers busy no helper starts, so a run with as many workers
+    as connections keeps exactly one request per unit in flight; as units run out (the
+    last studies of a cohort, or a single large series) their helpers take the idle slots.
+    """
+
+    def __init__(
+        self,
+        instances: Sequence[Reference],
+        sink: InstanceSink,
+        fetch_one: Callable[[Reference, InstanceSink], int],
+        slots: threading.BoundedSemaphore,
+        most: int,
+    ) -> None:
+        self.fetch_one, self.sink, self.slots = fetch_one, sink, slots
+        self.most = most  # threads on this unit at most (worker included)
+        self.total = len(instances)
+        self.stored = 0
+        self.not_found: list[InstanceReference] = []
+        self.errors: list[BaseException] = []
+        self._todo = list(reversed(instances))
+        self._lock = threading.Lock()
+        self._helpers: list[threading.Thread] = []
+
+    def run(self) -> int:
+        """Fetch everything (this thread and its helpers); raise what went wrong."""
+        with self.slots:
+            try:
+                self._loop(spawn=True)
+            finally:
+                for helper in self._helpers:
+                    helper.join()
+        if self.errors:
+            raise self.errors[0]
+        if self.not_found:
+            shown = ", ".join(ref.instance_uid for ref in self.not_found[:5])
+            more = f" and {len(self.not_found) - 5} more" if len(self.not_found) > 5 else ""
+            raise ObjectNotFoundError(
+                f"WADO-URI: the archive does not hold {len(self.not_found)} of {self.total} "
+                f"instance(s) of series {self.not_found[0].series_uid}: {shown}{more}"
+            )
+        return self.stored
+
+    def _next(self) -> Reference | None:
+        with self._lock:
+            if self.errors or not self._todo:  # after an error (not a 404) nothing new starts
+                return None
+            return self._todo.pop()
+
+    def _loop(self, *, spawn: bool) -> None:
+        while (ref := self._next()) is not None:
+            if spawn:
+                self._spawn_helpers()
+            try:
+                self.fetch_one(ref, _instance_sink(self.sink, ref))
+            except ObjectNotFoundError:
+                with self._lock:
+                    if isinstance(ref, InstanceReference):
+                        self.not_found.append(ref)
+            except BaseException as error:
+                with self._lock:
+                    self.errors.append(error)
                 return
-            yield ref
-
-    def done(ref: Reference, error: BaseException | None) -> None:
-        nonlocal stored
-        with lock:
-            if error is None:
-                stored += 1
-            elif isinstance(error, ObjectNotFoundError) and isinstance(ref, InstanceReference):
-                not_found.append(ref)
             else:
-                errors.append(error)
+                with self._lock:
+                    self.stored += 1
 
-    execute(
-        todo(),
-        lambda ref: fetch_one(ref, _instance_sink(sink, ref)),
-        workers=parallel,
-        on_done=done,
-        name="wado-uri",
-    )
-    if errors:
-        raise errors[0]
-    if not_found:
-        shown = ", ".join(ref.instance_uid for ref in not_found[:5])
-        more = f" and {len(not_found) - 5} more" if len(not_found) > 5 else ""
-        raise ObjectNotFoundError(
-            f"WADO-URI: the archive does not hold {len(not_found)} of {len(instances)} "
-            f"instance(s) of series {not_found[0].series_uid}: {shown}{more}"
-        )
-    return stored
+    def _spawn_helpers(self) -> None:
+        """Start a helper for each idle slot while this unit has work left for it."""
+        while len(self._helpers) + 1 < self.most:
+            with self._lock:
+                if len(self._todo) <= len(self._helpers):
+                    return
+            if not self.slots.acquire(blocking=False):
+                return
+            helper = threading.Thread(target=self._help, name="wado-uri-helper", daemon=True)
+            self._helpers.append(helper)
+            helper.start()
+
+    def _help(self) -> None:
+        try:
+            self._loop(spawn=False)
+        finally:
+            self.slots.release()
 
 
 def _instance_sink(sink: InstanceSink, ref: Reference) -> CheckedSink:
