@@ -313,3 +313,32 @@ def test_wado_uri_helpers_take_only_slots_no_other_unit_holds() -> None:
     assert len(run(busy)) == 1
     assert len(run(threading.BoundedSemaphore(3))) == 3
     assert len(run(threading.BoundedSemaphore(8))) == 3  # never more than `most` threads
+
+
+def test_c_get_by_series_from_the_manifest(orthanc: OrthancServer, tmp_path: Path) -> None:
+    """`level: series`: one unit (one C-GET) per series, on the associations kept open."""
+    spec = COHORT_ACCESSIONS["ACC1001"]
+    dimse = f'host: 127.0.0.1, port: {orthanc.dicom_port}, called_aet: "{orthanc.aet}"'
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"""\
+version: 1
+name: by-series
+source:
+  search: {{backend: dicom-qr, {dimse}}}
+  download: {{backend: c-get, {dimse}, level: series}}
+queries:
+  - name: one
+    filters: {{AccessionNumber: ACC1001}}
+storage:
+  root: ./data
+"""
+    )
+    assert main(["run", str(manifest), "-q"]) == 0
+    assert main(["status", str(manifest), "--format", "json"]) == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / ".trolley" / "checkpoint.sqlite") as db:
+        units = db.execute("SELECT series_uid FROM items").fetchall()
+    assert sorted(u for (u,) in units) == sorted(spec.series_uid(i) for i in range(2))
+    assert len(list((tmp_path / "data").rglob("*.dcm"))) == spec.instance_count
