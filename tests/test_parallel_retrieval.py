@@ -342,3 +342,21 @@ storage:
         units = db.execute("SELECT series_uid FROM items").fetchall()
     assert sorted(u for (u,) in units) == sorted(spec.series_uid(i) for i in range(2))
     assert len(list((tmp_path / "data").rglob("*.dcm"))) == spec.instance_count
+
+
+def test_wado_uri_batch_stops_asking_after_an_error() -> None:
+    """An error other than a 404 (a dropped connection, the run stopping) ends the unit:
+    requests in flight finish, no new one starts, and the error is raised."""
+    from trolley_etl.backends.wado_uri import _Batch
+
+    calls: list[str] = []
+
+    def fetch_one(ref: InstanceReference, sink: object) -> int:
+        calls.append(ref.instance_uid)
+        time.sleep(0.02)
+        raise ConnectionError("the archive went away")
+
+    refs = [InstanceReference("1.2", "1.2.3", f"1.2.3.{n}") for n in range(20)]
+    with pytest.raises(ConnectionError, match="went away"):
+        _Batch(refs, _Bytes(), fetch_one, threading.BoundedSemaphore(4), 4).run()  # type: ignore[arg-type]
+    assert 1 <= len(calls) <= 4  # at most one request per thread, then nothing new
