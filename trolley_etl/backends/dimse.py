@@ -404,6 +404,7 @@ class AssociationPool:
         self._idle: list[_Pooled] = []
         self._changed = threading.Condition()
         self._closed = False
+        self._reaper_due = False
 
     @contextmanager
     def use(
@@ -488,20 +489,31 @@ class AssociationPool:
             if not self._closed:
                 self._idle.append(pooled)
                 self._changed.notify()
-                reaper = threading.Timer(self.idle_seconds + 0.05, self._reap)
-                reaper.daemon = True
-                reaper.start()
+                if not self._reaper_due:  # one timer at a time, however many units end
+                    self._start_reaper(self.idle_seconds)
                 return
         _release(assoc)
         self._free_slot(pooled)
 
+    def _start_reaper(self, after: float) -> None:
+        """(Under the lock.) Run `_reap` in `after` seconds."""
+        self._reaper_due = True
+        reaper = threading.Timer(after + 0.05, self._reap)
+        reaper.daemon = True
+        reaper.start()
+
     def _reap(self) -> None:
         """Release the associations idle for `idle_seconds` or longer (the run went on to
-        other work, or ended: nothing should keep them polling)."""
+        other work, or ended: nothing should keep them polling); look again later while
+        others are idle."""
         now = time.monotonic()
         with self._changed:
             old = [p for p in self._idle if now - p.idle_since >= self.idle_seconds]
             self._idle = [p for p in self._idle if p not in old]
+            self._reaper_due = False
+            if self._idle and not self._closed:
+                oldest = min(p.idle_since for p in self._idle)
+                self._start_reaper(max(0.0, oldest + self.idle_seconds - now))
         for pooled in old:
             _release(pooled.assoc)
             self._free_slot(pooled)
