@@ -132,7 +132,7 @@ def test_a_run_outlives_its_five_second_tokens(
 ) -> None:
     monkeypatch.setenv("IDP_CLIENT", CLIENT_ID)
     monkeypatch.setenv("IDP_SECRET", CLIENT_SECRET)
-    gated.delay = 0.9  # 12 instances, one worker: the run lasts more than two token lifetimes
+    gated.delay = 0.9  # 12 instances one by one: the run lasts more than two token lifetimes
     auth = (
         f"{{type: oauth2, token_url: '{tokens.url}', client_id_env: IDP_CLIENT, "
         "client_secret_env: IDP_SECRET, scope: pacs.read}"
@@ -144,7 +144,7 @@ version: 1
 name: tokens
 source:
   search: {{backend: qido-rs, url: "{gated.url}/dicom-web", auth: {auth}}}
-  download: {{backend: wado-uri, url: "{gated.url}/wado", auth: {auth}}}
+  download: {{backend: wado-uri, url: "{gated.url}/wado", auth: {auth}, max_connections: 1}}
 queries:
   - name: two
     filters: {{AccessionNumber: [ACC1001, ACC1003]}}

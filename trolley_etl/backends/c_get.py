@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pynetdicom import build_role, evt
+from pynetdicom import AE, build_role
 
 from trolley_etl.backends.dimse import (
     STUDY_ROOT_GET,
+    AssociationPool,
     DimseSettings,
     StoreReceiver,
-    association,
     check_retrieve_result,
     dimse_settings,
     parse_retrieval_level,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 class CGet(Downloader):
-    """Download with C-GET at study, series or instance level, one association per retrieval.
+    """Download with C-GET at study, series or instance level, on associations kept open.
 
     `storage_sop_classes` narrows the storage classes offered (all that pynetdicom knows,
     within the context limit, by default); `retrieval_level="series"` makes the Trolley
@@ -59,20 +59,25 @@ class CGet(Downloader):
         self.retrieval_level = parse_retrieval_level(retrieval_level)
         self.contexts = storage_contexts(storage_sop_classes)
         self.roles = [build_role(uid, scp_role=True) for uid in storage_classes_of(self.contexts)]
+        self.pool = AssociationPool()
 
-    def fetch(self, reference: Reference, sink: InstanceSink) -> int:
-        """Retrieve everything under `reference` with one C-GET into `sink`; returns the count."""
+    def _make_ae(self) -> AE:
+        """A requesting AE proposing Study Root C-GET and the storage contexts (SCP role)."""
         ae = self.settings.make_ae()
         ae.add_requested_context(STUDY_ROOT_GET)
         for context in self.contexts:
             ae.add_requested_context(str(context.abstract_syntax), context.transfer_syntax)
+        return ae
+
+    def fetch(self, reference: Reference, sink: InstanceSink) -> int:
+        """Retrieve everything under `reference` with one C-GET into `sink`; returns the count.
+
+        The association comes from the downloader's pool: opened once, used by one
+        retrieval at a time, kept for the next one (see `AssociationPool`).
+        """
         receiver = StoreReceiver(sink, self.settings.limits)
-        with association(
-            self.settings,
-            ae,
-            ext_neg=list(self.roles),
-            evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store)],
-            what="C-GET",
+        with self.pool.use(
+            self.settings, self._make_ae, receiver, ext_neg=list(self.roles), what="C-GET"
         ) as assoc:
             responses = assoc.send_c_get(retrieve_identifier(reference), STUDY_ROOT_GET)
             final, last_pending = run_retrieve(responses, assoc, self.settings, "C-GET")
@@ -87,6 +92,10 @@ class CGet(Downloader):
             storage_errors=receiver.errors,
         )
         return receiver.count
+
+    def close(self) -> None:
+        """Release the associations kept open."""
+        self.pool.close()
 
     def __enter__(self) -> CGet:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -285,6 +286,7 @@ def open_association(
         tls_args=tls_args,
     )
     if assoc.is_established:
+        _without_message_logging(assoc)
         return assoc
     where = f"{what} {settings.describe()}"
     if assoc.is_rejected:
@@ -311,6 +313,21 @@ def open_association(
         f"within the ACSE timeout of {settings.acse_timeout} s (or aborted it)",
         url=settings.url,
     )
+
+
+#: Events pynetdicom logs by default with handlers of its own, which describe every PDU and
+#: DIMSE message in text (and copy each received dataset to see whether it is empty) at any
+#: log level: a fifth of the CPU of a C-GET (issue 17). Nothing of ours listens to them.
+_LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+
+
+def _without_message_logging(assoc: Association) -> None:
+    """Unbind pynetdicom's per-message logging handlers from one association."""
+    for event in _LOGGING_EVENTS:
+        bound: Any = assoc.get_handlers(event)  # notification events: [(handler, args)]
+        for handler, _args in list(bound):
+            if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                assoc.unbind(event, handler)
 
 
 @contextmanager
@@ -343,6 +360,181 @@ def association(
         finally:
             _unwatch(assoc, watch)
         if assoc.is_established:
+            assoc.release()
+
+
+#: Seconds an association may wait unused in a pool before it is released: the next unit
+#: takes it within milliseconds, and an idle pynetdicom association is not free (its two
+#: threads poll every millisecond); archives also close idle associations after a while.
+POOL_IDLE_SECONDS = 1.0
+
+
+class _Pooled:
+    """One open association of a pool, and the C-STORE receiver of its current retrieval."""
+
+    def __init__(self, limits: BackendLimits | None) -> None:
+        self.limits = limits  # whose max_connections slot it holds while open
+        self.assoc: Association | None = None
+        self.receiver: StoreReceiver | None = None
+        self.idle_since = 0.0
+
+    def handle_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE handler bound once: hands the object to the retrieval in progress."""
+        receiver = self.receiver
+        if receiver is None:  # nothing asked for it: refuse rather than store it nowhere
+            return STORE_OUT_OF_RESOURCES
+        return receiver.handle_store(event)
+
+
+class AssociationPool:
+    """Associations kept open between retrievals of one backend (issue 17).
+
+    Opening an association with 128 presentation contexts and their SCP roles cost about as
+    much CPU as receiving a few megabytes; a unit per series paid it per series. A retrieval
+    takes an idle association of the pool (or opens one within `max_connections`, whose
+    slot it keeps while open), and gives it back when the retrieval ended cleanly; on any
+    error it is aborted, never reused. The rate cap (`requests_per_second`) counts
+    retrievals, the deadline each retrieval; idle associations are released after
+    POOL_IDLE_SECONDS (by a timer) and by `close()`.
+    """
+
+    def __init__(self, *, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self.opened = 0  # associations opened so far (tests, logs)
+        self._idle: list[_Pooled] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._reaper_due = False
+
+    @contextmanager
+    def use(
+        self,
+        settings: DimseSettings,
+        make_ae: Any,
+        receiver: StoreReceiver,
+        *,
+        ext_neg: list[Any] | None = None,
+        what: str = "association",
+    ) -> Iterator[Association]:
+        """An established association whose C-STOREs go to `receiver`, for one retrieval."""
+        limits = settings.limits
+        pooled = self._take(limits)
+        try:
+            if limits is not None:
+                limits.request()
+            if pooled.assoc is None:
+                pooled.assoc = open_association(
+                    settings,
+                    make_ae(),
+                    ext_neg=ext_neg,
+                    evt_handlers=[(evt.EVT_C_STORE, pooled.handle_store)],
+                    what=what,
+                )
+                with self._changed:
+                    self.opened += 1
+        except BaseException:
+            self._discard(pooled)
+            raise
+        assoc = pooled.assoc
+        pooled.receiver = receiver
+        watch = _watch(assoc, settings.deadline)
+        try:
+            yield assoc
+        except BaseException:
+            _unwatch(assoc, watch)
+            pooled.receiver = None
+            self._discard(pooled)
+            raise
+        _unwatch(assoc, watch)
+        pooled.receiver = None
+        self._give_back(pooled)
+
+    def close(self) -> None:
+        """Release every idle association (those in use are released when given back)."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify_all()
+        for pooled in idle:
+            _release(pooled.assoc)
+            self._free_slot(pooled)
+
+    def _take(self, limits: BackendLimits | None) -> _Pooled:
+        """An idle association (the most recently used), or a new slot to open one in."""
+        stale: list[_Pooled] = []
+        try:
+            with self._changed:
+                while True:
+                    while self._idle:
+                        pooled = self._idle.pop()
+                        fresh = time.monotonic() - pooled.idle_since < self.idle_seconds
+                        if fresh and pooled.assoc is not None and pooled.assoc.is_established:
+                            return pooled
+                        stale.append(pooled)
+                    if limits is None or limits.try_connection():
+                        return _Pooled(limits)
+                    self._changed.wait(timeout=0.5)  # a slot freed elsewhere is seen too
+        finally:
+            for pooled in stale:  # released outside the lock: the peer answers A-RELEASE
+                _release(pooled.assoc)
+                self._free_slot(pooled)
+
+    def _give_back(self, pooled: _Pooled) -> None:
+        assoc = pooled.assoc
+        if assoc is None or not assoc.is_established:
+            self._discard(pooled)
+            return
+        pooled.idle_since = time.monotonic()
+        with self._changed:
+            if not self._closed:
+                self._idle.append(pooled)
+                self._changed.notify()
+                if not self._reaper_due:  # one timer at a time, however many units end
+                    self._start_reaper(self.idle_seconds)
+                return
+        _release(assoc)
+        self._free_slot(pooled)
+
+    def _start_reaper(self, after: float) -> None:
+        """(Under the lock.) Run `_reap` in `after` seconds."""
+        self._reaper_due = True
+        reaper = threading.Timer(after + 0.05, self._reap)
+        reaper.daemon = True
+        reaper.start()
+
+    def _reap(self) -> None:
+        """Release the associations idle for `idle_seconds` or longer (the run went on to
+        other work, or ended: nothing should keep them polling); look again later while
+        others are idle."""
+        now = time.monotonic()
+        with self._changed:
+            old = [p for p in self._idle if now - p.idle_since >= self.idle_seconds]
+            self._idle = [p for p in self._idle if p not in old]
+            self._reaper_due = False
+            if self._idle and not self._closed:
+                oldest = min(p.idle_since for p in self._idle)
+                self._start_reaper(max(0.0, oldest + self.idle_seconds - now))
+        for pooled in old:
+            _release(pooled.assoc)
+            self._free_slot(pooled)
+
+    def _discard(self, pooled: _Pooled) -> None:
+        assoc = pooled.assoc
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+        self._free_slot(pooled)
+
+    def _free_slot(self, pooled: _Pooled) -> None:
+        if pooled.limits is not None:
+            pooled.limits.release_connection()
+            pooled.limits = None  # a slot is given back once
+        with self._changed:
+            self._changed.notify()
+
+
+def _release(assoc: Association | None) -> None:
+    if assoc is not None and assoc.is_established:
+        with suppress(Exception):
             assoc.release()
 
 

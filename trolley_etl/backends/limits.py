@@ -2,7 +2,8 @@
 
 A research pull runs against the archive radiologists are reading from, so each backend can
 be capped: at most `max_connections` open at once (HTTP connections or DICOM associations),
-at most `requests_per_second` requests started (HTTP requests or DICOM associations), at
+at most `requests_per_second` requests started (HTTP requests, or DIMSE ones: C-FIND, C-GET,
+C-MOVE), at
 most `megabytes_per_second` received (10^6 bytes; throttled as data arrives, so the archive
 is slowed by TCP or by late C-STORE answers, never flooded). One BackendLimits object is
 shared by all the threads of a backend, so the caps hold however many workers run.
@@ -115,6 +116,18 @@ class BackendLimits:
         try:
             yield
         finally:
+            self._slots.release()
+
+    def try_connection(self) -> bool:
+        """Take one of `max_connections` slots if one is free now (for an association kept
+        open across retrievals, which holds it until `release_connection`)."""
+        if self._slots is None:
+            return True
+        return self._slots.acquire(blocking=False)
+
+    def release_connection(self) -> None:
+        """Give back a slot taken with `try_connection`."""
+        if self._slots is not None:
             self._slots.release()
 
     def _pause(self, seconds: float, cap: str) -> None:

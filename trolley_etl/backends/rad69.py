@@ -53,7 +53,7 @@ from trolley_etl.core.model import (
     QueryLevel,
     Reference,
     Retrievable,
-    SeriesReference,
+    SeriesInstances,
     contained_references,
 )
 
@@ -89,22 +89,6 @@ MAX_ROOT_BYTES = 16 * 1024 * 1024
 
 #: The prefixes of the request envelope, declared on its root element.
 _PREFIXES = {"xmlns:s": SOAP_ENV, "xmlns:a": WSA, "xmlns:iherad": IHE_RAD, "xmlns:ihe": IHE_XDS}
-
-
-@dataclass(frozen=True)
-class SeriesInstances(SeriesReference):
-    """A series and the instances of it to retrieve in one RAD-69 request."""
-
-    instance_uids: tuple[str, ...] = ()
-
-    def contained_references(self, max_level: QueryLevel) -> list[Reference]:
-        """Its instances, when asked for instances (so it can be planned again)."""
-        if max_level is QueryLevel.INSTANCE and self.instance_uids:
-            return [
-                InstanceReference(self.study_uid, self.series_uid, uid)
-                for uid in self.instance_uids
-            ]
-        return super().contained_references(max_level)
 
 
 @dataclass(frozen=True)

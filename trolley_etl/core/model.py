@@ -82,6 +82,26 @@ class InstanceReference:
         return _own_reference_or_raise(self, max_level)
 
 
+@dataclass(frozen=True)
+class SeriesInstances(SeriesReference):
+    """A series and the instances of it to retrieve as one unit (RAD-69 and WADO-URI batches).
+
+    One unit per series instead of one per instance: the runner keeps one item (and one
+    completeness check) per series, and the downloader may fetch the instances in parallel.
+    """
+
+    instance_uids: tuple[str, ...] = ()
+
+    def contained_references(self, max_level: QueryLevel) -> list[Reference]:
+        """Its instances, when asked for instances (so it can be planned again)."""
+        if max_level is QueryLevel.INSTANCE and self.instance_uids:
+            return [
+                InstanceReference(self.study_uid, self.series_uid, uid)
+                for uid in self.instance_uids
+            ]
+        return super().contained_references(max_level)
+
+
 Reference = StudyReference | SeriesReference | InstanceReference
 
 

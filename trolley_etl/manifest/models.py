@@ -600,12 +600,20 @@ class Rad69Download(HttpBackend):
 
 class CGetDownload(DimseBackend):
     backend: Literal["c-get"]
+    level: Literal["study", "series"] = Field(
+        default="study",
+        description="series: one C-GET per series (for archives that refuse study-level "
+        "C-GET; the series of a study then run in parallel across workers)",
+    )
 
     def downloader(self, limits: BackendLimits | None = None) -> Downloader:
         """A C-GET downloader."""
         from trolley_etl.backends.c_get import CGet
 
-        return CGet(self.dimse_settings(limits))
+        return CGet(
+            self.dimse_settings(limits),
+            retrieval_level=None if self.level == "study" else self.level,
+        )
 
 
 class MoveDestination(StrictModel):

@@ -614,17 +614,19 @@ class Runner:
         started = time.monotonic()
         # the unit as planned: batches (RAD-69) from their stored instance lists; each
         # object is checked against the unit it was fetched for (issue 13)
+        units: list[Any] = [item.reference]
         if self._dask is not None:  # issue 19: fetched on a worker, recorded here
             count = self._fetch_on_cluster(checkpoint, item, sink)
         else:
+            units = _units(trolley, item, checkpoint)
             count = sum(
                 trolley.downloader.fetch(
                     unit,
                     CheckedSink(sink, unit, max_object_bytes=self.max_object_bytes, root=self.root),
                 )
-                for unit in _units(trolley, item)
+                for unit in units
             )
-        if count == 0 and item.expected.count != 0:
+        if count == 0 and item.expected.count != 0 and units:
             raise TrolleyError(f"the archive sent no instances for {item.reference}")
         sink.wait()  # every file of the item is recorded before it is marked done
         stored, extra = self._check_complete(checkpoint, item)
@@ -914,10 +916,12 @@ class Runner:
         return RunResult(self.run_id, status, counts, failed, report_path, incomplete, unmatched)
 
 
-def _units(trolley: Trolley, item: Item) -> list[Any]:
+def _units(trolley: Trolley, item: Item, checkpoint: Checkpoint | None = None) -> list[Any]:
     """What to ask the downloader for: a series unit of an instance-level downloader
-    (RAD-69 batches) is executed from the instance list stored with the plan, without
-    searching again; everything else is the unit's own reference, planned by the Trolley."""
+    (RAD-69 and WADO-URI batches) is executed from the instance list stored with the plan,
+    without searching again, and without the instances it already stored (a retry or a
+    resumed run asks only for the rest; none left: no request at all); everything else is
+    the unit's own reference, planned by the Trolley."""
     ref = item.reference
     uids = item.expected.uids
     if (
@@ -925,8 +929,11 @@ def _units(trolley: Trolley, item: Item) -> list[Any]:
         and isinstance(ref, SeriesReference)
         and trolley.downloader.retrieval_level is QueryLevel.INSTANCE
     ):
-        listed = [InstanceReference(ref.study_uid, ref.series_uid, uid) for uid in uids]
-        return trolley.downloader.plan(listed)
+        have = checkpoint.stored_uids(item.item_id) if checkpoint is not None else set()
+        listed = [
+            InstanceReference(ref.study_uid, ref.series_uid, uid) for uid in uids if uid not in have
+        ]
+        return trolley.downloader.plan(listed) if listed else []
     return trolley.plan([ref])
 
 
