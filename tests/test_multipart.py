@@ -147,3 +147,43 @@ def test_near_boundaries_at_every_chunk_edge_are_kept_as_data() -> None:
         sink = ListSink()
         assert stream_parts(chunks, BOUNDARY, sink, url="u") == len(parts)
         assert sink.committed == parts
+
+
+class ViewWriter(ListWriter):
+    """Takes memoryviews (`accepts_views`) and notes what it was given."""
+
+    accepts_views = True
+
+    def __init__(self, sink: ListSink) -> None:
+        super().__init__(sink)
+        self.kinds: set[type] = set()
+
+    def write(self, chunk: bytes) -> None:
+        self.kinds.add(type(chunk))
+        self.data += bytes(chunk)  # a view is only valid during the call
+
+
+@pytest.mark.parametrize("chunk_size", [7, 4096, 1 << 20])
+def test_a_writer_that_takes_views_gets_them_and_others_get_bytes(chunk_size: int) -> None:
+    body = _body(PARTS)
+    chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    viewing, plain = ListSink(), ListSink()
+    writers: list[ViewWriter] = []
+
+    def open_view(_headers: dict[str, str]) -> ViewWriter:
+        writers.append(ViewWriter(viewing))
+        return writers[-1]
+
+    assert stream_related(iter(chunks), BOUNDARY, open_view, url="u") == len(PARTS)
+    assert viewing.committed == PARTS
+    assert set().union(*(w.kinds for w in writers)) == {memoryview}
+    plain_writers: list[ViewWriter] = []
+
+    def open_plain(_headers: dict[str, str]) -> ViewWriter:
+        plain_writers.append(ViewWriter(plain))
+        plain_writers[-1].accepts_views = False  # type: ignore[misc]
+        return plain_writers[-1]
+
+    assert stream_related(iter(chunks), BOUNDARY, open_plain, url="u") == len(PARTS)
+    assert plain.committed == PARTS
+    assert set().union(*(w.kinds for w in plain_writers)) == {bytes}

@@ -141,6 +141,11 @@ class CheckedWriter:
         except OSError as exc:
             raise disk_full_error(exc, self._sink.root) or exc from None
 
+    @property
+    def accepts_views(self) -> bool:
+        """Views pass through to the writer behind, if it takes them."""
+        return bool(getattr(self._inner, "accepts_views", False))
+
     def _look(self) -> None:
         """Read the UIDs from the bytes kept so far and stop keeping bytes; if they are not
         all there yet, keep up to PREFIX_BYTES (the last look is then at commit)."""

@@ -23,7 +23,12 @@ from trolley_etl.core.query import Query
 
 
 class InstanceWriter(Protocol):
-    """Receives the bytes of one DICOM Part 10 object, in order."""
+    """Receives the bytes of one DICOM Part 10 object, in order.
+
+    A writer with a true `accepts_views` attribute may be given memoryviews of the received
+    buffers instead of bytes (it must not keep them past `write`): the multipart parser then
+    hands each part over without copying it.
+    """
 
     def write(self, chunk: bytes) -> None:
         """Append bytes of the object being received."""

@@ -300,6 +300,9 @@ class StagedFile:
         self._header: HeaderFacts | None = None  # read once, for the arrival check and here
         self.result: StoredInstance | None = None
 
+    #: `write` takes memoryviews too (see core.backend.InstanceWriter).
+    accepts_views = True
+
     def write(self, chunk: bytes) -> None:
         _write_all(self._fd, chunk)
         self._hash.update(chunk)

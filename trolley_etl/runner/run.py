@@ -955,6 +955,8 @@ class _CheckpointWriter:
         self._sink = sink
         self._staged: StagedFile = sink.runner.storage.open_instance()
 
+    accepts_views = True  # passed on to the StagedFile, which takes them
+
     def write(self, chunk: bytes) -> None:
         if self._sink.runner.stop.is_set():
             raise _Stopped()
