@@ -334,14 +334,14 @@ class StagedFile:
     def finish(self, *, sync: bool = True) -> StoredInstance:
         """Close the complete file and say what it is and where it belongs.
 
-        With `sync=False` the file is not fsynced here; its writeback to disk is started
-        instead, and whoever installs it must fsync it first (see `fsync_file`). On any
-        error the temp file is removed.
+        With `sync=False` the file is not fsynced here (a large one has its write-back to disk
+        started), and whoever installs it must make it durable (see `fsync_file`, or the
+        committer's batch sync). On any error the temp file is removed.
         """
         try:
             if sync:
                 os.fsync(self._fd)
-            else:
+            elif self._size >= EARLY_WRITEBACK_BYTES:
                 start_writeback(self._fd)
             self._close()
             return self._storage.describe(
@@ -427,6 +427,12 @@ def read_header_or_none(path: Path, keywords: list[str] | None = None) -> Datase
         return read_header(path, keywords)
     except StorageError:
         return None
+
+
+#: Files at least this large have their write-back started as they are closed; smaller ones
+#: are left to the kernel and the batch sync (20,000 files of 16 KB: 3.0 to 3.6 s of system
+#: CPU without, 4.6 to 7.5 s with one write-back request each).
+EARLY_WRITEBACK_BYTES = 256 * 1024
 
 
 def start_writeback(fd: int) -> None:
