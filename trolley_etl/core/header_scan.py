@@ -40,6 +40,7 @@ _VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
     b"UN UR US UT UV".split()
 )
+_VR_TEXT = {vr: vr.decode("ascii") for vr in _VRS}
 #: Explicit VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 # How pydicom turns each text VR into a value (pydicom.values): the whole text right-stripped
@@ -174,13 +175,26 @@ class _Scanner:
         return vr, length, 8
 
     def _element(self, position: int) -> tuple[int, str | None, int, int]:
-        """(tag, VR or None when implicit, value length, header size) of the next element."""
-        group, element, length = _TAG_LENGTH.unpack_from(self.data, position)
-        tag = group << 16 | element
-        if self.implicit or group == 0xFFFE:  # item tags have no VR in any encoding
-            return tag, None, length, 8
-        vr, length, header = self._explicit_header(position)
-        return tag, vr.decode("ascii"), length, header
+        """(tag, VR or None when implicit, value length, header size) of the next element.
+
+        Called for every element of every stored file's header: one unpack of the short
+        explicit header, a second only for the long VRs (and item tags, which have no VR in
+        any encoding).
+        """
+        if self.implicit:
+            group, element, length = _TAG_LENGTH.unpack_from(self.data, position)
+            return group << 16 | element, None, length, 8
+        group, element, raw_vr, length = _EXPLICIT_SHORT.unpack_from(self.data, position)
+        if group == 0xFFFE:
+            (length,) = _LONG_LENGTH.unpack_from(self.data, position + 4)
+            return group << 16 | element, None, length, 8
+        vr = _VR_TEXT.get(raw_vr)
+        if vr is None:
+            raise _GiveUp
+        if raw_vr in _LONG_VRS:
+            (length,) = _LONG_LENGTH.unpack_from(self.data, position + 8)
+            return group << 16 | element, vr, length, 12
+        return group << 16 | element, vr, length, 8
 
     def _top_level(self, position: int) -> dict[str, HeaderValue]:
         values: dict[str, HeaderValue] = {}
