@@ -180,7 +180,7 @@ def test_instance_level_units_execute_from_the_stored_plan(tmp_path, instances) 
     again = run(manifest, archive)
     assert again.status == RunState.COMPLETE.value and planned > 0
     assert archive.searches == []
-    assert {type(ref).__name__ for ref in archive.fetches} == {"SeriesBatch"}
+    assert {type(ref).__name__ for ref in archive.fetches} == {"SeriesInstances"}
     assert {len(u.reference.series_uid) > 0 for u in items(manifest)} == {True}
 
 
