@@ -287,3 +287,18 @@ def test_files_handed_over_together_are_recorded_in_few_transactions(setup, monk
         assert not waiter.is_alive(), "an item waiting for its files waited for the linger"
     assert sum(transactions) == 50
     assert len(transactions) <= 3  # one per file before
+
+
+def test_more_files_than_a_batch_holds_are_all_recorded(setup, monkeypatch) -> None:
+    storage, checkpoint, progress = setup
+    monkeypatch.setattr(committer_module, "MAX_BATCH", 3)
+    monkeypatch.setattr(committer_module, "LINGER_SECONDS", 5.0)
+    files = ItemFiles(1)
+    with Committer(storage, checkpoint, progress, source="t", run_id="r") as committer:
+        for n in range(10):
+            _hand_over(storage, committer, files, _instance(n))
+        waiter = threading.Thread(target=committer.wait_for, args=(files,), daemon=True)
+        waiter.start()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive(), "a file handed over was never recorded"
+    assert len(list(checkpoint.files())) == 10

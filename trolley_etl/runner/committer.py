@@ -202,7 +202,7 @@ class Committer:
         batch: list[_Job] = []
         entry = self._queue.get()
         deadline = time.monotonic() + LINGER_SECONDS
-        while len(batch) < MAX_BATCH:
+        while True:
             if entry is _CLOSE:
                 return batch, True
             if entry is _HURRY:
@@ -210,11 +210,12 @@ class Committer:
             else:
                 assert isinstance(entry, _Job)
                 batch.append(entry)
+            if len(batch) >= MAX_BATCH:  # full: taking one more would lose it
+                return batch, False
             try:
                 entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                break
-        return batch, False
+                return batch, False
 
     def _record(self, batch: list[_Job]) -> None:
         """Record the batch, listed as unsynced, in one transaction; then tell the syncer."""
