@@ -311,16 +311,9 @@ def _file_status(
     return "stale" if item_state == STALE else "stored"
 
 
-def summarise(rows: Iterable[dict[str, Any]], items: dict[str, int]) -> dict[str, Any]:
-    """Counts by status, modality and study; instance rows only where files exist."""
-    summary = Summary()
-    for row in rows:
-        summary.add(row)
-    return summary.result(items)
-
-
 class Summary:
-    """`summarise`, one row at a time (the rows of a large root need not be kept)."""
+    """Counts by status, modality and study (instance figures only where files exist),
+    gathered one report row at a time, so the rows of a large root need not be kept."""
 
     def __init__(self) -> None:
         self.instances = self.bytes = 0
