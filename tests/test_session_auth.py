@@ -225,11 +225,13 @@ def test_cli_run_survives_session_expiry_and_never_logs_secrets(product, orthanc
 def test_an_expired_session_cookie_is_renewed_before_the_request(product, orthanc):
     """The session cookie says when it ends (Max-Age): the next request logs in first instead
     of being answered as logged out."""
-    with VendorLoginProxy(orthanc.url, product, USERS, cookie_max_age=1) as proxy:
+    # Max-Age 2, not 1: the cookie jar counts expiry from the whole second of the login, so a
+    # 1-second cookie lived anywhere from 0 to 1 s and could end inside the first search
+    with VendorLoginProxy(orthanc.url, product, USERS, cookie_max_age=2) as proxy:
         auth = auth_for(proxy)
         qido = QidoRS(f"{proxy.url}/dicom-web", auth=auth)
         assert qido.search(Query(AccessionNumber="ACC1001"))
-        time.sleep(1.2)
+        time.sleep(2.2)
         assert qido.search(Query(AccessionNumber="ACC1002"))
         assert auth.logins == 2 == len(proxy.logins)
         assert proxy.unauthenticated == 0
